@@ -1,0 +1,94 @@
+"""The adapter manifest: everything the service needs to serve an adapter the way it was trained."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+if TYPE_CHECKING:
+    import torch
+
+
+class _Strict(BaseModel):
+    """Rejects unknown fields: a typo in a manifest must fail loudly, not be dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class VocabMask(_Strict):
+    """Logit penalty on part of the vocabulary.
+
+    It is part of the policy: training rollouts, the loss's log-probs and serving must add
+    the same bias, or the served distribution is not the one that was trained.
+    """
+
+    mode: Literal["none", "allow", "deny"] = "none"
+    token_ids: list[NonNegativeInt] = []
+    penalty: float = -99.0
+
+    def bias(self, vocab_size: int, terminator_id: int) -> torch.Tensor:
+        """Float32 vector to add to logits: ``penalty`` on masked ids, 0 elsewhere.
+
+        ``deny`` masks the listed ids, ``allow`` every id not listed. The terminator is never
+        masked, because every state must be able to stop.
+        """
+        import torch  # local: listing adapters should not pay for importing torch
+
+        bias = torch.zeros(vocab_size, dtype=torch.float32)
+        if self.mode == "none":
+            return bias
+        if self.token_ids and max(self.token_ids) >= vocab_size:
+            raise ValueError(
+                f"mask token id {max(self.token_ids)} is outside the vocabulary of size {vocab_size}"
+            )
+        listed = torch.zeros(vocab_size, dtype=torch.bool)
+        listed[self.token_ids] = True
+        masked = listed if self.mode == "deny" else ~listed
+        masked[terminator_id] = False
+        bias[masked] = self.penalty
+        return bias
+
+
+class LoraSpec(_Strict):
+    """LoRA hyper-parameters; the service must know target modules to configure its engine."""
+
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = 0.0
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class BaseModelRef(_Strict):
+    """The base model the adapter was trained on: ``fingerprint`` is checked, ``path`` a hint."""
+
+    path: str
+    fingerprint: str
+
+
+class Manifest(_Strict):
+    """One stored adapter version (``manifest.json``), the contract between trainer and service."""
+
+    format_version: int = 1
+    name: str
+    version: PositiveInt
+    task: str
+    task_config: dict[str, Any]
+    prompt_template: str
+    terminator: str
+    terminator_id: NonNegativeInt
+    min_len: NonNegativeInt
+    max_len: PositiveInt
+    mask: VocabMask
+    base_model: BaseModelRef
+    lora: LoraSpec
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: str = Field(description="ISO 8601, UTC")
+    job_id: str | None = None
+    files: dict[str, str] = Field(description="relative POSIX path -> sha256 hex, not manifest.json")
+
+    @property
+    def ref(self) -> str:
+        """Serving name ``name@vN``: a version's weights never change, so a ref means one adapter."""
+        return f"{self.name}@v{self.version}"

@@ -1,0 +1,22 @@
+"""The one loading path for base models and tokenizers, shared by trainer and service.
+
+Both sides must see the same weights in the same dtype, or the log-probs the adapter was
+trained against differ from the ones it is served with. Accepts a local Hugging Face
+directory, or a hub id where the hub is reachable. Kept out of ``adapters/__init__`` because
+importing transformers takes seconds.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Tokenizer saved alongside the base model."""
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()

@@ -1,0 +1,197 @@
+"""Questions, answers and answer aggregation of the arithmetic-with-a-calculator task.
+
+Shared by the trainer (building prompts, checking sampled answers) and the service (reading
+answers from N sampled rationales and combining them), so both sides agree on one format:
+
+    X = "Question: 6 - 0 - 4 - 8 = ? Answer:"
+    Z = " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"      (values written by the calculator)
+    Y = ". The answer is -6."
+"""
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from adapters.calculator import ANSWER_TAG, CalculatorError, evaluate
+
+MIN_OPERANDS = 2
+MAX_OPERANDS = 5
+OPERATORS = ("+", "-")
+
+# The canonical question, or just its expression: the API may receive either.
+_QUESTION_RE = re.compile(
+    r"\s*(?:Question:)?\s*(?P<expr>[0-9](?:\s*[+-]\s*[0-9])+)\s*(?:=\s*\?)?\s*(?:"
+    + re.escape(ANSWER_TAG)
+    + r")?\s*"
+)
+# The integer must end the sentence ("." not starting a decimal) or the text, so
+# "The answer is 12.5." or "The answer is 5 apples" are not read as answers.
+_ANSWER_RE = re.compile(
+    r"the\s+answer\s+is\s*(-?)\s*([0-9]{1,6})(?=\s*(?:\.(?![0-9])|$))", re.IGNORECASE
+)
+_ANSWER_START_RE = re.compile(r"the\s+answer\s+is", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question: one-digit operands joined by + or -, 2 to 5 operands."""
+
+    operands: tuple[int, ...]
+    operators: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not MIN_OPERANDS <= len(self.operands) <= MAX_OPERANDS:
+            raise ValueError(
+                f"a question has {MIN_OPERANDS} to {MAX_OPERANDS} operands, got {len(self.operands)}"
+            )
+        if len(self.operators) != len(self.operands) - 1:
+            raise ValueError(
+                f"{len(self.operands)} operands need {len(self.operands) - 1} operators,"
+                f" got {len(self.operators)}"
+            )
+        if any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= 9 for x in self.operands):
+            raise ValueError(f"operands must be integers 0..9, got {list(self.operands)}")
+        if any(op not in OPERATORS for op in self.operators):
+            raise ValueError(f"operators must be '+' or '-', got {list(self.operators)}")
+
+    @property
+    def text(self) -> str:
+        """The prompt X, e.g. "Question: 6 - 0 - 4 - 8 = ? Answer:"."""
+        expression = str(self.operands[0])
+        for operator, operand in zip(self.operators, self.operands[1:]):
+            expression += f" {operator} {operand}"
+        return f"Question: {expression} = ? {ANSWER_TAG}"
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The combined answer of N sampled rationales.
+
+    ``distribution`` is normalised over the answers that were read (None excluded);
+    ``counts`` is how many samples gave each answer. Both are in order of first occurrence.
+    """
+
+    answer: int | None
+    distribution: dict[int, float]
+    counts: dict[int, int]
+
+
+def parse_question(text: str) -> Question:
+    """Parse "Question: 6 - 0 - 4 - 8 = ? Answer:" (or the bare "6 - 0 - 4 - 8").
+
+    Raises ValueError when the text is not such a question.
+    """
+    match = _QUESTION_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an arithmetic question like 'Question: 6 - 0 - 4 = ? Answer:': {text[:80]!r}")
+    expression = match["expr"]
+    return Question(
+        operands=tuple(int(digit) for digit in re.findall(r"[0-9]", expression)),
+        operators=tuple(re.findall(r"[+-]", expression)),
+    )
+
+
+def format_question(operands: Sequence[int], operators: Sequence[str]) -> str:
+    """The prompt X for the given operands and operators; raises ValueError if invalid."""
+    return Question(tuple(operands), tuple(operators)).text
+
+
+def solve(question: Question | str) -> int:
+    """The exact answer, computed left to right with the same calculator as the rationales."""
+    if isinstance(question, str):
+        question = parse_question(question)
+    value = question.operands[0]
+    for operator, operand in zip(question.operators, question.operands[1:]):
+        value = evaluate(f"{value} {operator} {operand}")
+    return value
+
+
+def parse_answer(text: str) -> int | None:
+    """The integer of the first "The answer is <n>." in text, None if absent or malformed.
+
+    Only the first occurrence counts: a model may go on to write further questions and answers.
+    """
+    start = _ANSWER_START_RE.search(text)
+    if start is None:
+        return None
+    match = _ANSWER_RE.match(text, start.start())
+    if match is None:
+        return None
+    return int(match[1] + match[2])
+
+
+def steps(rationale: str) -> list[tuple[str, int | None]]:
+    """The calculator steps of a rationale with their values, e.g. [("6 - 0", 6), ...].
+
+    A step is the text before an "=" within a comma-separated part; its value is what the
+    calculator computes (None for a malformed step, which got no tool call). A trailing
+    part without "=" was never a step and is left out.
+    """
+    found: list[tuple[str, int | None]] = []
+    for part in rationale.split(","):
+        expression, equals, _ = part.partition("=")
+        if not equals:
+            continue
+        expression = " ".join(expression.split())
+        try:
+            value: int | None = evaluate(expression)
+        except CalculatorError:
+            value = None
+        found.append((expression, value))
+    return found
+
+
+def aggregate(
+    answers: Sequence[int | None],
+    weights: Sequence[float] | None = None,
+    method: Literal["vote", "weighted"] = "vote",
+) -> Aggregate:
+    """Combine the answers read from N sampled rationales into one.
+
+    "vote": majority; a tie goes to the answer that occurred first.
+    "weighted": ``weights[i]`` is log p(Y_i | X Z_i); each answer's log-weights are combined
+    with log-sum-exp and normalised with a softmax, both shifted by the maximum so very
+    negative log-probabilities do not underflow. Weights of None answers are ignored; the
+    others must be finite. For "vote", weights (if given) are only checked for length.
+    """
+    if method not in ("vote", "weighted"):
+        raise ValueError(f"unknown aggregation method {method!r}; use 'vote' or 'weighted'")
+    if method == "weighted" and weights is None:
+        raise ValueError("method 'weighted' needs weights (log p(Y | X Z) per sample)")
+    if weights is not None and len(weights) != len(answers):
+        raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
+    counts: dict[int, int] = {}
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    if not counts:
+        return Aggregate(answer=None, distribution={}, counts={})
+
+    if method == "vote":
+        total = sum(counts.values())
+        distribution = {answer: count / total for answer, count in counts.items()}
+        # max() keeps the first of equal maxima, and counts is in first-occurrence order.
+        return Aggregate(max(counts, key=counts.__getitem__), distribution, counts)
+    assert weights is not None  # checked above; narrows the type
+
+    grouped: dict[int, list[float]] = {answer: [] for answer in counts}
+    for answer, weight in zip(answers, weights):
+        if answer is None:
+            continue
+        if not math.isfinite(weight):
+            raise ValueError(f"weights must be finite log-probabilities, got {weight}")
+        grouped[answer].append(weight)
+    log_mass = {answer: _logsumexp(ws) for answer, ws in grouped.items()}
+    top = max(log_mass.values())
+    unnormalised = {answer: math.exp(value - top) for answer, value in log_mass.items()}
+    total = math.fsum(unnormalised.values())
+    distribution = {answer: mass / total for answer, mass in unnormalised.items()}
+    return Aggregate(max(distribution, key=distribution.__getitem__), distribution, counts)
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    """log(sum(exp(values))) without overflow or underflow; values are finite and non-empty."""
+    top = max(values)
+    return top + math.log(math.fsum(math.exp(value - top) for value in values))

@@ -1,0 +1,290 @@
+"""Adapter store: versioned, atomically written, verified adapters on disk.
+
+Layout::
+
+    <root>/<name>/v<N>/            peft files, extras (plots, metrics) and manifest.json
+    <root>/<name>/.lock            flock held by every writer of <name>
+    <root>/<name>/.last_version    highest version ever allocated
+    <root>/.tmp/<name>~<hex>/      staging and deletion; leftovers of a crash
+
+A version appears by one ``os.rename`` of a fully written, fsynced staging directory, so no
+reader ever sees half a version. Its files never change afterwards and its number is never
+reused, even after a delete, so ``name@vN`` always means the same weights: a server caching
+adapters by ref can never serve one request with another adapter's weights.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fcntl
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapters._fs import fsync_path, sha256_file, write_atomic
+from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
+from adapters.manifest import Manifest
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_STORE_FIELDS = frozenset({"name", "version", "created_at", "job_id", "files"})
+_VERSION_RE = re.compile(r"v([1-9][0-9]*)")
+_LAST_VERSION = ".last_version"
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A verified version: ``path`` is what peft or vLLM load, ``manifest`` how to serve it."""
+
+    path: Path
+    manifest: Manifest
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a safe single path component, so no name can escape the store root.
+
+    Public so that a training job can refuse a bad name before it trains, not when it saves.
+    """
+    if not _is_name(name):
+        raise InvalidAdapterName(
+            f"invalid adapter name {name!r}: use 1-64 characters from a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit and without '..'"
+        )
+    return name
+
+
+class AdapterStore:
+    """Adapters under ``root``, shared by the trainer (writes) and the service (reads)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def save(
+        self, name: str, src_dir: str | Path, manifest_fields: dict[str, Any], job_id: str | None = None
+    ) -> Manifest:
+        """Store ``src_dir`` (a saved peft adapter plus any extras) as the next version of ``name``.
+
+        ``manifest_fields`` are all manifest fields except those the store owns (name, version,
+        created_at, job_id, files). With a ``job_id`` the call is idempotent: a retried job gets
+        the version it already saved instead of a second one.
+        """
+        check_name(name)
+        src = Path(src_dir)
+        _check_source(src, manifest_fields)
+        with self._lock(name) as name_dir:
+            if job_id is not None and (saved := self._find_job(name, job_id)) is not None:
+                return saved
+            self._clean_staging(name)
+            version = self._next_version(name_dir)
+            manifest = Manifest.model_validate(
+                {
+                    **manifest_fields,
+                    "name": name,
+                    "version": version,
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "job_id": job_id,
+                    "files": {},
+                }
+            )
+            staging = self._staging_dir(name)
+            try:
+                shutil.copytree(src, staging)
+                files = {rel: sha256_file(path) for rel, path in _files(staging).items()}
+                manifest = manifest.model_copy(update={"files": files})
+                (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+                for path in [*staging.rglob("*"), staging]:
+                    fsync_path(path)
+                write_atomic(name_dir / _LAST_VERSION, str(version).encode())
+                os.rename(staging, name_dir / f"v{version}")
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            fsync_path(name_dir)
+        return manifest
+
+    def load(
+        self, name: str, version: int | None = None, base_fingerprint: str | None = None
+    ) -> LoadedAdapter:
+        """Return a version (latest if None) after checking it is intact and fits the base model.
+
+        Every file's sha256 must match the manifest, with nothing missing or added; with
+        ``base_fingerprint``, the adapter must have been trained on that exact base model.
+        """
+        path = self._locate(name, version)
+        manifest = _read_manifest(path)
+        trained_on = manifest.base_model
+        if base_fingerprint is not None and base_fingerprint != trained_on.fingerprint:
+            raise BaseModelMismatch(
+                f"adapter {manifest.ref} was trained on base model {trained_on.fingerprint} "
+                f"({trained_on.path}), but the base model given has fingerprint {base_fingerprint}; "
+                "use the base model it was trained on, or retrain the adapter on this one"
+            )
+        _verify_files(path, manifest)
+        return LoadedAdapter(path=path, manifest=manifest)
+
+    def manifest(self, name: str, version: int | None = None) -> Manifest:
+        """Manifest of a version (latest if None) without checksums: cheap, for listings."""
+        return _read_manifest(self._locate(name, version))
+
+    def versions(self, name: str) -> list[int]:
+        """Stored versions of ``name`` in increasing order; empty if there are none."""
+        name_dir = self.root / check_name(name)
+        if not name_dir.is_dir():
+            return []
+        return sorted(int(m[1]) for p in name_dir.iterdir() if (m := _VERSION_RE.fullmatch(p.name)))
+
+    def latest(self, name: str) -> int:
+        """Highest stored version of ``name``."""
+        versions = self.versions(name)
+        if not versions:
+            raise AdapterNotFound(
+                f"no adapter named {name!r} in {self.root}; "
+                f"stored adapters: {', '.join(self.names()) or 'none'}"
+            )
+        return versions[-1]
+
+    def names(self) -> list[str]:
+        """Names with at least one stored version, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _is_name(p.name) and self.versions(p.name))
+
+    def delete(self, name: str, version: int) -> None:
+        """Remove one version; its number is not reused by later saves."""
+        self._locate(name, version)  # fail before a lock file is created for an unknown name
+        with self._lock(name) as name_dir:
+            path = self._locate(name, version)  # again under the lock: a concurrent delete may have won
+            trash = self._staging_dir(name)
+            trash.mkdir()
+            os.rename(path, trash / path.name)  # atomic: a crash leaves the version whole or gone
+            fsync_path(name_dir)
+            shutil.rmtree(trash)
+
+    def _locate(self, name: str, version: int | None) -> Path:
+        """Directory of a stored version (latest if None), or AdapterNotFound listing what exists."""
+        if version is None:
+            version = self.latest(name)
+        path = self.root / check_name(name) / f"v{version}"
+        if isinstance(version, bool) or not isinstance(version, int) or not path.is_dir():
+            raise AdapterNotFound(
+                f"adapter {name}@v{version} not found in {self.root}; "
+                f"versions of {name!r}: {self.versions(name) or 'none'}"
+            )
+        return path
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[Path]:
+        """Serialise the writers of one name: job lookup, version allocation and cleanup."""
+        name_dir = self.root / name
+        name_dir.mkdir(parents=True, exist_ok=True)
+        with (name_dir / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield name_dir
+
+    def _staging_dir(self, name: str) -> Path:
+        """A fresh path under ``.tmp``: same file system as the versions, so rename is atomic."""
+        tmp = self.root / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp / f"{name}~{uuid.uuid4().hex}"
+
+    def _clean_staging(self, name: str) -> None:
+        """Remove leftovers of crashed writers of ``name``; called under its lock, so none is live."""
+        for leftover in (self.root / ".tmp").glob(f"{name}~*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _next_version(self, name_dir: Path) -> int:
+        """One past the highest version ever allocated, deleted ones included."""
+        last = name_dir / _LAST_VERSION
+        allocated = int(last.read_text()) if last.exists() else 0
+        return max([allocated, *self.versions(name_dir.name)]) + 1
+
+    def _find_job(self, name: str, job_id: str) -> Manifest | None:
+        """The version a job already saved, if any."""
+        for version in self.versions(name):
+            manifest = self.manifest(name, version)
+            if manifest.job_id == job_id:
+                return manifest
+        return None
+
+    def list(self) -> builtins.list[Manifest]:
+        """Manifests of every version of every adapter, by name then version.
+
+        Defined last: in the class body, ``list`` names this method from here on.
+        """
+        return [self.manifest(name, version) for name in self.names() for version in self.versions(name)]
+
+
+def _is_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _check_source(src: Path, manifest_fields: dict[str, Any]) -> None:
+    """Refuse a save that could not be served, before anything is written."""
+    if not src.is_dir():
+        raise NotADirectoryError(f"adapter source {src} is not a directory")
+    missing = [f for f in REQUIRED_FILES if not (src / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"adapter source {src} lacks {missing}; save the peft model there")
+    if (src / MANIFEST).exists():
+        raise ValueError(f"adapter source {src} already has a {MANIFEST}; the store writes it")
+    owned = sorted(_STORE_FIELDS & manifest_fields.keys())
+    if owned:
+        raise ValueError(f"manifest fields {owned} are set by the store; leave them out")
+
+
+def _files(version_dir: Path) -> dict[str, Path]:
+    """Every file of a version by relative POSIX path, its manifest excluded."""
+    return {
+        path.relative_to(version_dir).as_posix(): path
+        for path in sorted(version_dir.rglob("*"))
+        if path.is_file() and path != version_dir / MANIFEST
+    }
+
+
+def _read_manifest(path: Path) -> Manifest:
+    """Parse ``<path>/manifest.json`` and check it describes the directory it sits in."""
+    ref = f"{path.parent.name}@{path.name}"
+    try:
+        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+    except (OSError, ValidationError) as e:
+        raise AdapterCorrupt(f"adapter {ref}: cannot read {path / MANIFEST}: {e}") from e
+    if manifest.ref != ref:
+        raise AdapterCorrupt(
+            f"{path / MANIFEST} describes {manifest.ref}, not {ref}; was the directory moved by hand?"
+        )
+    return manifest
+
+
+def _verify_files(path: Path, manifest: Manifest) -> None:
+    """Raise AdapterCorrupt unless the files on disk are exactly those of the manifest."""
+    found = _files(path)
+    missing = sorted(manifest.files.keys() - found.keys())
+    added = sorted(found.keys() - manifest.files.keys())
+    advice = f"delete {manifest.ref} and save it again from its training run"
+    if missing:
+        raise AdapterCorrupt(
+            f"adapter {manifest.ref}: file(s) {missing} listed in the manifest are missing "
+            f"from {path}; {advice}"
+        )
+    if added:
+        raise AdapterCorrupt(
+            f"adapter {manifest.ref}: file(s) {added} in {path} are not listed in the manifest; "
+            "remove them"
+        )
+    for rel, expected in manifest.files.items():
+        found_sha = sha256_file(found[rel])
+        if found_sha != expected:
+            raise AdapterCorrupt(
+                f"adapter {manifest.ref}: file {rel!r} has sha256 {found_sha}, "
+                f"the manifest says {expected}; {advice}"
+            )

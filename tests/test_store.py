@@ -1,0 +1,249 @@
+"""Adapter store, manifest, fingerprint and vocabulary mask, on real files in tmp_path."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adapters import (
+    AdapterCorrupt,
+    AdapterNotFound,
+    AdapterStore,
+    BaseModelMismatch,
+    InvalidAdapterName,
+    VocabMask,
+    check_name,
+    fingerprint,
+)
+
+BASE_FP = "sha256:" + "a" * 64
+
+
+def fields(**overrides: object) -> dict[str, object]:
+    """Manifest fields a trainer would pass: everything the store does not own."""
+    return {
+        "task": "rng",
+        "task_config": {"low": 0, "high": 100},
+        "prompt_template": "A random integer between {low} and {high}: ",
+        "terminator": "<|endoftext|>",
+        "terminator_id": 0,
+        "min_len": 1,
+        "max_len": 5,
+        "mask": VocabMask(mode="allow", token_ids=[1, 2, 3]),
+        "base_model": {"path": "/models/tiny", "fingerprint": BASE_FP},
+        "lora": {"r": 8},
+        "training": {"steps": 10},
+        "metrics": {"valid_fraction": 1.0},
+        **overrides,
+    }
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """A saved peft adapter plus an extra plot in a subdirectory."""
+    d = tmp_path / "src"
+    (d / "plots").mkdir(parents=True)
+    save_file({"lora_A": torch.arange(8.0).reshape(2, 4)}, d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 32}))
+    (d / "plots" / "histogram.png").write_bytes(b"\x89PNG not really")
+    return d
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path / "store")
+
+
+def test_save_load_roundtrip(store: AdapterStore, src: Path) -> None:
+    saved = store.save("rng", src, fields())
+    assert saved.ref == "rng@v1"
+    assert set(saved.files) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "plots/histogram.png",
+    }
+
+    loaded = store.load("rng", base_fingerprint=BASE_FP)
+    assert loaded.manifest == saved
+    assert loaded.path == store.root / "rng" / "v1"
+    weights = "adapter_model.safetensors"
+    assert (loaded.path / weights).read_bytes() == (src / weights).read_bytes()
+    assert loaded.manifest.mask.token_ids == [1, 2, 3]
+    assert store.list() == [saved]
+    assert store.names() == ["rng"]
+
+
+def test_versions_increment_and_are_never_reused(store: AdapterStore, src: Path) -> None:
+    for _ in range(3):
+        store.save("rng", src, fields())
+    store.save("other", src, fields())
+    assert store.versions("rng") == [1, 2, 3]
+    assert store.latest("rng") == 3
+    assert store.load("rng", 2).manifest.version == 2
+
+    store.delete("rng", 3)
+    assert store.versions("rng") == [1, 2]
+    assert store.save("rng", src, fields()).version == 4
+    assert [m.ref for m in store.list()] == ["other@v1", "rng@v1", "rng@v2", "rng@v4"]
+
+
+def test_same_job_id_saves_one_version(store: AdapterStore, src: Path) -> None:
+    first = store.save("rng", src, fields(), job_id="job-1")
+    assert store.save("rng", src, fields(), job_id="job-1") == first
+    assert store.save("rng", src, fields(), job_id="job-2").version == 2
+    assert store.versions("rng") == [1, 2]
+
+
+def test_tampered_file_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    path = store.root / "rng" / "v1" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterCorrupt, match=r"rng@v1: file 'adapter_model.safetensors' has sha256"):
+        store.load("rng")
+    assert store.manifest("rng").version == 1  # listing does not verify checksums
+
+
+def test_added_file_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    (store.root / "rng" / "v1" / "plots" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(AdapterCorrupt, match=r"plots/extra.bin.*not listed"):
+        store.load("rng")
+
+
+def test_missing_file_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    (store.root / "rng" / "v1" / "adapter_config.json").unlink()
+    with pytest.raises(AdapterCorrupt, match=r"adapter_config.json.*missing"):
+        store.load("rng")
+
+
+def test_unreadable_manifest_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    manifest_path = store.root / "rng" / "v1" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"task":', '"taks":'))
+    with pytest.raises(AdapterCorrupt, match="manifest.json"):
+        store.load("rng")
+
+
+def test_other_base_model_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    other = "sha256:" + "b" * 64
+    with pytest.raises(BaseModelMismatch) as err:
+        store.load("rng", base_fingerprint=other)
+    assert BASE_FP in str(err.value) and other in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "A B", "a/b", "", "a..b", ".hidden", "-x", "x\n", "x" * 65]
+)
+def test_invalid_names_are_refused(store: AdapterStore, src: Path, name: str) -> None:
+    with pytest.raises(InvalidAdapterName):
+        check_name(name)
+    with pytest.raises(InvalidAdapterName):
+        store.save(name, src, fields())
+    with pytest.raises(InvalidAdapterName):
+        store.load(name)
+    assert not (store.root.parent / "x").exists()
+
+
+def test_unknown_adapter_or_version(store: AdapterStore, src: Path) -> None:
+    with pytest.raises(AdapterNotFound, match="no adapter named 'rng'"):
+        store.load("rng")
+    store.save("rng", src, fields())
+    with pytest.raises(AdapterNotFound, match=r"rng@v7 not found.*\[1\]"):
+        store.load("rng", 7)
+    with pytest.raises(AdapterNotFound):
+        store.delete("rng", 7)
+    with pytest.raises(AdapterNotFound):
+        store.load("rng", "1/../../x")  # type: ignore[arg-type]
+
+
+def test_bad_saves_are_refused_before_writing(store: AdapterStore, src: Path) -> None:
+    with pytest.raises(ValueError, match="set by the store"):
+        store.save("rng", src, fields(version=3))
+    (src / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        store.save("rng", src, fields())
+    assert store.versions("rng") == []
+
+
+def test_crash_leftovers_are_not_versions_and_are_cleaned(store: AdapterStore, src: Path) -> None:
+    crashed = store.root / ".tmp" / "rng~0123abcd"
+    shutil.copytree(src, crashed)
+    foreign = store.root / ".tmp" / "rng.b~0123abcd"  # another name's writer: not ours to remove
+    foreign.mkdir()
+    assert store.versions("rng") == [] and store.list() == []
+
+    store.save("rng", src, fields())
+    assert store.versions("rng") == [1]
+    assert not crashed.exists() and foreign.exists()
+
+
+def make_model(d: Path, weight: torch.Tensor, **config: object) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4, **config}))
+    save_file({"embed.weight": weight}, d / "model.safetensors")
+    return d
+
+
+def rewrite_weights(d: Path, weight: torch.Tensor) -> None:
+    """Rewrite in place with the same size; set a later mtime, as file-system clocks are coarse."""
+    path = d / "model.safetensors"
+    before = path.stat().st_mtime_ns
+    save_file({"embed.weight": weight}, path)
+    os.utime(path, ns=(before + 10**9, before + 10**9))
+
+
+def test_fingerprint_follows_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GFN_CACHE_DIR", str(tmp_path / "cache"))
+    model = make_model(tmp_path / "model", torch.ones(3, 4))
+    listing = sorted(os.listdir(model))
+
+    first = fingerprint(model)
+    assert first.startswith("sha256:") and len(first) == len("sha256:") + 64
+    assert fingerprint(model) == first
+    assert (tmp_path / "cache" / "fingerprints.json").is_file()
+    assert sorted(os.listdir(model)) == listing  # nothing written into the model directory
+
+    copy = make_model(tmp_path / "copy", torch.ones(3, 4))
+    assert fingerprint(copy) == first  # content, not path
+    (copy / "config.json").write_text(json.dumps({"hidden_size": 4, "model_type": "llama"}))
+    assert fingerprint(copy) == first  # canonical JSON: key order does not matter
+
+    rewrite_weights(model, torch.full((3, 4), 2.0))
+    changed = fingerprint(model)
+    assert changed != first
+    monkeypatch.setenv("GFN_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    assert fingerprint(model) == changed  # the cached value was not stale
+
+    make_model(model, torch.full((3, 4), 2.0), num_hidden_layers=2)
+    assert fingerprint(model) != changed
+
+
+def test_fingerprint_needs_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GFN_CACHE_DIR", str(tmp_path / "cache"))
+    model = make_model(tmp_path / "model", torch.ones(2))
+    (model / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="weight files"):
+        fingerprint(model)
+
+
+def test_vocab_mask_bias() -> None:
+    p = -99.0
+    assert torch.equal(VocabMask().bias(4, terminator_id=3), torch.zeros(4))
+
+    deny = VocabMask(mode="deny", token_ids=[1, 3]).bias(5, terminator_id=3)
+    assert deny.dtype == torch.float32
+    assert deny.tolist() == [0, p, 0, 0, 0]  # the terminator is never masked
+
+    allow = VocabMask(mode="allow", token_ids=[1, 2], penalty=-5.0).bias(5, terminator_id=4)
+    assert allow.tolist() == [-5.0, 0, 0, -5.0, 0]
+
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        VocabMask(mode="deny", token_ids=[9]).bias(5, terminator_id=0)
