@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from adapters.home import gfn_home
 from world.corpus import CorpusConfig, documents
 from world.tokenizer import save_tokenizer, train_tokenizer
 
@@ -43,10 +44,10 @@ class ModelConfig(BaseModel):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = 800
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup: int = 50
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
     seed: int = 0
 
 
@@ -64,13 +65,9 @@ class WorldConfig(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def default_home() -> Path:
-    return Path(os.environ.get("GFN_HOME", Path(__file__).resolve().parent.parent / ".gfn"))
-
-
 def build(config: WorldConfig = WorldConfig(), home: Path | None = None, quiet: bool = False) -> Path:
     """Return the model directory for `config`, building it first if it is not cached."""
-    target = (home or default_home()) / "models" / f"demo-{config.digest()}"
+    target = (home or gfn_home()) / "models" / f"demo-{config.digest()}"
     if (target / "world.json").exists():
         return target
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")

@@ -1,0 +1,23 @@
+"""Where the project keeps its files: GFN_HOME, else ./.gfn (the repo root under make).
+
+    <home>/models/    built base models (the demo world)
+    <home>/adapters/  the adapter store
+    <home>/runs/      training runs: checkpoints and logs
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def gfn_home() -> Path:
+    return Path(os.environ.get("GFN_HOME", ".gfn")).resolve()
+
+
+def store_root() -> Path:
+    return gfn_home() / "adapters"
+
+
+def runs_root() -> Path:
+    return gfn_home() / "runs"

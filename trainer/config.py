@@ -1,0 +1,129 @@
+"""Typed training configuration, read from YAML with `key.path=value` overrides.
+
+Unknown keys are errors that name the key: a typo must never silently train the wrong
+thing.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from adapters.manifest import LoraSpec
+from adapters.store import check_name
+from trainer.tasks import AnyTaskConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = 0.0
+    grad_clip: float = Field(1.0, gt=0)
+    accumulate: PositiveInt = 1
+
+
+class BehaviourConfig(_Strict):
+    """The mix of samples in each batch (fractions of samples_per_prompt)."""
+
+    on_policy: float = Field(0.5, ge=0)
+    tempered: float = Field(0.25, ge=0)
+    replay: float = Field(0.25, ge=0)
+    temperature_low: float = Field(0.5, gt=0)
+    temperature_high: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "BehaviourConfig":
+        total = self.on_policy + self.tempered + self.replay
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"on_policy + tempered + replay must be 1, got {total}")
+        if self.temperature_low > self.temperature_high:
+            raise ValueError("temperature_low must not exceed temperature_high")
+        return self
+
+
+class RewardTemperature(_Strict):
+    """log R is divided by T, annealed linearly from `start` to `end`."""
+
+    start: float = Field(1.0, gt=0)
+    end: float = Field(1.0, gt=0)
+    anneal_steps: int = Field(0, ge=0)
+
+    def at(self, step: int) -> float:
+        if self.anneal_steps == 0:
+            return self.end
+        return self.start + (self.end - self.start) * min(1.0, step / self.anneal_steps)
+
+
+class ReplayConfig(_Strict):
+    capacity: PositiveInt = 32
+    dedup_distance: int = Field(1, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str
+    base_model: str = Field("demo", description="a model directory, a hub id, or 'demo' (the demo world)")
+    task: AnyTaskConfig
+    steps: PositiveInt = 200
+    prompts_per_step: PositiveInt = 1
+    samples_per_prompt: PositiveInt = 64
+    subtb_lambda: float = Field(1.0, gt=0)
+    seed: int = 0
+    lora: LoraSpec = LoraSpec()
+    optim: OptimConfig = OptimConfig()
+    behaviour: BehaviourConfig = BehaviourConfig()
+    reward_temperature: RewardTemperature = RewardTemperature()
+    replay: ReplayConfig = ReplayConfig()
+    checkpoint_every: PositiveInt = 25
+    evaluate: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name)
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+    """A config from a YAML path (or a bundled config's name, e.g. 'rng') or a dict, with
+    `a.b=value` overrides whose values are read as YAML scalars."""
+    data = source if isinstance(source, dict) else yaml.safe_load(_resolve(source).read_text())
+    data = copy.deepcopy(data or {})
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} is not of the form key.path=value")
+        _set(data, key.split("."), yaml.safe_load(value))
+    return TrainConfig.model_validate(data)
+
+
+def _resolve(source: str | Path) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / f"{source}.yaml"
+    if bundled.exists():
+        return bundled
+    raise FileNotFoundError(f"no config file {source} (bundled configs: {', '.join(bundled_configs())})")
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = data.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+        data = node
+    data[keys[-1]] = value

@@ -1,0 +1,52 @@
+"""Evaluate a stored adapter (or its base model) with its task's evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import Any
+
+import peft
+import torch
+
+from adapters.fingerprint import fingerprint
+from adapters.models import load_causal_lm, load_tokenizer
+from adapters.store import AdapterStore
+from trainer.rollout import sample
+from trainer.scoring import Scorer
+from trainer.tasks import TASKS, Task
+
+
+class LoadedPolicy:
+    """A stored adapter on its base model, with the task it was trained for."""
+
+    def __init__(self, store: AdapterStore, name: str, version: int | None = None):
+        manifest = store.manifest(name, version)
+        base = manifest.base_model.path
+        loaded = store.load(name, manifest.version, base_fingerprint=fingerprint(base))
+        self.manifest, self.tokenizer = loaded.manifest, load_tokenizer(base)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path).eval()
+        task_type = TASKS[self.manifest.task]
+        self.task: Task = task_type(task_type.config_type.model_validate(self.manifest.task_config), self.tokenizer)
+        self.spec, self.tool = self.task.spec(), self.task.tool()
+        self.scorer = Scorer(self.model, self.pad_id)
+
+    def sampler(self, generator: torch.Generator, adapter: bool = True):
+        """One latent per prompt from the adapter, or from the base model under the same masks."""
+        def draw(prompts: list[list[int]]):
+            if adapter:
+                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool)
+            with self.model.disable_adapter():
+                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool)
+        return draw
+
+
+def evaluate_adapter(store: AdapterStore, name: str, version: int | None = None, samples: int | None = None,
+                     out_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    policy = LoadedPolicy(store, name, version)
+    generator = torch.Generator().manual_seed(seed)
+    out = out_dir or Path(mkdtemp(prefix="gfn-eval-"))
+    kwargs = {"samples": samples} if samples else {}
+    return {"adapter": policy.manifest.ref, "plot_dir": str(out),
+            **policy.task.evaluate(policy.sampler(generator), policy.scorer, out, **kwargs)}

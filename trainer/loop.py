@@ -1,0 +1,252 @@
+"""The training loop: behaviour batch -> rewards -> SubTB -> LoRA update, with
+checkpoints that make a killed run resume and end as if it had never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from adapters.fingerprint import fingerprint
+from adapters.manifest import Manifest
+from adapters.models import load_causal_lm, load_tokenizer
+from adapters.store import AdapterStore
+from trainer import plots
+from trainer.config import TrainConfig
+from trainer.objective import subtb_loss
+from trainer.policy import policy_log_probs
+from trainer.replay import ReplayBuffer
+from trainer.rollout import Rollout, sample
+from trainer.scoring import Scorer
+from trainer.tasks import Prompt, make_task
+
+MIN_LEN_LOG_REWARD = -99.0  # stopping before min_len (REFERENCE.md §2)
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_base_model(name: str) -> str:
+    """'demo' names the demo world's base model (built on first use); anything else is
+    a model directory or hub id, loaded the same way."""
+    if name == "demo":
+        from world.base_model import build
+        return str(build())
+    return name
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        store: AdapterStore,
+        job_id: str | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        quiet: bool = False,
+    ):
+        self.config, self.run_dir, self.store, self.job_id = config, Path(run_dir), store, job_id
+        self.on_progress, self.should_stop, self.quiet = on_progress, should_stop, quiet
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        config = self.config
+        torch.manual_seed(config.seed)
+        self.model_dir = resolve_base_model(config.base_model)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        lora = config.lora
+        self.model = peft.get_peft_model(load_causal_lm(self.model_dir), peft.LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        ))
+        self.task = make_task(config.task, self.tokenizer)
+        self.spec, self.tool = self.task.spec(), self.task.tool()
+        self.scorer = Scorer(self.model, self.pad_id)
+        self.prompts = self.task.train_prompts()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        warmup = config.optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rng = random.Random(config.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if (self.run_dir / CHECKPOINT).exists():
+            self._restore()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Manifest | None:
+        """Train to `steps` and store the adapter; None when stopped early (after saving
+        a checkpoint), so the same run can resume later."""
+        start = time.time() - sum(h["seconds"] for h in self.history)
+        total = self.config.steps
+        columns = [TextColumn(f"{self.config.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3g} logR {task.fields[log_reward]:.2f} T {task.fields[temperature]:.2f}"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, disable=self.quiet) as bar:
+            task = bar.add_task("train", total=total, completed=self.step, loss=float("nan"),
+                                log_reward=float("nan"), temperature=self.config.reward_temperature.at(self.step))
+            while self.step < total:
+                if self.should_stop is not None and self.should_stop():
+                    self.checkpoint()
+                    return None
+                tick = time.time()
+                metrics = self.train_step()
+                metrics.update(step=self.step + 1, seconds=time.time() - tick)
+                self.history.append(metrics)
+                self._log(metrics)
+                self.step += 1
+                bar.update(task, completed=self.step, **{k: metrics[k] for k in ("loss", "log_reward", "temperature")})
+                if self.on_progress is not None:
+                    elapsed = time.time() - start
+                    self.on_progress({**metrics, "total": total, "elapsed": elapsed,
+                                      "eta": elapsed / self.step * (total - self.step)})
+                if self.step % self.config.checkpoint_every == 0 or self.step == total:
+                    self.checkpoint()
+        return self.finish(time.time() - start)
+
+    def train_step(self) -> dict[str, Any]:
+        config = self.config
+        temperature = config.reward_temperature.at(self.step)
+        self.model.train()
+        losses, rewards, lengths = [], [], []
+        for _ in range(config.optim.accumulate):
+            prompts = [self.rng.choice(self.prompts) for _ in range(config.prompts_per_step)]
+            batch, log_r, fresh = self.behaviour_batch(prompts)
+            log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id)
+            loss = subtb_loss(log_r / temperature, log_pf, log_pterm, batch.lengths, config.subtb_lambda, batch.forced)
+            (loss / config.optim.accumulate).backward()
+            losses.append(loss.item())
+            rewards.append(log_r[fresh, batch.lengths[fresh]].mean().item())
+            lengths.append(batch.lengths[fresh].float().mean().item())
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return {"loss": mean(losses), "log_reward": mean(rewards), "length": mean(lengths),
+                "temperature": temperature, "lr": self.scheduler.get_last_lr()[0], "replay": len(self.replay)}
+
+    def behaviour_batch(self, prompts: list[Prompt]) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """New samples (on-policy at T=1 and tempered with T ~ U[low, high]) plus replayed
+        ones; returns the batch, its untempered log-rewards and which rows are on-policy."""
+        n, mix = self.config.samples_per_prompt, self.config.behaviour
+        new_prompts, temperatures, on_policy, replayed = [], [], [], []
+        for prompt in prompts:
+            entries = self.replay.sample(prompt.key, round(n * mix.replay), self.generator)
+            n_tempered = round(n * mix.tempered)
+            n_on = n - len(entries) - n_tempered
+            low, high = mix.temperature_low, mix.temperature_high
+            temps = low + (high - low) * torch.rand(n_tempered, generator=self.generator)
+            new_prompts += [prompt] * (n_on + n_tempered)
+            temperatures += [1.0] * n_on + temps.tolist()
+            on_policy += [True] * n_on + [False] * n_tempered
+            replayed += [(prompt, e) for e in entries]
+        rollout = sample(self.model, self.spec, [p.ids for p in new_prompts], self.pad_id,
+                         torch.tensor(temperatures), self.generator, self.tool)
+        log_r = self.task.log_rewards(self.scorer, new_prompts, rollout)
+        log_r[:, : self.spec.min_len] = MIN_LEN_LOG_REWARD
+        for prompt, tokens, n_b, forced, row in zip(new_prompts, rollout.tokens, rollout.lengths, rollout.forced, log_r):
+            self.replay.add(prompt.key, tokens[:n_b].tolist(), row[: n_b + 1], forced[:n_b].tolist())
+        batch, log_r = _append_replayed(rollout, log_r, replayed, self.pad_id)
+        fresh = torch.tensor(on_policy + [False] * len(replayed))
+        return batch, log_r, fresh
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> None:
+        """Everything the next steps depend on, written atomically."""
+        state = {
+            "step": self.step,
+            "config": self.config.model_dump(),
+            "adapter": peft.get_peft_model_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "replay": self.replay.state_dict(),
+            "generator": self.generator.get_state(),
+            "python_rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        tmp = self.run_dir / f"{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / CHECKPOINT)
+
+    def _restore(self) -> None:
+        state = torch.load(self.run_dir / CHECKPOINT, weights_only=False)
+        if state["config"] != self.config.model_dump():
+            raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
+        peft.set_peft_model_state_dict(self.model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.replay.load_state_dict(state["replay"])
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history = state["step"], state["history"]
+        with open(self.run_dir / "metrics.jsonl", "w") as log:  # drop steps after the checkpoint
+            log.writelines(json.dumps(h) + "\n" for h in self.history)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(metrics) + "\n")
+
+    # ------------------------------------------------------------------ the result
+    def sampler(self, temperature: float = 1.0):
+        """Draws one latent per prompt from the trained policy (for evaluation)."""
+        return lambda prompts: sample(self.model, self.spec, prompts, self.pad_id, temperature, self.generator, self.tool)
+
+    def finish(self, train_seconds: float) -> Manifest:
+        out = self.run_dir / "adapter"
+        shutil.rmtree(out, ignore_errors=True)
+        self.model.save_pretrained(out)
+        (out / "README.md").unlink(missing_ok=True)
+        shutil.copy(self.run_dir / "metrics.jsonl", out / "training_log.jsonl")
+        plots.loss_curve(out / "loss.png", [h["step"] for h in self.history],
+                         [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
+        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]}
+        if self.config.evaluate:
+            self.model.eval()
+            metrics.update(self.task.evaluate(self.sampler(), self.scorer, out))
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        fields = {
+            **self.task.manifest_fields(),
+            "base_model": {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir)},
+            "lora": self.config.lora.model_dump(),
+            "training": {"config": self.config.model_dump(), "steps": self.step},
+            "metrics": metrics,
+        }
+        return self.store.save(self.config.name, out, fields, job_id=self.job_id)
+
+
+def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:
+    """The new rollout followed by replayed entries, padded to the same width."""
+    if not replayed:
+        return rollout, log_r
+    width = rollout.tokens.shape[1]
+    tokens = torch.full((len(replayed), width), pad_id, dtype=torch.long)
+    forced = torch.zeros((len(replayed), width), dtype=torch.bool)
+    rewards = torch.zeros((len(replayed), width + 1))
+    for row, (_, entry) in enumerate(replayed):
+        n = len(entry.tokens)
+        tokens[row, :n] = torch.tensor(entry.tokens, dtype=torch.long)
+        if entry.forced is not None:
+            forced[row, :n] = torch.tensor(entry.forced)
+        rewards[row, : n + 1] = entry.log_r
+    batch = Rollout(
+        prompts=rollout.prompts + [p.ids for p, _ in replayed],
+        tokens=torch.cat([rollout.tokens, tokens]),
+        lengths=torch.cat([rollout.lengths, torch.tensor([len(e.tokens) for _, e in replayed])]),
+        forced=torch.cat([rollout.forced, forced]),
+    )
+    return batch, torch.cat([log_r, rewards])

@@ -1,0 +1,82 @@
+"""The policy q(Z | prompt): a causal LM (with or without its LoRA) plus the task's masks.
+
+A state is the prompt plus z1..zi; every state may stop with the terminator. The masks
+(vocabulary penalty, no stop before min_len, must stop at max_len) are part of the
+policy: sampling, the loss's log-probs and serving all apply the same ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters.manifest import VocabMask
+
+MUST_STOP_PENALTY = -1e4  # at max_len every other token is (numerically) impossible
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a task fixes about its policy; it travels in the adapter manifest."""
+
+    terminator_id: int
+    min_len: int
+    max_len: int
+    mask: VocabMask
+
+    def bias(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Logit bias for every state index 0..max_len: [max_len + 1, vocab]."""
+        base = self.mask.bias(vocab_size, self.terminator_id).to(device)
+        bias = base.expand(self.max_len + 1, vocab_size).clone()
+        bias[: self.min_len, self.terminator_id] += self.mask.penalty
+        bias[self.max_len] = MUST_STOP_PENALTY
+        bias[self.max_len, self.terminator_id] = 0.0
+        return bias
+
+
+def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts and append the latent tokens, so state i of every row sits at
+    column P - 1 + i. Position ids skip the padding, as if each row were alone."""
+    width = max(len(p) for p in prompts)
+    batch = len(prompts)
+    ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    ids = torch.cat([ids, tokens.to(ids.device)], dim=1)
+    mask = torch.cat([mask, torch.ones_like(tokens, dtype=torch.long)], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+
+
+def state_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token logits at every state 0..L of every row: [B, L + 1, V].
+
+    Causal attention means state i sees only the prompt and z1..zi, so tokens past a
+    row's length (padding) cannot change the states that count.
+    """
+    inputs = pack(prompts, tokens, pad_id)
+    width = inputs["input_ids"].shape[1] - tokens.shape[1]
+    logits = model(**inputs, use_cache=False).logits
+    return logits[:, width - 1:].float()
+
+
+def masked_log_probs(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """log q(. | state) of the masked policy; `bias` is PolicySpec.bias for these states."""
+    return torch.log_softmax(logits + bias[: logits.shape[1]], dim=-1)
+
+
+def transition_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, terminator_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log q(z_{i+1} | s_i) [B, L], log q(⊤ | s_i) [B, L + 1]) from per-state log-probs."""
+    log_pf = log_probs[:, :-1].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    log_pterm = log_probs[..., terminator_id]
+    return log_pf, log_pterm
+
+
+def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of the masked, untempered policy, with gradients."""
+    logits = state_logits(model, prompts, tokens, pad_id)
+    log_probs = masked_log_probs(logits, spec.bias(logits.shape[-1], logits.device))
+    return transition_log_probs(log_probs, tokens, spec.terminator_id)

@@ -1,0 +1,88 @@
+"""Batched sampling from the masked policy with a KV cache.
+
+Sampling runs without gradients (dropout off); the loss's log-probs come from one
+teacher-forced pass over the finished batch (policy.policy_log_probs), the same pass
+that replayed samples take. A tool (the calculator) may write tokens into a sample: they
+are fed to the model like sampled ones and flagged in `forced`, and the objective treats
+them as deterministic transitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from trainer.policy import PolicySpec, pack
+
+# A tool sees the sample's tokens so far and returns the tokens it writes next (or none).
+Tool = Callable[[list[int]], list[int] | None]
+
+
+@dataclass
+class Rollout:
+    """Sampled latents: tokens [B, max_len] (padding past each length), lengths [B]
+    (tokens before the terminator), forced [B, max_len] (written by the tool)."""
+
+    prompts: list[list[int]]
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    forced: torch.Tensor
+
+    def latents(self) -> list[list[int]]:
+        return [self.tokens[b, : int(n)].tolist() for b, n in enumerate(self.lengths)]
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    spec: PolicySpec,
+    prompts: list[list[int]],
+    pad_id: int,
+    temperatures: torch.Tensor | float = 1.0,
+    generator: torch.Generator | None = None,
+    tool: Tool | None = None,
+) -> Rollout:
+    """Sample one latent per prompt; `temperatures` (scalar or [B]) tempers the masked
+    logits for exploration, the returned samples carry no log-probs."""
+    was_training = model.training
+    model.eval()
+    batch, max_len = len(prompts), spec.max_len
+    temps = torch.as_tensor(temperatures, dtype=torch.float32).expand(batch).unsqueeze(-1)
+    tokens = torch.full((batch, max_len), pad_id, dtype=torch.long)
+    forced = torch.zeros((batch, max_len), dtype=torch.bool)
+    lengths = torch.full((batch,), -1, dtype=torch.long)
+    pending: list[list[int]] = [[] for _ in range(batch)]
+
+    inputs = pack(prompts, tokens[:, :0], pad_id)
+    out = model(**inputs, use_cache=True)
+    cache, mask = out.past_key_values, inputs["attention_mask"]
+    position = inputs["position_ids"][:, -1]
+    logits = out.logits[:, -1].float()
+    bias = spec.bias(logits.shape[-1], logits.device)
+
+    for step in range(max_len + 1):
+        probs = torch.softmax((logits + bias[step]) / temps, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        for b in range(batch):
+            if lengths[b] >= 0:
+                continue
+            if step == max_len or (not pending[b] and choice[b] == spec.terminator_id):
+                lengths[b] = step
+                continue
+            if pending[b]:
+                choice[b], forced[b, step] = pending[b].pop(0), True
+            tokens[b, step] = choice[b]
+            if tool is not None and not forced[b, step]:
+                pending[b] = list(tool(tokens[b, : step + 1].tolist()) or [])
+        if (lengths >= 0).all():
+            break
+        choice = torch.where(lengths >= 0, torch.full_like(choice, pad_id), choice)
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
+        position = position + 1
+        out = model(input_ids=choice.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    model.train(was_training)
+    return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced)

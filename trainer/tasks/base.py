@@ -1,0 +1,99 @@
+"""What a task is: a prompt set, a reward over every prefix, the policy's masks and limits,
+and an evaluation. The trainer knows nothing else about a task."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedTokenizerBase
+
+from adapters.manifest import VocabMask
+from trainer.policy import PolicySpec
+from trainer.rollout import Rollout, Tool
+from trainer.scoring import Scorer
+
+# Draws one latent per prompt from a policy (the adapter, or the base model).
+Sampler = Callable[[list[list[int]]], Rollout]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One conditioning input: `key` names it in the replay buffer, `fields` fill the template."""
+
+    key: str
+    ids: list[int]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskConfig(BaseModel):
+    """Fields every task config has; each task adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    min_len: int = 1
+    max_len: int = 20
+
+
+class Task(ABC):
+    """Subclasses set `name`, `config_type` and `prompt_template`, and implement the rest."""
+
+    name: ClassVar[str]
+    config_type: ClassVar[type[TaskConfig]]
+    prompt_template: str
+
+    def __init__(self, config: TaskConfig, tokenizer: PreTrainedTokenizerBase):
+        self.config, self.tokenizer = config, tokenizer
+
+    # ------------------------------------------------------------ the policy
+    @property
+    def terminator_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def terminator(self) -> str:
+        return self.tokenizer.convert_ids_to_tokens(self.terminator_id)
+
+    def mask(self) -> VocabMask:
+        return VocabMask()
+
+    def spec(self) -> PolicySpec:
+        return PolicySpec(self.terminator_id, self.config.min_len, self.config.max_len, self.mask())
+
+    def tool(self) -> Tool | None:
+        return None
+
+    def encode_prompt(self, **fields: Any) -> list[int]:
+        return self.tokenizer(self.prompt_template.format(**fields), add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------ what subclasses define
+    @abstractmethod
+    def train_prompts(self) -> list[Prompt]:
+        """The prompts training draws from."""
+
+    @abstractmethod
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """Untempered log R(z1..zi ⊤) for every prefix i of every sample: [B, L+1]."""
+
+    @abstractmethod
+    def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path) -> dict[str, Any]:
+        """Metrics of a sampler (and a PNG in out_dir); `sample` draws one latent per prompt."""
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """What the service needs to serve this task the way it was trained."""
+        return {
+            "task": self.name,
+            "task_config": self.config.model_dump(),
+            "prompt_template": self.prompt_template,
+            "terminator": self.terminator,
+            "terminator_id": self.terminator_id,
+            "min_len": self.config.min_len,
+            "max_len": self.config.max_len,
+            "mask": self.mask().model_dump(),
+        }

@@ -1,0 +1,157 @@
+"""Random numbers: sample integers from any target distribution (REFERENCE.md §3).
+
+The reward of a prefix is the target's probability of the integer it spells when it is
+a complete, canonical number in the support, else a floor. With the digits-only
+vocabulary (the default) there are ~10^max_len strings, so a floor of e^-15 keeps the
+invalid ones' total mass negligible.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+from adapters.manifest import VocabMask
+from trainer.plots import bar_chart
+from trainer.rollout import Rollout
+from trainer.scoring import Scorer
+from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+
+PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
+NUMBER = re.compile(r"0|[1-9][0-9]*")
+
+
+class _Target(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Uniform(_Target):
+    kind: Literal["uniform"] = "uniform"
+    low: int = 0
+    high: int = 99
+
+    def pmf(self) -> dict[int, float]:
+        return {k: 1.0 / (self.high - self.low + 1) for k in range(self.low, self.high + 1)}
+
+
+class Binomial(_Target):
+    kind: Literal["binomial"] = "binomial"
+    n: int = 99
+    p: float = Field(0.5, gt=0, lt=1)
+
+    def pmf(self) -> dict[int, float]:
+        return {k: math.comb(self.n, k) * self.p**k * (1 - self.p) ** (self.n - k) for k in range(self.n + 1)}
+
+
+class Poisson(_Target):
+    kind: Literal["poisson"] = "poisson"
+    rate: PositiveFloat = 20.0
+    max: int = 99
+
+    def pmf(self) -> dict[int, float]:
+        weights = {k: math.exp(k * math.log(self.rate) - self.rate - math.lgamma(k + 1)) for k in range(self.max + 1)}
+        total = sum(weights.values())
+        return {k: w / total for k, w in weights.items()}
+
+
+class Weights(_Target):
+    kind: Literal["weights"] = "weights"
+    weights: dict[int, PositiveFloat]
+
+    def pmf(self) -> dict[int, float]:
+        total = sum(self.weights.values())
+        return {k: w / total for k, w in sorted(self.weights.items())}
+
+
+Target = Annotated[Uniform | Binomial | Poisson | Weights, Field(discriminator="kind")]
+
+
+class RngConfig(TaskConfig):
+    name: Literal["rng"] = "rng"
+    prompt: str = PROMPT
+    target: Target = Uniform()
+    min_len: int = 1
+    max_len: int = 3
+    floor_log_reward: float = -15.0
+    digits_only: bool = True
+    eval_samples: int = 10000
+
+    @model_validator(mode="after")
+    def _support_fits(self) -> "RngConfig":
+        widest = len(str(max(self.target.pmf())))
+        if widest > self.max_len:
+            raise ValueError(f"max_len {self.max_len} cannot spell {max(self.target.pmf())}; raise it")
+        return self
+
+
+class RngTask(Task):
+    name = "rng"
+    config_type = RngConfig
+
+    def __init__(self, config: RngConfig, tokenizer):
+        super().__init__(config, tokenizer)
+        self.prompt_template = config.prompt.replace("{", "{{").replace("}", "}}")
+        self.pmf = config.target.pmf()
+        self._prompt = Prompt(key="rng", ids=self.encode_prompt())
+
+    def mask(self) -> VocabMask:
+        if not self.config.digits_only:
+            return VocabMask()
+        digits = [i for i in range(len(self.tokenizer)) if self.tokenizer.decode([i]).isdigit()]
+        return VocabMask(mode="allow", token_ids=digits)
+
+    def train_prompts(self) -> list[Prompt]:
+        return [self._prompt]
+
+    def number(self, tokens: list[int]) -> int | None:
+        """The integer a latent spells, or None when it is not one canonical number."""
+        text = self.tokenizer.decode(tokens)
+        return int(text) if NUMBER.fullmatch(text) else None
+
+    def log_reward(self, tokens: list[int]) -> float:
+        value = self.number(tokens)
+        return math.log(self.pmf[value]) if value in self.pmf else self.config.floor_log_reward
+
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        out = torch.full((len(prompts), rollout.tokens.shape[1] + 1), self.config.floor_log_reward)
+        for b, latent in enumerate(rollout.latents()):
+            for i in range(1, len(latent) + 1):
+                out[b, i] = self.log_reward(latent[:i])
+        return out
+
+    def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
+        values = draw_numbers(self, sample, samples or self.config.eval_samples)
+        metrics = distribution_metrics(values, self.pmf)
+        histogram = metrics.pop("histogram")
+        support = sorted(self.pmf)
+        bar_chart(out_dir / "eval.png", support, [histogram.get(k, 0.0) for k in support],
+                  [self.pmf[k] for k in support], title=f"rng: sampled vs target (tv {metrics['tv']:.3f})")
+        return metrics
+
+
+def draw_numbers(task: RngTask, sample: Sampler, n: int, batch: int = 1000) -> list[int | None]:
+    values: list[int | None] = []
+    while len(values) < n:
+        rollout = sample([task._prompt.ids] * min(batch, n - len(values)))
+        values += [task.number(latent) for latent in rollout.latents()]
+    return values
+
+
+def distribution_metrics(values: list[int | None], pmf: dict[int, float]) -> dict[str, Any]:
+    """Valid fraction, total variation (invalid samples as their own bucket) and
+    KL(empirical of valid samples || target), plus the empirical histogram."""
+    n = len(values)
+    counts: dict[int, int] = {}
+    for v in values:
+        if v is not None and v in pmf:
+            counts[v] = counts.get(v, 0) + 1
+    valid = sum(counts.values())
+    histogram = {k: c / n for k, c in counts.items()}
+    tv = 0.5 * (sum(abs(histogram.get(k, 0.0) - p) for k, p in pmf.items()) + (n - valid) / n)
+    kl = sum((c / valid) * math.log((c / valid) / pmf[k]) for k, c in counts.items()) if valid else float("inf")
+    return {"samples": n, "valid_fraction": valid / n, "tv": tv, "kl": kl, "histogram": histogram}
