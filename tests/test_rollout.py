@@ -1,0 +1,101 @@
+"""Rollouts obey the task's masks and length limits, and the teacher-forced log-probs
+are those of the distribution that was sampled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.manifest import VocabMask
+from adapters.models import load_causal_lm, load_tokenizer
+from trainer.policy import PolicySpec, masked_log_probs, policy_log_probs, state_logits
+from trainer.rollout import sample
+
+PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
+
+
+@pytest.fixture(scope="module")
+def lm(demo_model):
+    return load_causal_lm(demo_model), load_tokenizer(demo_model)
+
+
+def draw(lm, spec, n=200, seed=0, tool=None, prompt=PROMPT):
+    model, tok = lm
+    ids = tok(prompt)["input_ids"]
+    return sample(model, spec, [ids] * n, tok.eos_token_id, 1.0, torch.Generator().manual_seed(seed), tool)
+
+
+def test_vocabulary_mask_and_lengths_are_obeyed(lm):
+    _, tok = lm
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    spec = PolicySpec(tok.eos_token_id, min_len=2, max_len=3, mask=VocabMask(mode="allow", token_ids=digits))
+    rollout = draw(lm, spec)
+    assert rollout.lengths.min() >= 2 and rollout.lengths.max() <= 3
+    for latent in rollout.latents():
+        assert set(latent) <= set(digits)
+
+
+def test_every_sample_stops_at_max_len(lm):
+    """A story goes on for many tokens; the policy must stop at max_len all the same."""
+    _, tok = lm
+    spec = PolicySpec(tok.eos_token_id, 0, 4, VocabMask())
+    rollout = draw(lm, spec, n=32, prompt="Anna lived in a big city.")
+    assert (rollout.lengths == 4).all()
+    assert (rollout.tokens != tok.eos_token_id).all()
+
+
+def test_deny_mask_bans_tokens(lm):
+    _, tok = lm
+    seven = tok.convert_tokens_to_ids("7")
+    spec = PolicySpec(tok.eos_token_id, 1, 3, VocabMask(mode="deny", token_ids=[seven]))
+    assert all(seven not in latent for latent in draw(lm, spec).latents())
+
+
+def test_padding_past_a_sample_does_not_change_its_log_probs(lm):
+    model, tok = lm
+    spec = PolicySpec(tok.eos_token_id, 1, 4, VocabMask())
+    rollout = draw(lm, spec, n=8)
+    log_pf, log_pterm = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, tok.eos_token_id)
+    garbage = rollout.tokens.clone()
+    for b, n in enumerate(rollout.lengths):
+        garbage[b, n:] = 5
+    log_pf2, log_pterm2 = policy_log_probs(model, spec, rollout.prompts, garbage, tok.eos_token_id)
+    for b, n in enumerate(rollout.lengths.tolist()):
+        assert torch.allclose(log_pf[b, :n], log_pf2[b, :n], atol=1e-5)
+        assert torch.allclose(log_pterm[b, : n + 1], log_pterm2[b, : n + 1], atol=1e-5)
+
+
+def test_left_padding_gives_the_same_log_probs_as_a_lone_prompt(lm):
+    model, tok = lm
+    spec = PolicySpec(tok.eos_token_id, 0, 3, VocabMask())
+    short, long = tok("Keywords: dog, park. Sentence:")["input_ids"], tok(PROMPT)["input_ids"]
+    tokens = torch.tensor([[tok.convert_tokens_to_ids("4")] * 3])
+    together = state_logits(model, [short, long], tokens.repeat(2, 1), tok.eos_token_id)
+    alone = state_logits(model, [short], tokens, tok.eos_token_id)
+    assert torch.allclose(together[0], alone[0], atol=1e-4)
+
+
+def test_sampling_frequencies_match_teacher_forced_probabilities(lm):
+    """The first token's empirical distribution matches exp(log q) of the masked policy."""
+    model, tok = lm
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    spec = PolicySpec(tok.eos_token_id, 1, 1, VocabMask(mode="allow", token_ids=digits))
+    rollout = draw(lm, spec, n=4000, seed=1)
+    logits = state_logits(model, rollout.prompts[:1], rollout.tokens[:1], tok.eos_token_id)
+    probs = masked_log_probs(logits, spec.bias(logits.shape[-1]))[0, 0].exp()
+    counts = torch.bincount(rollout.tokens[:, 0], minlength=probs.shape[0]).float() / 4000
+    assert 0.5 * (counts - probs).abs().sum() < 0.04
+
+
+def test_tool_tokens_are_written_and_flagged(lm):
+    """A tool that answers every sampled token with a fixed token: it appears right after,
+    flagged forced, and sampled tokens are not."""
+    model, tok = lm
+    marker = tok.convert_tokens_to_ids("=")
+    spec = PolicySpec(tok.eos_token_id, 0, 6, VocabMask())
+    rollout = draw(lm, spec, n=16, tool=lambda so_far: [marker] if so_far[-1] != marker else None)
+    for b, n in enumerate(rollout.lengths.tolist()):
+        for i in range(n):
+            assert bool(rollout.forced[b, i]) == (i % 2 == 1)
+            if i % 2 == 1:
+                assert rollout.tokens[b, i] == marker

@@ -1,0 +1,110 @@
+"""The training loop: configs, kill-and-resume, and what a run leaves in the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from adapters.store import AdapterStore
+from trainer.config import load_config
+from trainer.loop import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT = ["steps=10", "checkpoint_every=2", "samples_per_prompt=16", "task.eval_samples=200"]
+
+
+def test_unknown_config_key_is_an_error_naming_it():
+    with pytest.raises(ValidationError, match="lerning_rate"):
+        load_config("rng", ["optim.lerning_rate=0.1"])
+    with pytest.raises(ValidationError, match="steps"):
+        load_config("rng", ["steps=-3"])
+    with pytest.raises(ValueError, match="key.path=value"):
+        load_config("rng", ["steps"])
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config("rng", ["optim.lr=0.01", "task.target={kind: binomial, n: 20, p: 0.3}"])
+    assert config.optim.lr == 0.01
+    assert config.task.target.kind == "binomial" and config.task.target.n == 20
+
+
+def _cli_train(run_dir: Path, store: Path, demo_model: Path) -> subprocess.Popen:
+    sets = [a for s in SHORT + [f"base_model={demo_model}"] for a in ("--set", s)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "gfn.cli", "train", "rng", *sets, "--run-dir", str(run_dir), "--store", str(store)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def _steps_logged(run_dir: Path) -> int:
+    log = run_dir / "metrics.jsonl"
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_a_killed_run_resumes_and_ends_as_if_never_killed(tmp_path, demo_model):
+    run_dir, store_root = tmp_path / "run", tmp_path / "store"
+    process = _cli_train(run_dir, store_root, demo_model)
+    deadline = time.time() + 300
+    while _steps_logged(run_dir) < 5 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 2 <= checkpoint["step"] < 10
+
+    resumed = _cli_train(run_dir, store_root, demo_model)
+    output = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, output
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+    store = AdapterStore(store_root)
+    assert store.versions("rng") == [1]
+    killed = store.load("rng", 1)
+
+    config = load_config("rng", SHORT + [f"base_model={demo_model}"])
+    straight = Trainer(config, tmp_path / "straight", AdapterStore(tmp_path / "store2"), quiet=True).run()
+    a = load_file(killed.path / "adapter_model.safetensors")
+    b = load_file(AdapterStore(tmp_path / "store2").load("rng", straight.version).path / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert killed.manifest.metrics["samples"] == 200
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, demo_model):
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])
+    Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True).run()
+    other = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=3", "evaluate=false"])
+    with pytest.raises(ValueError, match="another config"):
+        Trainer(other, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+
+
+def test_stopping_early_checkpoints_and_stores_nothing(tmp_path, demo_model):
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "evaluate=false"])
+    calls = iter(range(100))
+    trainer = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True,
+                      should_stop=lambda: next(calls) >= 3)
+    assert trainer.run() is None
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert AdapterStore(tmp_path / "store").names() == []
+
+
+def test_a_run_stores_a_complete_adapter(train_adapter):
+    store, manifest = train_adapter("rng", steps=3)
+    loaded = store.load(manifest.name, manifest.version)
+    files = set(loaded.manifest.files)
+    assert {"adapter_config.json", "adapter_model.safetensors", "loss.png", "training_log.jsonl"} <= files
+    assert loaded.manifest.task == "rng" and loaded.manifest.mask.mode == "allow"
+    assert loaded.manifest.base_model.fingerprint.startswith("sha256:")
