@@ -1,0 +1,166 @@
+"""Constrained generation on held-out keyword sets of the demo world: how often each
+method's sentences use every keyword and avoid the banned word, how fluent they are under
+the base model, how diverse, and how fast.
+
+    .venv/bin/python bench/constrained.py [--fresh] [--prompts 24] [--samples 32]
+
+Methods (each returns `samples` sentences per keyword set):
+  gfn        the GFlowNet adapter (trainer/configs/constrained.yaml; reused from the bench cache)
+  rejection  the base model on the keywords prompt, drawn in batches until enough satisfy
+             the constraints (or --max-batches); only accepted sentences are returned
+  mask       the base model on the keywords prompt with the banned words' tokens masked
+loglik is the base model's log p(Z ⊤ | keywords prompt); samples_per_second counts the
+sentences a method returns over its sampling time.
+
+Last stdout line: {"train_seconds", "methods": {name: {satisfaction, loglik, distinct2,
+samples_per_second, ...}}, "goals": {...}}. Goals: gfn.satisfaction >= 0.95 at a loglik
+at most 2 nats below rejection's, and more samples per second than rejection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from adapters.manifest import VocabMask  # noqa: E402
+from adapters.models import load_causal_lm  # noqa: E402
+from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.evaluate import LoadedPolicy  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.metrics import distinct_n  # noqa: E402
+from trainer.policy import PolicySpec  # noqa: E402
+from trainer.rollout import Rollout, sample  # noqa: E402
+from trainer.scoring import Scorer  # noqa: E402
+from trainer.tasks.constrained import ConstrainedRecord, ConstrainedTask, violations, words_of  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def banned_tokens(task: ConstrainedTask, words: list[str]) -> list[int]:
+    """Every token that spells a banned word (with or without its leading space), and the
+    first token of a banned word that takes several."""
+    banned = {" ".join(words_of(w)) for w in words}
+    vocab = [(i, " ".join(words_of(task.tokenizer.decode([i])))) for i in range(len(task.tokenizer))]
+    ids = {i for i, text in vocab if text and text in banned}
+    for word in words:
+        ids |= {task.tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0],
+                task.tokenizer(word, add_special_tokens=False)["input_ids"][0]}
+    return sorted(ids)
+
+
+def keep(rollout: Rollout, rows: list[int]) -> Rollout:
+    return Rollout([rollout.prompts[r] for r in rows], rollout.tokens[rows], rollout.lengths[rows],
+                   rollout.forced[rows])
+
+
+def evaluate(name: str, draw, task: ConstrainedTask, scorer: Scorer, records: list[ConstrainedRecord], n: int,
+             reject: bool = False, max_batches: int = 1) -> dict:
+    """n sentences per record; with `reject`, batches of n are drawn (up to max_batches)
+    and only satisfying sentences kept until there are n. The clock runs while drawing,
+    decoding and checking, not while measuring log-likelihoods."""
+    texts, satisfied, loglik, seconds, drawn, accepted = [], [], [], 0.0, 0, 0
+    for record in records:
+        kept_texts, kept_loglik = [], []
+        for _ in range(max_batches):
+            tick = time.perf_counter()
+            rollout = draw(record, n)
+            batch = [task.tokenizer.decode(z) for z in rollout.latents()]
+            ok = [b for b, t in enumerate(batch) if not reject or violations(t, record.keywords, record.avoid) == 0]
+            seconds += time.perf_counter() - tick
+            drawn, accepted = drawn + n, accepted + len(ok)
+            if ok:
+                kept = keep(rollout, ok)
+                kept_loglik += task.base_log_likelihood(scorer, [record.keywords] * len(ok), kept).tolist()
+                kept_texts += [batch[b] for b in ok]
+            if len(kept_texts) >= n:
+                break
+        if kept_texts:
+            texts.append(kept_texts[:n])
+            loglik += kept_loglik[:n]
+            satisfied += [violations(t, record.keywords, record.avoid) == 0 for t in kept_texts[:n]]
+    returned = len(satisfied)
+    metrics = {
+        "satisfaction": sum(satisfied) / max(1, returned),
+        "loglik": sum(loglik) / max(1, returned),
+        "distinct2": sum(distinct_n(t, 2) for t in texts) / max(1, len(texts)),
+        "samples_per_second": returned / seconds,
+        "returned": returned,
+        "drawn": drawn,
+    }
+    if reject:
+        metrics.update(acceptance_rate=accepted / drawn, seconds_per_accepted=seconds / max(1, returned))
+    log(f"{name}: {json.dumps(metrics)}")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help="train the adapter anew instead of reusing it")
+    parser.add_argument("--prompts", type=int, help="held-out keyword sets (default: the config's eval_prompts)")
+    parser.add_argument("--samples", type=int, help="sentences per set (default: the config's eval_samples)")
+    parser.add_argument("--max-batches", type=int, default=20, help="rejection sampling's batches per set")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    args = parser.parse_args()
+
+    config = load_config("constrained", ["evaluate=false"] + args.set)
+    store = bench_store()
+    with tempfile.TemporaryDirectory(prefix="bench-constrained-") as work:
+        gfn, cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
+    log(f"gfn adapter {gfn.ref} ({'cached' if cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
+
+    policy = LoadedPolicy(store, gfn.name, gfn.version)
+    task: ConstrainedTask = policy.task
+    base = load_causal_lm(gfn.base_model.path)
+    scorer, pad, spec = Scorer(base, policy.pad_id), policy.pad_id, task.spec()
+    records = task.eval_records[: args.prompts or task.config.eval_prompts]
+    n = args.samples or task.config.eval_samples
+    generator = torch.Generator().manual_seed(1234)
+
+    def gfn_draw(record: ConstrainedRecord, k: int) -> Rollout:
+        return sample(policy.model, spec, [task.prompt(record).ids] * k, pad, 1.0, generator)
+
+    def base_draw(record: ConstrainedRecord, k: int) -> Rollout:
+        return sample(base, spec, [task.context(record.keywords)] * k, pad, 1.0, generator)
+
+    def mask_draw(record: ConstrainedRecord, k: int) -> Rollout:
+        masked = PolicySpec(spec.terminator_id, spec.min_len, spec.max_len,
+                            VocabMask(mode="deny", token_ids=banned_tokens(task, record.avoid)))
+        return sample(base, masked, [task.context(record.keywords)] * k, pad, 1.0, generator)
+
+    for draw in (gfn_draw, base_draw, mask_draw):  # warm up before timing
+        draw(records[0], 2)
+    methods = {
+        "gfn": evaluate("gfn", gfn_draw, task, scorer, records, n),
+        "rejection": evaluate("rejection", base_draw, task, scorer, records, n, True, args.max_batches),
+        "mask": evaluate("mask", mask_draw, task, scorer, records, n),
+    }
+    rounded = {name: {k: round(v, 4) for k, v in m.items()} for name, m in methods.items()}
+    gfn_m, rejection = methods["gfn"], methods["rejection"]
+    print(json.dumps({
+        "train_seconds": gfn.metrics["train_seconds"],
+        "cached": cached,
+        "prompts": len(records),
+        "samples": n,
+        "torch_threads": torch.get_num_threads(),
+        "methods": rounded,
+        "goals": {
+            "gfn_satisfaction_at_least_0.95": gfn_m["satisfaction"] >= 0.95,
+            "gfn_loglik_within_2_nats_of_rejection": gfn_m["loglik"] >= rejection["loglik"] - 2,
+            "gfn_faster_than_rejection": gfn_m["samples_per_second"] > rejection["samples_per_second"],
+        },
+    }))
+
+
+if __name__ == "__main__":
+    main()
