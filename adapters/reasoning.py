@@ -6,11 +6,16 @@ answers from N sampled rationales and combining them), so both sides agree on on
     X = "Question: 6 - 0 - 4 - 8 = ? Answer:"
     Z = " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"      (values written by the calculator)
     Y = ". The answer is -6."
+
+Inference (the trainer's evaluation and the service do the same): sample N rationales Z for
+the prompt X, read one answer from each (`read_answers`), and combine them with `aggregate`,
+by majority vote or weighted by p(Y | X Z) (`answer_log_probs`). The base model is reached
+only through two callables, so this module needs neither torch nor a particular engine.
 """
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +37,13 @@ _ANSWER_RE = re.compile(
     r"the\s+answer\s+is\s*(-?)\s*([0-9]{1,6})(?=\s*(?:\.(?![0-9])|$))", re.IGNORECASE
 )
 _ANSWER_START_RE = re.compile(r"the\s+answer\s+is", re.IGNORECASE)
+# What follows the "=" of a rationale's last step when it ends with the value: " -6".
+_FINAL_VALUE_RE = re.compile(r"\s*(-?[0-9]{1,7})\s*")
+
+Complete = Callable[[list[str]], list[str]]
+"""Base-model greedy continuations of texts (a few tokens each): contexts -> completions."""
+Score = Callable[[list[str], list[str]], list[float]]
+"""Base-model log p(continuation | context) for each (context, continuation) pair."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,78 @@ def steps(rationale: str) -> list[tuple[str, int | None]]:
             value = None
         found.append((expression, value))
     return found
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How the base model states an answer after a rationale: the manifest's task_config
+    keys `answer_prompt` and `reward_prefix`, the same text the training reward read."""
+
+    answer_prompt: str = ". The answer is"
+    reward_prefix: str = ""
+
+    def context(self, prompt: str, rationale: str) -> str:
+        """What the base model reads before the answer: few-shot prefix, question, rationale."""
+        return self.reward_prefix + prompt + rationale
+
+    def answer_text(self, answer: int) -> str:
+        """Y for an answer, e.g. ". The answer is -6." (its first token is the terminator)."""
+        return f"{self.answer_prompt} {answer}."
+
+
+def final_value(rationale: str) -> int | None:
+    """The value the calculator wrote for the last step when the rationale ends with it,
+    e.g. -6 for " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"; None when it ends otherwise (mid-step,
+    a malformed step, or digits the policy appended to the calculator's value)."""
+    expression, equals, value = rationale.rsplit(",", 1)[-1].partition("=")
+    stated = _FINAL_VALUE_RE.fullmatch(value)
+    if not equals or stated is None:
+        return None
+    try:
+        computed = evaluate(expression)
+    except CalculatorError:
+        return None
+    return computed if int(stated[1]) == computed else None
+
+
+def read_answers(
+    prompts: Sequence[str], rationales: Sequence[str], answer_format: AnswerFormat, complete: Complete
+) -> list[int | None]:
+    """The answer of each (prompt, rationale) pair.
+
+    A rationale that ends with a calculator value has reached its answer: that value is read
+    directly, since the base model restating it can only add copying errors. Any other
+    rationale is given to the base model, followed by the answer prompt, and its greedy
+    completion is parsed (None when it states no integer).
+    """
+    if len(prompts) != len(rationales):
+        raise ValueError(f"{len(prompts)} prompts but {len(rationales)} rationales")
+    answers = [final_value(rationale) for rationale in rationales]
+    missing = [i for i, answer in enumerate(answers) if answer is None]
+    if missing:
+        contexts = [answer_format.context(prompts[i], rationales[i]) + answer_format.answer_prompt for i in missing]
+        for i, completion in zip(missing, complete(contexts), strict=True):
+            answers[i] = parse_answer(answer_format.answer_prompt + completion)
+    return answers
+
+
+def answer_log_probs(
+    prompts: Sequence[str],
+    rationales: Sequence[str],
+    answers: Sequence[int | None],
+    answer_format: AnswerFormat,
+    score: Score,
+) -> list[float]:
+    """log p(Y | X Z) of each pair's answer, the weights of `aggregate(method="weighted")`
+    (NaN where no answer was read: aggregate ignores those)."""
+    read = [i for i, answer in enumerate(answers) if answer is not None]
+    weights = [math.nan] * len(answers)
+    if read:
+        scores = score([answer_format.context(prompts[i], rationales[i]) for i in read],
+                       [answer_format.answer_text(answers[i]) for i in read])  # type: ignore[arg-type]
+        for i, value in zip(read, scores, strict=True):
+            weights[i] = float(value)
+    return weights
 
 
 def aggregate(

@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from adapters.manifest import VocabMask  # noqa: E402
-from adapters.store import AdapterStore  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.policy import PolicySpec  # noqa: E402
-from trainer.rollout import sample  # noqa: E402
-from trainer.tasks.rng import distribution_metrics, draw_numbers  # noqa: E402
+from adapters.manifest import VocabMask
+from adapters.store import AdapterStore
+from trainer.config import load_config
+from trainer.evaluate import LoadedPolicy
+from trainer.loop import Trainer
+from trainer.policy import PolicySpec
+from trainer.rollout import sample
+from trainer.tasks.rng import distribution_metrics, draw_numbers
 
 HEADLINE = ("tv", "kl", "valid_fraction")
 

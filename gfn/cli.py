@@ -7,6 +7,8 @@ and `gfn adapters list` stay fast.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,8 +21,14 @@ from adapters.home import runs_root, store_root
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 demo = typer.Typer(no_args_is_help=True, help="The demo world: corpus, tokenizer and base model.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter store.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Training jobs on the Redis queue (`gfn worker` runs them).")
+configs_app = typer.Typer(no_args_is_help=True, help="The bundled training configs (configs/).")
 app.add_typer(demo, name="demo")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(configs_app, name="configs")
+RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue")]
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 console = Console()
 
 
@@ -92,6 +100,156 @@ def adapters_list(store: Annotated[Optional[Path], typer.Option(help="adapter st
         headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.metrics.items() if not isinstance(v, dict)}
         table.add_row(m.ref, m.task, m.created_at[:19], m.base_model.fingerprint[:19], json.dumps(headline))
     console.print(table)
+
+
+@app.command()
+def worker(
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+    metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this port; 0: none")] = 0,
+) -> None:
+    """Run queued training jobs, each in a fresh process; one worker per device."""
+    from jobs.worker import run
+
+    run(redis_url, metrics_port)
+
+
+@contextmanager
+def _job_errors(redis_url: str) -> Iterator[None]:
+    from redis.exceptions import RedisError
+
+    from jobs.configs import ConfigError
+    from jobs.queue import JobNotFound
+
+    try:
+        yield
+    except ConfigError as error:
+        _fail("\n".join(error.errors))
+    except JobNotFound as error:
+        _fail(str(error))
+    except RedisError as error:
+        _fail(f"Redis at {redis_url}: {error}")
+
+
+def _queue(redis_url: str):
+    from redis import Redis
+
+    from jobs.queue import JobQueue
+
+    return JobQueue(Redis.from_url(redis_url))
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    config: Annotated[str, typer.Argument(help="a YAML file or a bundled config name (rng, infill, ...)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override: key.path=value")] = None,
+    redis_url: RedisUrl = DEFAULT_REDIS_URL,
+) -> None:
+    """Check a training config and queue it; prints the job id."""
+    from jobs.validate import load
+
+    with _job_errors(redis_url):
+        typer.echo(_queue(redis_url).submit(load(config, set_ or [])))
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+    """A job's status, progress, adapter version or error, as JSON."""
+    with _job_errors(redis_url):
+        console.print_json(_queue(redis_url).status(job_id).model_dump_json())
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+    """Stop a job at its next step boundary, after a checkpoint (by force after a grace period)."""
+    with _job_errors(redis_url):
+        console.print_json(_queue(redis_url).cancel(job_id).model_dump_json())
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = 20, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+    """The most recent jobs, newest first."""
+    table = Table("job", "adapter", "status", "step", "result", "queued at")
+    with _job_errors(redis_url):
+        for job in _queue(redis_url).list(limit):
+            step = f"{job.progress.step}/{job.progress.total}" if job.progress else ""
+            queued = job.enqueued_at.isoformat(timespec="seconds") if job.enqueued_at else ""
+            table.add_row(job.id, job.name, job.status, step, job.adapter or job.error or "", queued)
+    console.print(table)
+
+
+@configs_app.command("schema")
+def configs_schema() -> None:
+    """Write configs/schema.json from the trainer's config model (commit it with config changes)."""
+    from jobs.configs import SCHEMA
+    from trainer.config import schema_json
+
+    SCHEMA.write_text(schema_json())
+    console.print(f"wrote {SCHEMA}")
+
+
+@app.command()
+def serve(
+    engine: Annotated[Optional[str], typer.Option(help="vllm, transformers or auto (default: GFN_ENGINE, else auto)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="default: GFN_HOST, else 127.0.0.1")] = None,
+    port: Annotated[Optional[int], typer.Option(help="default: GFN_PORT, else 8000")] = None,
+) -> None:
+    """Serve the stored adapters over HTTP; every other setting comes from GFN_* variables (service/settings.py)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**{k: v for k, v in {"engine": engine, "host": host, "port": port}.items() if v is not None})
+    except ValidationError as error:
+        _fail(str(error))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+
+EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
+
+  curl -s http://{host}:{port}/infill -H 'content-type: application/json' -d '{{
+    "prefix": "Anna lived in a big city. Every morning she walked to the market. One day she found an old key.",
+    "suffix": "Anna cried all night.", "n": 4}}'
+"""
+
+
+@app.command()
+def up(
+    engine: Annotated[str, typer.Option(help="vllm, transformers or auto")] = "auto",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> None:
+    """Run the whole system locally: the demo world and adapters (built once), a
+    redis-server on loopback, one training worker and the service. Ctrl-C stops it all."""
+    import uvicorn
+
+    from adapters.home import gfn_home
+    from gfn.local import RedisServer, ensure_demo_adapters, start_worker
+    from service.app import create_app
+    from service.settings import Settings
+    from world.base_model import build
+
+    model = build()
+    ensure_demo_adapters()
+    redis, worker = RedisServer(gfn_home() / "redis", persist=True), None
+    try:
+        redis.start()
+        worker = start_worker(redis.url)
+    except RuntimeError as error:
+        console.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503)[/yellow]")
+        redis = None
+    settings = Settings(base_model=str(model), engine=engine, host=host, port=port,
+                        redis_url=redis.url if redis else None)
+    console.print(EXAMPLE.format(host=host, port=port))
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(30)
+        if redis is not None:
+            redis.stop()
 
 
 if __name__ == "__main__":

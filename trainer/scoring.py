@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from trainer.policy import state_logits, transition_log_probs
+from trainer.policy import pack, state_logits, transition_log_probs
 from trainer.rollout import Rollout
 
 
@@ -35,6 +35,20 @@ class Scorer:
             for i in range(0, len(contexts), self.chunk)
         ])
 
+    @torch.no_grad()
+    def greedy(self, contexts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """The base model's greedy continuation of each context, max_new_tokens long (eos
+        pads the rest), e.g. to read the answer it states after a rationale."""
+        out: list[list[int]] = []
+        for i in range(0, len(contexts), self.chunk):
+            chunk = contexts[i:i + self.chunk]
+            inputs = pack(chunk, torch.zeros((len(chunk), 0), dtype=torch.long), self.pad_id)
+            with self._base():
+                ids = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
+            out += ids[:, inputs["input_ids"].shape[1]:].tolist()
+        return out
+
     def _continuation(self, contexts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         width = max(len(c) for c in continuations)
         tokens = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
@@ -49,13 +63,89 @@ class Scorer:
 
     def suffix_at_prefixes(self, rollout: Rollout, suffixes: list[list[int]]) -> torch.Tensor:
         """log p(suffix_b | prompt_b, z1..zi) for every prefix i ≤ n_b: [B, L+1]
-        (-inf past a row's length). One batched pass over all (row, prefix) pairs."""
-        rows = [(b, i) for b, n in enumerate(rollout.lengths.tolist()) for i in range(n + 1)]
-        contexts = [rollout.prompts[b] + rollout.tokens[b, :i].tolist() for b, i in rows]
-        scores = self.continuation(contexts, [suffixes[b] for b, _ in rows])
-        out = torch.full((len(rollout.prompts), rollout.tokens.shape[1] + 1), float("-inf"))
-        out[[b for b, _ in rows], [i for _, i in rows]] = scores
-        return out
+        (-inf past a row's length)."""
+        return self.prefixes_and_suffix(rollout, suffixes)[1]
+
+    @torch.no_grad()
+    def prefixes_and_suffix(self, rollout: Rollout, suffixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(z1..zi | prompt_b) and log p(suffix_b | prompt_b, z1..zi) for every prefix
+        i ≤ n_b: [B, L+1] each (-inf past a row's length).
+
+        One pass per row, not one per prefix: a row holds its prompt, its latent and n+1
+        copies of the suffix, and a block mask lets copy i see only the prompt, z1..zi and
+        itself, so the keys and values of the shared beginning are computed once."""
+        prefix = torch.full((len(rollout.prompts), rollout.tokens.shape[1] + 1), float("-inf"))
+        suffix = prefix.clone()
+        for part in _by_length(rollout.lengths.tolist(), self.chunk):
+            width, lengths = int(rollout.lengths[part].max()), rollout.lengths[part]
+            with self._base():
+                p, s = _packed_prefixes(self.model, [rollout.prompts[b] for b in part], rollout.tokens[part, :width],
+                                        lengths, [suffixes[b] for b in part], self.pad_id)
+            valid = torch.arange(width + 1)[None, :] <= lengths[:, None]
+            prefix[part, : width + 1] = torch.where(valid, p, float("-inf"))
+            suffix[part, : width + 1] = torch.where(valid, s, float("-inf"))
+        return prefix, suffix
+
+
+def _by_length(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices in groups of similar length, each group holding at most `budget`
+    (row, prefix) pairs (or one row), so that short rows are not padded to long ones."""
+    groups: list[list[int]] = [[]]
+    for row in sorted(range(len(lengths)), key=lambda b: lengths[b]):
+        if groups[-1] and (len(groups[-1]) + 1) * (lengths[row] + 1) > budget:
+            groups.append([])
+        groups[-1].append(row)
+    return [g for g in groups if g]
+
+
+def _packed_prefixes(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor,
+                     suffixes: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pass behind Scorer.prefixes_and_suffix for rows of at most W = tokens.shape[1]
+    latent tokens: [B, W+1] each, meaningless past a row's length.
+
+    Columns: left-padded prompt (P) | z1..zW | W+1 copies of the suffix (Y each). Copy i
+    sits at positions len(prompt)+i onwards, as if it followed z1..zi."""
+    batch, width = tokens.shape
+    plen = torch.tensor([len(p) for p in prompts])
+    slen = torch.tensor([len(s) for s in suffixes])
+    P, Y, copies = int(plen.max()), max(1, int(slen.max())), width + 1
+    ids = torch.full((batch, P + width + copies * Y), pad_id, dtype=torch.long)
+    suffix_ids = torch.full((batch, Y), pad_id, dtype=torch.long)
+    for b, (prompt, suffix) in enumerate(zip(prompts, suffixes)):
+        ids[b, P - len(prompt): P] = torch.tensor(prompt, dtype=torch.long)
+        suffix_ids[b, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+    ids[:, P: P + width] = tokens
+    ids[:, P + width:] = suffix_ids.repeat(1, copies)
+
+    # per column: which copy it belongs to (-1: prompt or latent), its index in that part
+    col = torch.arange(ids.shape[1])
+    in_copy = col >= P + width
+    copy = torch.where(in_copy, (col - P - width) // Y, -1)
+    k = torch.where(in_copy, (col - P - width) % Y, 0)
+    z = torch.where((col >= P) & ~in_copy, col - P + 1, 0)  # z index 1..W of latent columns
+    real_prompt = (col[None, :] < P) & (col[None, :] >= P - plen[:, None])  # [B, S]
+    main = ~in_copy
+    causal_main = main[:, None] & main[None, :] & (col[None, :] <= col[:, None])  # [S, S]
+    sees_latent = in_copy[:, None] & (z[None, :] >= 1) & (z[None, :] <= copy[:, None])
+    same_copy = in_copy[:, None] & (copy[None, :] == copy[:, None]) & (k[None, :] <= k[:, None])
+    allowed = ((causal_main & ((col[None, :] >= P) | real_prompt[:, None, :]))
+               | (in_copy[:, None] & real_prompt[:, None, :])
+               | sees_latent | same_copy | torch.eye(len(col), dtype=torch.bool))
+    mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+    positions = torch.where(in_copy, plen[:, None] + copy + k, torch.where(col < P, col - (P - plen[:, None]),
+                                                                           plen[:, None] + z - 1)).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False).logits
+    log_probs = torch.log_softmax(logits.float(), -1)
+
+    # prefix: z_(j+1) is predicted at column P-1+j
+    token_lp = log_probs[:, P - 1: P - 1 + width].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    prefix = torch.cat([torch.zeros(batch, 1), token_lp.cumsum(-1)], dim=1)
+    # suffix: copy i's first token is predicted at column P-1+i, its k-th at the copy's column k-1
+    first = log_probs[:, P - 1: P + width].gather(-1, suffix_ids[:, :1, None].expand(-1, copies, 1)).squeeze(-1)
+    rest = log_probs[:, P + width:].view(batch, copies, Y, -1)[:, :, :-1]
+    rest = rest.gather(-1, suffix_ids[:, None, 1:, None].expand(-1, copies, -1, 1)).squeeze(-1)
+    rest = torch.where(torch.arange(1, Y)[None, None, :] < slen[:, None, None], rest, 0.0).sum(-1)
+    return prefix, torch.where(slen[:, None] > 0, first + rest, 0.0)
 
 
 def prefix_log_likelihood(log_pf: torch.Tensor) -> torch.Tensor:

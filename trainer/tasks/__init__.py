@@ -7,10 +7,17 @@ from typing import Annotated
 from pydantic import Field
 
 from trainer.tasks.base import Prompt, Task, TaskConfig
+from trainer.tasks.constrained import ConstrainedConfig, ConstrainedTask
+from trainer.tasks.continuation import ContinuationConfig, ContinuationTask
+from trainer.tasks.infill import InfillConfig, InfillTask
+from trainer.tasks.reasoning import ReasoningConfig, ReasoningTask
 from trainer.tasks.rng import RngConfig, RngTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (RngTask,)}
-AnyTaskConfig = Annotated[RngConfig, Field(discriminator="name")]
+TASKS: dict[str, type[Task]] = {
+    task.name: task for task in (RngTask, InfillTask, ConstrainedTask, ReasoningTask, ContinuationTask)
+}
+AnyTaskConfig = Annotated[RngConfig | InfillConfig | ConstrainedConfig | ReasoningConfig
+                         | ContinuationConfig, Field(discriminator="name")]
 
 
 def make_task(config: TaskConfig, tokenizer) -> Task:

@@ -31,6 +31,14 @@ class Prompt:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The id of `text`, which the tokenizer must spell with one token (e.g. a terminator)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer spells {text!r} with {len(ids)} tokens; it must be one")
+    return ids[0]
+
+
 class TaskConfig(BaseModel):
     """Fields every task config has; each task adds its own."""
 

@@ -1,0 +1,219 @@
+"""Load on the inference service: the real server (``gfn serve``) on 127.0.0.1 with the demo
+infilling adapter, a fixed workload of /infill requests from concurrent clients, per engine.
+
+    .venv/bin/python bench/serve_load.py [--engines vllm transformers] [--requests 256] [--n 4]
+                                         [--concurrency 64] [--sequential 16] [--train-steps 10]
+
+The adapter is the newest stored infill adapter on the demo base model (the user's store, then
+the bench store), else one trained now with trainer/configs/infill.yaml for --train-steps steps.
+Per engine:
+  throughput_rps, p50_ms, p99_ms, errors   the workload over HTTP, ``--concurrency`` clients
+  raw_rps                                  the same requests handed to the engine directly, all
+                                           at once in-process (no HTTP, no service): the limit
+  sequential_rps                           one request at a time over HTTP
+Goals: throughput_rps >= 0.8 x raw_rps and >= 5 x sequential_rps, errors 0.
+Last stdout line: {"requests", "n", "concurrency", "adapter", "engines": {engine: {...}}, "goals": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from adapters.fingerprint import fingerprint  # noqa: E402
+from adapters.home import store_root  # noqa: E402
+from adapters.manifest import Manifest  # noqa: E402
+from adapters.store import AdapterStore  # noqa: E402
+from bench.adapter_cache import bench_store  # noqa: E402
+from world.base_model import build  # noqa: E402
+from world.stories import all_frames  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def workload(count: int, n: int) -> list[dict]:
+    """Fixed /infill bodies: beginnings and endings of the demo world's stories, seeded."""
+    rng = random.Random(0)
+    frames = all_frames()
+    bodies = []
+    for i in range(count):
+        frame = rng.choice(frames)
+        bodies.append({"prefix": frame.beginning, "suffix": frame.ending(rng.randrange(len(frame.events()))),
+                       "adapter": "infill", "n": n, "seed": i})
+    return bodies
+
+
+def infill_adapter(train_steps: int) -> tuple[AdapterStore, Manifest]:
+    """The demo infilling adapter: the newest one on the demo base model in the user's store
+    (``gfn up`` trains it), else in the bench store, else one trained now for ``train_steps``
+    steps (the weights do not change the cost of serving)."""
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    base = fingerprint(build(quiet=True))
+    for store in (AdapterStore(store_root()), bench_store()):
+        found = [m for m in store.list() if m.task == "infill" and m.base_model.fingerprint == base]
+        if found:
+            manifest = max(found, key=lambda m: m.created_at)
+            log(f"adapter {manifest.ref} from {store.root}")
+            return store, manifest
+    config = load_config("infill", [f"steps={train_steps}"])
+    store = bench_store()
+    with tempfile.TemporaryDirectory() as runs:
+        manifest = Trainer(config, Path(runs), store, quiet=True).run()
+    log(f"adapter {manifest.ref} trained for {train_steps} steps into {store.root}")
+    return store, manifest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """``gfn serve`` in a child process; its logs go to a file shown when it fails."""
+
+    def __init__(self, engine: str, store: AdapterStore, model_dir: Path, adapter: str, concurrency: int):
+        self.port, self.logs = free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        env = {**os.environ, "GFN_ENGINE": engine, "GFN_STORE": str(store.root), "GFN_BASE_MODEL": str(model_dir),
+               "GFN_ADAPTERS": json.dumps([adapter]), "GFN_PORT": str(self.port), "GFN_LOG_LEVEL": "warning",
+               "GFN_MAX_IN_FLIGHT": str(max(256, 2 * concurrency))}
+        env.setdefault("GFN_TORCH_THREADS", "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.process = subprocess.Popen([sys.executable, "-m", "gfn.cli", "serve"], cwd=ROOT, env=env,
+                                        stdout=self.logs, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited:\n{Path(self.logs.name).read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("the service did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+        Path(self.logs.name).unlink(missing_ok=True)
+
+
+async def over_http(url: str, bodies: list[dict], concurrency: int) -> dict:
+    """All bodies with at most ``concurrency`` in flight: rps, latency quantiles, errors."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies, errors = [], 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        async def one(body: dict) -> None:
+            nonlocal errors
+            async with gate:
+                started = time.perf_counter()
+                try:
+                    response = await client.post("/infill", json=body)
+                    ok = response.status_code == 200 and len(response.json()["samples"]) == body["n"]
+                except httpx.HTTPError:
+                    ok = False
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(body) for body in bodies))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    quantile = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
+    return {"rps": len(bodies) / elapsed, "p50_ms": quantile(0.5), "p99_ms": quantile(0.99), "errors": errors}
+
+
+async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: str, bodies: list[dict]) -> float:
+    """Requests per second of the same work handed to the engine in one call (large batches)."""
+    from adapters.models import load_tokenizer
+    from service.engines import make_engine
+    from service.policy import gen_request, render
+    from service.settings import Settings
+
+    settings = Settings(engine=engine_name, torch_threads=int(os.environ.get("GFN_TORCH_THREADS", "1")))
+    tokenizer = load_tokenizer(model_dir)
+    name, version = adapter.split("@v")
+    loaded = store.load(name, int(version))
+    manifest = loaded.manifest
+    engine = make_engine(settings, model_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, [manifest.lora])
+    await engine.start()
+    await engine.add_adapter(loaded)
+    requests = [gen_request(manifest, tokenizer(render(manifest, {"prefix": b["prefix"], "suffix": b["suffix"]}),
+                                                add_special_tokens=False)["input_ids"], b["n"], 1.0, b["seed"], None)
+                for b in bodies]
+    await engine.generate(requests[:8])  # warm-up
+    started = time.perf_counter()
+    await engine.generate(requests)
+    elapsed = time.perf_counter() - started
+    await engine.stop()
+    return len(bodies) / elapsed
+
+
+def measure(engine: str, store: AdapterStore, model_dir: Path, adapter: str, bodies: list[dict],
+            concurrency: int, sequential: int) -> dict:
+    service = Service(engine, store, model_dir, adapter, concurrency)
+    try:
+        log(f"{engine}: starting the service")
+        service.wait_ready()
+        asyncio.run(over_http(service.url, bodies[:concurrency], concurrency))  # warm-up
+        log(f"{engine}: {sequential} requests one at a time")
+        one_by_one = asyncio.run(over_http(service.url, bodies[:sequential], 1))
+        log(f"{engine}: {len(bodies)} requests, {concurrency} concurrent")
+        loaded = asyncio.run(over_http(service.url, bodies, concurrency))
+    finally:
+        service.stop()
+    log(f"{engine}: the same requests on the engine directly")
+    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, bodies))
+    return {"throughput_rps": round(loaded["rps"], 2), "p50_ms": loaded["p50_ms"], "p99_ms": loaded["p99_ms"],
+            "errors": loaded["errors"] + one_by_one["errors"], "raw_rps": round(raw_rps, 2),
+            "sequential_rps": round(one_by_one["rps"], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", default=["vllm", "transformers"], choices=["vllm", "transformers"])
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sequential", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=10, help="when no infill adapter is stored")
+    args = parser.parse_args()
+
+    model_dir = build(quiet=True)
+    store, manifest = infill_adapter(args.train_steps)
+    bodies = workload(args.requests, args.n)
+    engines = {engine: measure(engine, store, model_dir, manifest.ref, bodies, args.concurrency, args.sequential)
+               for engine in args.engines}
+    goals = {engine: {"throughput_vs_raw": r["throughput_rps"] >= 0.8 * r["raw_rps"],
+                      "throughput_vs_sequential": r["throughput_rps"] >= 5 * r["sequential_rps"],
+                      "no_errors": r["errors"] == 0} for engine, r in engines.items()}
+    print(json.dumps({"requests": args.requests, "n": args.n, "concurrency": args.concurrency,
+                      "adapter": manifest.ref, "engines": engines, "goals": goals}))
+
+
+if __name__ == "__main__":
+    main()

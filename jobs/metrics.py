@@ -1,0 +1,58 @@
+"""A worker's Prometheus metrics, named like the service's (prefix `gfn:`).
+
+Queue sizes and the running job's progress are read from Redis at scrape time; the
+counter of ended jobs is this worker's (sum it over workers). Labels stay bounded:
+`status` is an outcome, `adapter` an adapter name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.exceptions import RedisError
+
+from jobs.queue import JobNotFound, JobQueue
+
+RUNNING = {  # the running job's progress, labelled with its adapter name
+    "gfn:worker_job_step": "Steps the running job has trained.",
+    "gfn:worker_job_steps": "Steps the running job trains in all.",
+    "gfn:worker_job_steps_per_second": "Training steps per second of the running job.",
+    "gfn:worker_job_loss": "Loss at the running job's last step.",
+    "gfn:worker_job_log_reward": "Mean log-reward at the running job's last step.",
+}
+
+
+class WorkerMetrics(Collector):
+    def __init__(self, jobs: JobQueue):
+        self.jobs = jobs
+        self.running_job: str | None = None  # set by the worker's main thread, read at scrape time
+        self.registry = CollectorRegistry()
+        self.ended = Counter("gfn:worker_jobs", "Jobs this worker ran to an end, by outcome "
+                             "(retried: failed and queued again).", ["status"], registry=self.registry)
+        self.registry.register(self)
+
+    def job_ended(self, job_id: str) -> None:
+        try:
+            status = self.jobs.status(job_id).status
+        except (RedisError, JobNotFound):
+            return
+        self.ended.labels("retried" if status == "queued" else status).inc()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            queued, running = self.jobs.queue.count, self.jobs.queue.started_job_registry.get_job_count(cleanup=False)
+            job_id = self.running_job
+            status = self.jobs.status(job_id) if job_id else None
+        except (RedisError, JobNotFound):
+            return
+        yield GaugeMetricFamily("gfn:jobs_queued", "Training jobs waiting for a worker.", value=queued)
+        yield GaugeMetricFamily("gfn:jobs_running", "Training jobs running on any worker.", value=running)
+        families = {name: GaugeMetricFamily(name, doc, labels=["adapter"]) for name, doc in RUNNING.items()}
+        if status is not None and (p := status.progress) is not None:
+            rate = p.step / p.elapsed if p.elapsed else 0.0
+            for family, value in zip(families.values(), (p.step, p.total, rate, p.loss, p.log_reward)):
+                family.add_metric([status.name], value)
+        yield from families.values()

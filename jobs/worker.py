@@ -1,0 +1,108 @@
+"""`gfn worker`: RQ's spawn worker, tuned for long training jobs. Run one per device.
+
+- Each job runs in a freshly spawned process, so whatever memory it took (GPU memory
+  included) is returned when it ends; this process never imports torch.
+- A worker killed mid-job, even by SIGKILL, takes its job's process with it and stops
+  sending heartbeats: within MONITOR_S + HEARTBEAT_GRACE_S RQ counts the job as abandoned
+  and, while it has retries left, queues it again for any worker; it resumes from its
+  checkpoint.
+- A cancelled job still running at its deadline is stopped by force (RQ's stop).
+- Redis going away does not stop it: a running job trains on (its progress is not saved
+  meanwhile), and where RQ's worker loop gives up on a lost connection, a new worker
+  starts once Redis answers again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+from prometheus_client import start_http_server
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.command import handle_stop_job_command
+from rq.executions import Execution
+from rq.job import Job
+from rq.worker import SpawnWorker
+
+from jobs.metrics import WorkerMetrics
+from jobs.queue import QUEUE, JobQueue, cancel_deadline
+
+MONITOR_S = 5  # the worker looks at its job's process (and heartbeats) this often
+HEARTBEAT_GRACE_S = 20  # a job whose worker missed its heartbeats this long is abandoned
+MAINTENANCE_S = 10  # an idle worker looks for abandoned jobs this often
+WORKER_TTL_S = 20  # an idle worker wakes every WORKER_TTL_S - 15 s (RQ's rule)
+RESTART_S = 5  # pause before a worker lost to a Redis error is replaced
+PR_SET_PDEATHSIG = 1
+
+
+class TrainingWorker(SpawnWorker):
+    metrics: WorkerMetrics  # set by run()
+    stopping = False  # a stop was requested (SIGTERM, SIGINT or RQ's shutdown command)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """RQ allows 60 s past a missed heartbeat; this process only waits on its job,
+        so a short grace requeues a dead worker's job sooner."""
+        return self.job_monitoring_interval + HEARTBEAT_GRACE_S
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        try:
+            super().maintain_heartbeats(job, execution)
+            deadline = cancel_deadline(self.connection, job.id)
+        except RedisError as error:  # RQ would quit, and the job's process die with it
+            self.log.warning("job %s: no heartbeat, Redis is away (%s); training on", job.id, error)
+            return
+        if deadline is not None and time.time() > deadline:
+            self.log.warning("job %s: cancelled and still running past its deadline; stopping it", job.id)
+            handle_stop_job_command(self, {"job_id": job.id})
+
+    def handle_warm_shutdown_request(self) -> None:
+        self.stopping = True
+        super().handle_warm_shutdown_request()
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.metrics.running_job = job.id
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.metrics.running_job = None
+        self.metrics.job_ended(job.id)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        """Runs in the job's process."""
+        _die_with(self.pid)
+        super().main_work_horse(job, queue)
+
+
+def run(redis_url: str, metrics_port: int = 0) -> None:
+    """Work on the training queue until stopped (SIGTERM: after the running job ends;
+    a second SIGTERM: at once). With `metrics_port`, serve /metrics on it."""
+    redis = Redis.from_url(redis_url)
+    metrics = WorkerMetrics(JobQueue(redis))
+    if metrics_port:
+        start_http_server(metrics_port, registry=metrics.registry)
+    while True:
+        worker = TrainingWorker([QUEUE], connection=redis, job_monitoring_interval=MONITOR_S,
+                                worker_ttl=WORKER_TTL_S, maintenance_interval=MAINTENANCE_S)
+        worker.metrics = metrics
+        try:
+            worker.work(logging_level="INFO")
+        except RedisError as error:  # raised by RQ's start-up or teardown
+            worker.log.warning("Worker %s: Redis is away (%s)", worker.name, error)
+        if worker.stopping:
+            return
+        worker.log.warning("Worker %s: stopped on an error; a new worker starts in %s s", worker.name, RESTART_S)
+        time.sleep(RESTART_S)
+
+
+def _die_with(parent_pid: int) -> None:
+    """Have the kernel kill this process when the worker dies (Linux), so that a killed
+    worker's job never trains on unwatched while RQ hands it to another worker."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the worker died before prctl
+        os._exit(1)

@@ -1,0 +1,63 @@
+"""The FastAPI application: ``create_app(settings)``; the engine and adapters load in its lifespan.
+
+    uvicorn --factory service.app:create_app      (or: gfn serve)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from service import errors, logs
+from service.deps import admit, require_key
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestContext
+from service.routes import adapters, generate, health, infill, reason
+from service.settings import Settings
+from service.state import ServiceState
+
+DESCRIPTION = """Samples from GFlowNet-tuned LoRA adapters: infilling, reasoning with a calculator,
+constrained generation. Each adapter serves the posterior it was trained to sample, with the prompt,
+mask and length limits of its manifest. With an API key set, send it as `Authorization: Bearer <key>`
+or `X-API-Key`; /health, /ready and /metrics are open."""
+
+
+ERRORS: dict[int | str, dict] = {code: {"description": text} for code, text in {
+    401: "missing or wrong API key",
+    404: "adapter not loaded (or not stored)",
+    409: "adapter refused: corrupt, trained on another base model, or beyond the engine's configuration",
+    413: "request body over the cap",
+    429: "too many requests in flight; retry after the Retry-After seconds",
+    504: "the request did not finish within the timeout",
+}.items()}
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    return {code: ERRORS[code] for code in codes}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logs.configure(settings.log_level)
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = await ServiceState.start(settings, metrics)
+        try:
+            yield
+        finally:
+            await app.state.service.stop()
+
+    app = FastAPI(title="gfn-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    errors.install(app)
+    inference = [Depends(require_key), Depends(admit)]
+    app.include_router(health.router)
+    for router in (infill.router, reason.router, generate.router):
+        app.include_router(router, dependencies=inference, responses=_errors(401, 404, 413, 429, 504))
+    app.include_router(adapters.router, dependencies=[Depends(require_key)], responses=_errors(401, 404, 409, 413))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413 included
+    return app

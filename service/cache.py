@@ -1,0 +1,92 @@
+"""The rationale cache: pools of sampled rationales per adapter version, question and sampling settings.
+
+A pool only grows: a request for n rationales takes the first n, and the caller samples and
+appends what is missing. The key holds the adapter version, so versions never mix. Pools live
+in Redis (a list per key, with an expiry) when a URL is configured, so that service processes
+share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
+cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.metrics import Metrics
+
+log = logging.getLogger("gfn.service.cache")
+REDIS_TIMEOUT_S = 0.5
+"""Per Redis call: a dead Redis costs a request at most this much."""
+
+
+class RationaleCache:
+    def __init__(self, metrics: Metrics, redis_url: str | None = None, size: int = 4096, max_pool: int = 64,
+                 ttl_s: int = 7 * 24 * 3600):
+        self.metrics, self.size, self.max_pool, self.ttl_s = metrics, size, max_pool, ttl_s
+        self._memory: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._redis = (aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
+                                               socket_connect_timeout=REDIS_TIMEOUT_S) if redis_url else None)
+
+    @staticmethod
+    def key(adapter_ref: str, question: str, sampling: dict[str, Any]) -> str:
+        blob = json.dumps([adapter_ref, question, sampling], sort_keys=True)
+        return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()
+
+    async def take(self, key: str, n: int) -> list[dict[str, Any]]:
+        """Up to ``n`` pooled rationales, oldest first."""
+        self.metrics.cache_lookups.inc()
+        if self._redis is None:
+            pool = self._memory.get(key, [])[:n]
+            if key in self._memory:
+                self._memory.move_to_end(key)
+        else:
+            try:
+                pool = [json.loads(item) for item in await self._redis.lrange(key, 0, n - 1)]
+            except (RedisError, OSError) as error:
+                self._bypass("read", error)
+                return []
+        if len(pool) >= n:
+            self.metrics.cache_hits.inc()
+        return pool
+
+    async def add(self, key: str, items: list[dict[str, Any]]) -> None:
+        """Append to a pool (kept to ``max_pool`` items)."""
+        if not items:
+            return
+        if self._redis is None:
+            self._memory[key] = (self._memory.get(key, []) + items)[: self.max_pool]
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.size:
+                self._memory.popitem(last=False)
+            return
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, *(json.dumps(item) for item in items))
+                pipe.ltrim(key, 0, self.max_pool - 1)
+                pipe.expire(key, self.ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as error:
+            self._bypass("write", error)
+
+    async def ping(self) -> bool | None:
+        """Whether Redis answers; None when the cache is in process."""
+        if self._redis is None:
+            return None
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def _bypass(self, operation: str, error: Exception) -> None:
+        self.metrics.cache_errors.inc()
+        log.warning("rationale cache bypassed", extra={"operation": operation, "error": str(error)})

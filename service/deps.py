@@ -1,0 +1,135 @@
+"""What the routes share: the service state, the API key, admission, caps, and guarded engine work."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.engines.base import GenRequest, Sample
+from service.errors import ClientDisconnected, invalid
+from service.policy import gen_request, render
+from service.schemas import SampleOut, Sampling, SamplesResponse
+from service.settings import Settings
+from service.state import ServiceState
+
+T = TypeVar("T")
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+State = Annotated[ServiceState, Depends(get_state)]
+
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the service's API key")
+_bearer = HTTPBearer(auto_error=False, description="the service's API key as a bearer token")
+
+
+async def require_key(
+    state: State,
+    key: Annotated[str | None, Security(_api_key)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
+) -> None:
+    """With GFN_API_KEY set, the key must come as ``X-API-Key`` or ``Authorization: Bearer``."""
+    expected = state.settings.api_key
+    if expected is None:
+        return
+    given = key or (bearer.credentials if bearer is not None else "")
+    if not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+async def admit(state: State) -> AsyncIterator[None]:
+    """Count the request in flight, or answer 429 above GFN_MAX_IN_FLIGHT."""
+    cap = state.settings.max_in_flight
+    if state.in_flight >= cap:
+        raise HTTPException(429, f"{cap} requests are in flight (GFN_MAX_IN_FLIGHT); retry shortly",
+                            headers={"Retry-After": "1"})
+    state.in_flight += 1
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+
+
+def check_caps(settings: Settings, n_field: str, n: int, max_tokens: int | None, texts: dict[str, str]) -> None:
+    """The service's caps on sample count, length and prompt size, each error naming its field."""
+    if n > settings.max_n:
+        raise invalid(n_field, f"{n_field} is {n}; at most {settings.max_n} (GFN_MAX_N)", n)
+    if max_tokens is not None and max_tokens > settings.max_tokens:
+        raise invalid("max_tokens", f"max_tokens is {max_tokens}; at most {settings.max_tokens} (GFN_MAX_TOKENS)",
+                      max_tokens)
+    total = sum(len(text) for text in texts.values())
+    if total > settings.max_prompt_chars:
+        raise invalid(_longest(texts), f"the prompt text is {total} characters; at most {settings.max_prompt_chars} "
+                               "(GFN_MAX_PROMPT_CHARS)")
+
+
+def check_context(state: ServiceState, texts: dict[str, str], prompt_tokens: int, sampled_tokens: int) -> None:
+    """The prompt and the samples must fit the model's context; the error names the longest text field."""
+    limit = state.engine.max_model_len
+    if prompt_tokens + sampled_tokens > limit:
+        raise invalid(_longest(texts), f"the prompt is {prompt_tokens} tokens; with {sampled_tokens} more to sample it "
+                               f"exceeds the model's context of {limit} tokens")
+
+
+def _longest(texts: dict[str, str]) -> str:
+    """The field to blame for a prompt that is too long."""
+    return max(texts, key=lambda name: len(texts[name]), default="adapter")
+
+
+async def guarded(request: Request, work: Awaitable[T], timeout_s: float) -> T:
+    """Await a request's engine work; cancel it (which aborts its engine requests) when the
+    client disconnects or ``timeout_s`` passes."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.create_task(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        if gone in done:
+            raise ClientDisconnected("the client went away; its engine requests were aborted")
+        raise TimeoutError(f"the request did not finish within {timeout_s:g} s (GFN_REQUEST_TIMEOUT_S)")
+    finally:
+        gone.cancel()
+        task.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: receive yields only that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+Scoring = Callable[[Sample], tuple[list[int], list[int]]]
+"""(context, continuation) whose base log-probability is a sample's ``log_p``."""
+
+
+async def serve_samples(request: Request, state: ServiceState, body: Sampling, task: str,
+                        fields: dict[str, str | None], scoring: Scoring | None = None) -> SamplesResponse:
+    """The flow of a sampling endpoint: caps, adapter (held while in use), prompt, samples, scores."""
+    texts = {k: v for k, v in fields.items() if v}
+    check_caps(state.settings, "n", body.n, body.max_tokens, texts)
+    with state.registry.use(body.adapter, task) as entry:
+        request.state.adapter = entry.manifest.name
+        prompt = state.encode(render(entry.manifest, fields))
+        generation = gen_request(entry.manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens)
+        check_context(state, texts, len(prompt), generation.max_tokens)
+        return await guarded(request, _samples(request, state, generation, scoring), state.settings.request_timeout_s)
+
+
+async def _samples(request: Request, state: ServiceState, generation: GenRequest,
+                   scoring: Scoring | None) -> SamplesResponse:
+    samples = (await state.sample(request, generation)).samples
+    log_p: list[float | None] = [None] * len(samples)
+    if scoring is not None:
+        contexts, continuations = zip(*(scoring(s) for s in samples))
+        log_p = list(await state.engine.score(list(contexts), list(continuations)))
+    return SamplesResponse(adapter=generation.adapter or "",
+                           samples=[SampleOut.of(s, state.decode(s.token_ids), p) for s, p in zip(samples, log_p)])

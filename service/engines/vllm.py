@@ -1,0 +1,233 @@
+"""The vLLM engine: one AsyncLLM, every adapter version its own LoRARequest (``name@vN``, own id).
+
+The engine is configured from the adapters present at start: ``max_lora_rank`` (rounded up
+to a rank vLLM supports), ``lora_target_modules`` and ``max_loras``. Naming the target modules
+matters (REFERENCE.md §5): without them the CPU engine crashes on batched prompt log-probs, and
+vLLM silently ignores modules not listed, so an adapter loaded later that needs more rank or
+other modules is refused with a message saying how to restart.
+
+Sampled log-probs are vLLM's "processed" ones (after the mask, the min-length ban and the
+temperature): the distribution actually sampled from, as the transformers engine reports.
+
+vLLM's ``min_tokens`` bans every stop token (eos and stop ids alike), which is the training
+policy only when the terminator is eos and nothing else stops a request. Otherwise (a tool
+whose trigger tokens must stop generation, or another terminator) a sample is drawn in rounds:
+up to ``min_tokens`` with the terminator penalised through ``logit_bias``, then on; a trigger
+ends a round, the tool's tokens are appended, and the next round continues from prompt + latent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from pathlib import Path
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from adapters.manifest import LoraSpec, VocabMask
+from adapters.store import LoadedAdapter
+from service.engines.base import Engine, GenRequest, GenResult, Sample
+from service.errors import AdapterRefused
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+HARD_BAN = -50.0
+"""A mask penalty at or below this (the default is -99) leaves a token a probability under
+1e-21: such an allow-list is served as ``allowed_token_ids``; softer ones as ``logit_bias``."""
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
+                 max_lora_rank: int | None = None, kv_cache_gib: float = 1.0):
+        specs = loras or [LoraSpec()]
+        self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
+        self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
+        self.target_modules = sorted({m for s in specs for m in s.target_modules})
+        self.max_loras = max(max_loras, len(loras))
+        self._loras: dict[str, LoRARequest] = {}
+        self._ids = itertools.count(1)
+        self._load = _SchedulerLoad()
+
+    async def start(self) -> None:
+        args = AsyncEngineArgs(
+            model=str(self.model_dir), dtype="float32", seed=0, enable_lora=True,
+            max_loras=self.max_loras, max_cpu_loras=2 * self.max_loras, max_lora_rank=self.max_lora_rank,
+            lora_target_modules=self.target_modules, logprobs_mode="processed_logprobs",
+            kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
+            # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps kills the
+            # engine ("CPU Generator does not use offset"); whole prompts avoid the split.
+            enable_chunked_prefill=not current_platform.is_cpu(),
+        )
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.logger])
+        self.vocab_size = self.llm.model_config.get_vocab_size()
+        self.max_model_len = self.llm.model_config.max_model_len
+        self._masks: dict[tuple, tuple[list[int] | None, dict[int, float]]] = {}
+
+    async def stop(self) -> None:
+        self.llm.shutdown()
+
+    async def add_adapter(self, adapter: LoadedAdapter) -> None:
+        manifest = adapter.manifest
+        ref, lora = manifest.ref, manifest.lora
+        if lora.r > self.max_lora_rank:
+            raise AdapterRefused(
+                f"adapter {ref} has LoRA rank {lora.r}, above the engine's max_lora_rank {self.max_lora_rank} "
+                f"(set at start from the adapters present); restart with GFN_MAX_LORA_RANK={lora.r}")
+        if len(self._loras) >= 2 * self.max_loras:
+            raise AdapterRefused(
+                f"cannot load {ref}: {len(self._loras)} adapters are loaded, the most this engine keeps resident "
+                f"(2 x max_loras); unload one (DELETE /adapters/...) or restart with a larger GFN_MAX_LORAS")
+        missing = sorted(set(lora.target_modules) - set(self.target_modules))
+        if missing:
+            raise AdapterRefused(
+                f"adapter {ref} adapts modules {missing} the engine was not started with ({self.target_modules}); "
+                "vLLM would silently skip them: restart the service with this adapter in the store")
+        request = LoRARequest(ref, next(self._ids), str(adapter.path))
+        try:
+            added = await self.llm.add_lora(request)
+        except Exception as error:  # vLLM raises many types; the registry reports which adapter failed
+            raise AdapterRefused(f"vLLM could not load adapter {ref}: {error}") from error
+        if not added:
+            raise AdapterRefused(f"vLLM refused adapter {ref}")
+        self._loras[ref] = request
+
+    async def remove_adapter(self, ref: str) -> None:
+        await self.llm.remove_lora(self._loras.pop(ref).lora_int_id)
+
+    @property
+    def alive(self) -> bool:
+        return not self.llm.errored
+
+    @property
+    def running(self) -> int:
+        return self._load.running
+
+    @property
+    def waiting(self) -> int:
+        return self._load.waiting
+
+    # ------------------------------------------------------------------ sampling
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        return list(await asyncio.gather(*(self._generate(r) for r in requests)))
+
+    async def _generate(self, req: GenRequest) -> GenResult:
+        """The n samples share the prompt (one vLLM request); tool rounds continue each on its own."""
+        out = await self._round(req, [], req.n, req.seed)
+        stats = out.metrics
+        queue_s = max(0.0, stats.scheduled_ts - stats.queued_ts) if stats is not None else 0.0
+        firsts = sorted(out.outputs, key=lambda c: c.index)
+        samples = await asyncio.gather(*(self._finish(req, c, i) for i, c in enumerate(firsts)))
+        return GenResult(list(samples), queue_s)
+
+    async def _finish(self, req: GenRequest, out: CompletionOutput, index: int) -> Sample:
+        tokens: list[int] = []
+        log_q, round_ = 0.0, 0
+        while True:
+            ids = list(out.token_ids)
+            log_q += out.cumulative_logprob or 0.0
+            if out.finish_reason == "stop" and ids and ids[-1] == req.terminator_id:
+                return Sample(tokens + ids[:-1], log_q, True)
+            tokens += ids
+            triggered = out.finish_reason == "stop" and req.tool is not None and bool(ids) and ids[-1] in req.tool.triggers
+            if triggered:
+                tokens += (req.tool(tokens) or [])[: req.max_tokens - len(tokens)]
+            at_min = self._in_rounds(req) and out.finish_reason == "length" and len(tokens) == req.min_tokens
+            if len(tokens) >= req.max_tokens or not (triggered or at_min):
+                return Sample(tokens, log_q, False)
+            round_ += 1
+            seed = None if req.seed is None else req.seed + round_ * req.n + index
+            out = (await self._round(req, tokens, 1, seed)).outputs[0]
+
+    def _in_rounds(self, req: GenRequest) -> bool:
+        return req.tool is not None or (req.min_tokens > 0 and req.terminator_id != self.eos_id)
+
+    async def _round(self, req: GenRequest, tokens: list[int], n: int, seed: int | None) -> RequestOutput:
+        """Continue ``prompt + tokens``: to min_tokens first when in rounds, else to max_tokens."""
+        rounds = self._in_rounds(req)
+        early = rounds and len(tokens) < req.min_tokens
+        allowed, bias = self._mask(req.mask, req.terminator_id)
+        if early:
+            bias = {**bias, req.terminator_id: req.mask.penalty}
+        stops = sorted(req.tool.triggers) if req.tool is not None else []
+        if req.terminator_id != self.eos_id:
+            stops.append(req.terminator_id)
+        params = SamplingParams(
+            n=n, seed=seed, temperature=req.temperature,
+            max_tokens=(req.min_tokens if early else req.max_tokens) - len(tokens),
+            min_tokens=0 if rounds else req.min_tokens,
+            stop_token_ids=stops, ignore_eos=req.terminator_id != self.eos_id,
+            allowed_token_ids=allowed, logit_bias=bias or None,
+            logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        return await self._final(req.prompt_ids + tokens, params, req.adapter)
+
+    def _mask(self, mask: VocabMask, terminator_id: int) -> tuple[list[int] | None, dict[int, float]]:
+        """The mask as vLLM parameters: (allowed_token_ids, logit_bias); the terminator is never masked."""
+        key = (mask.mode, tuple(mask.token_ids), mask.penalty, terminator_id)
+        if key not in self._masks:
+            listed = set(mask.token_ids)
+            if mask.mode == "none":
+                self._masks[key] = (None, {})
+            elif mask.mode == "allow" and mask.penalty <= HARD_BAN:
+                self._masks[key] = (sorted(listed | {terminator_id}), {})
+            else:
+                masked = listed if mask.mode == "deny" else set(range(self.vocab_size)) - listed
+                self._masks[key] = (None, {t: mask.penalty for t in sorted(masked - {terminator_id})})
+        return self._masks[key]
+
+    async def _final(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> RequestOutput:
+        """Run one vLLM request to its end; cancelling this aborts it in the engine."""
+        lora = self._loras[adapter] if adapter is not None else None
+        out = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
+                                           lora_request=lora):
+            pass
+        assert out is not None
+        return out
+
+    async def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        outs = await asyncio.gather(*(self._final(c + x, params, None) for c, x in zip(contexts, continuations)))
+        return [sum(position[token].logprob for position, token in zip(out.prompt_logprobs[len(c):], x))
+                for out, c, x in zip(outs, contexts, continuations)]
+
+
+def _vllm_rank(rank: int) -> int:
+    fits = [r for r in VLLM_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"LoRA rank {rank} is above the largest rank vLLM serves ({VLLM_RANKS[-1]})")
+    return fits[0]
+
+
+class _SchedulerLoad:
+    """Running and waiting requests as vLLM's scheduler last reported them."""
+
+    def __init__(self) -> None:
+        self.running = self.waiting = 0
+
+    def logger(self, vllm_config: object, engine_index: int = 0) -> StatLoggerBase:
+        load = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    load.running, load.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger()

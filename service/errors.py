@@ -1,0 +1,56 @@
+"""Errors of the service and the HTTP status each maps to.
+
+Store errors (adapters.errors) keep their messages: they already name the adapter, the file
+and what to do. Every response to a failure is JSON ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
+
+
+class AdapterRefused(Exception):
+    """The engine cannot serve this adapter (rank or modules beyond its configuration, load failure)."""
+
+
+class AdapterUnavailable(Exception):
+    """The adapter named in a request is not loaded (or is being unloaded)."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready (logged and counted as status 499)."""
+
+
+def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
+    """A 422 naming a body field, in FastAPI's own format, for checks that need the settings or an adapter."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
+_STATUS: dict[type[Exception], int] = {
+    AdapterNotFound: 404,
+    AdapterUnavailable: 404,
+    InvalidAdapterName: 422,
+    AdapterCorrupt: 409,
+    BaseModelMismatch: 409,
+    AdapterRefused: 409,
+    TimeoutError: 504,
+    ClientDisconnected: 499,
+}
+
+
+def install(app: FastAPI) -> None:
+    for error, status in _STATUS.items():
+        app.add_exception_handler(error, _handler(status))
+
+
+def _handler(status: int):
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+    return handle

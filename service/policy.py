@@ -1,0 +1,39 @@
+"""Serving an adapter the way it was trained: its prompt template, length limits and mask
+(the manifest's serving contract, docs/DESIGN.md)."""
+
+from __future__ import annotations
+
+from string import Formatter
+
+from adapters.manifest import Manifest
+from service.engines.base import GenRequest, Tool
+from service.errors import invalid
+
+
+def template_fields(template: str) -> set[str]:
+    return {name for _, name, _, _ in Formatter().parse(template) if name}
+
+
+def render(manifest: Manifest, fields: dict[str, str | None]) -> str:
+    """The manifest's prompt with the request's fields; every field the template needs must be
+    given and every field given must be used (a silently ignored field would mislead)."""
+    needed = template_fields(manifest.prompt_template)
+    who = f"adapter {manifest.ref} (task {manifest.task})"
+    for name, value in fields.items():
+        if value is not None and name not in needed:
+            raise invalid(name, f"{who} does not take '{name}'; its prompt takes {sorted(needed) or 'no fields'}")
+    for name in sorted(needed):
+        if fields.get(name) is None:
+            raise invalid(name, f"{who} needs '{name}'")
+    return manifest.prompt_template.format(**{name: fields[name] for name in needed})
+
+
+def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: float, seed: int | None,
+                max_tokens: int | None, tool: Tool | None = None) -> GenRequest:
+    """Sampling of the trained policy; ``max_tokens`` (default: max_len) may only cut it shorter."""
+    if max_tokens is not None and not manifest.min_len <= max_tokens <= manifest.max_len:
+        raise invalid("max_tokens", f"max_tokens is {max_tokens}; adapter {manifest.ref} samples "
+                                    f"{manifest.min_len} to {manifest.max_len} tokens", max_tokens)
+    return GenRequest(prompt_ids=prompt_ids, adapter=manifest.ref, terminator_id=manifest.terminator_id,
+                      max_tokens=max_tokens or manifest.max_len, min_tokens=manifest.min_len, mask=manifest.mask,
+                      n=n, temperature=temperature, seed=seed, tool=tool)

@@ -1,0 +1,75 @@
+"""Reasoning with a calculator: sample rationales, then read and weigh each one's answer.
+
+A rationale Z is sampled from the reasoning adapter; whenever its text ends with a step
+"a op b =", the calculator (adapters.calculator, as in training) writes the value. Answers
+are read and weighted by adapters.reasoning (``read_answers``, ``answer_log_probs``), the code
+the trainer's evaluation runs, with the base model reached through this engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from adapters.calculator import tool_output
+from adapters.manifest import Manifest
+from adapters.reasoning import AnswerFormat, answer_log_probs, read_answers, steps
+from service.engines.base import BASE, GenRequest
+
+if TYPE_CHECKING:
+    from service.state import ServiceState
+
+ANSWER_TOKENS = 12
+"""Greedy tokens the base model may use to state an answer, e.g. ' -1234.' and some slack."""
+
+
+class Calculator:
+    """The calculator as an engine tool: after a sampled token ending in "=", the step's value."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.triggers = frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("="))
+
+    def __call__(self, tokens: list[int]) -> list[int] | None:
+        text = tool_output(self.tokenizer.decode(tokens))
+        return None if text is None else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def sample_rationales(state: ServiceState, request: Request, manifest: Manifest, question: str,
+                            generation: GenRequest) -> list[dict[str, Any]]:
+    """``generation.n`` rationales with their calculator steps, the answer read and its log p(Y | X Z)."""
+    result = await state.sample(request, generation)
+    texts = [state.decode(s.token_ids) for s in result.samples]
+    answer_format = AnswerFormat(manifest.task_config["answer_prompt"], manifest.task_config.get("reward_prefix") or "")
+    prompts = [question] * len(texts)
+    answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, _blocking(_completer(state)))
+    weights = await asyncio.to_thread(answer_log_probs, prompts, texts, answers, answer_format,
+                                      _blocking(_scorer(state)))
+    return [{"text": text, "steps": [{"expression": e, "value": v} for e, v in steps(text)], "answer": answer,
+             "log_q": sample.log_q, "log_p_answer": weight if answer is not None else None}
+            for text, sample, answer, weight in zip(texts, result.samples, answers, weights)]
+
+
+def _completer(state: ServiceState) -> Callable[[list[str]], Awaitable[list[str]]]:
+    async def complete(contexts: list[str]) -> list[str]:
+        reads = await state.engine.generate([GenRequest(state.encode(c), BASE, state.tokenizer.eos_token_id,
+                                                        ANSWER_TOKENS, temperature=0) for c in contexts])
+        return [state.decode(read.samples[0].token_ids) for read in reads]
+    return complete
+
+
+def _scorer(state: ServiceState) -> Callable[[list[str], list[str]], Awaitable[list[float]]]:
+    async def score(contexts: list[str], continuations: list[str]) -> list[float]:
+        return await state.engine.score([state.encode(c) for c in contexts], [state.encode(c) for c in continuations])
+    return score
+
+
+def _blocking(function: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """adapters.reasoning calls the base model synchronously: from a worker thread, run the
+    engine call on the event loop and wait for it."""
+    loop = asyncio.get_running_loop()
+    return lambda *args: asyncio.run_coroutine_threadsafe(function(*args), loop).result()

@@ -1,0 +1,150 @@
+"""The loaded adapter versions: which version a name routes to, who uses each, safe unloading.
+
+Loading checks the version in the store (checksums and base-model fingerprint), hands it to
+the engine, warms it with one request, and only then routes its name to it: a corrupt,
+mismatched or refused version is never routed and the others keep serving. A name routes to
+its newest loaded version; older versions that are not pinned retire then. A retiring
+version takes no new requests and leaves the engine once its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from adapters.errors import InvalidAdapterName
+from adapters.manifest import Manifest
+from adapters.store import AdapterStore, check_name
+from service.engines.base import Engine, GenRequest
+from service.errors import AdapterRefused, AdapterUnavailable
+from service.metrics import Metrics
+
+_REF_RE = re.compile(r"(?P<name>[^@]+)(?:@v(?P<version>[1-9][0-9]*))?")
+
+
+@dataclass(eq=False)
+class Entry:
+    manifest: Manifest
+    pinned: bool = False
+    in_flight: int = 0
+    retiring: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+class Registry:
+    def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, metrics: Metrics):
+        self.store, self.engine, self.base_fingerprint, self.metrics = store, engine, base_fingerprint, metrics
+        self.entries: dict[str, Entry] = {}
+        self._lock = asyncio.Lock()  # one engine change at a time
+        self._retiring: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ routing
+    def routed(self, name: str) -> Entry | None:
+        """The newest loaded version of ``name`` that is not retiring."""
+        live = [e for e in self.entries.values() if e.manifest.name == name and not e.retiring]
+        return max(live, key=lambda e: e.manifest.version, default=None)
+
+    def resolve(self, adapter: str | None, task: str) -> Entry:
+        """``name`` (its routed version), ``name@vN`` (that version), or None (the task's default)."""
+        if adapter is None:
+            return self._default(task)
+        match = _REF_RE.fullmatch(adapter)
+        if match is None:
+            raise InvalidAdapterName(f"invalid adapter {adapter!r}: use 'name' or 'name@vN'")
+        check_name(match["name"])
+        entry = self.entries.get(adapter) if match["version"] else self.routed(adapter)
+        if entry is None or entry.retiring:
+            raise AdapterUnavailable(
+                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'} "
+                "(POST /adapters loads a stored one)")
+        return entry
+
+    def _default(self, task: str) -> Entry:
+        """The adapter named after the task, else the newest trained adapter of the task."""
+        routed = [e for name in {e.manifest.name for e in self.entries.values()} if (e := self.routed(name))]
+        candidates = [e for e in routed if e.manifest.task == task]
+        if not candidates:
+            raise AdapterUnavailable(f"no {task} adapter is loaded; name one in 'adapter' or load one (POST /adapters)")
+        named = [e for e in candidates if e.manifest.name == task]
+        return named[0] if named else max(candidates, key=lambda e: e.manifest.created_at)
+
+    def _live_refs(self) -> list[str]:
+        return sorted(ref for ref, e in self.entries.items() if not e.retiring)
+
+    @contextmanager
+    def use(self, adapter: str | None, task: str) -> Iterator[Entry]:
+        """Resolve and hold a version for one request: it cannot leave the engine meanwhile."""
+        entry = self.resolve(adapter, task)
+        entry.in_flight += 1
+        entry.idle.clear()
+        try:
+            yield entry
+        finally:
+            entry.in_flight -= 1
+            if entry.in_flight == 0:
+                entry.idle.set()
+
+    # ------------------------------------------------------------------ loading
+    async def load(self, name: str, version: int | None = None, pin: bool = False) -> Entry:
+        """Check, load, warm, then route; raises AdapterError or AdapterRefused (nothing changes then)."""
+        async with self._lock:
+            started = time.perf_counter()
+            adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint)
+            manifest = adapter.manifest
+            entry = self.entries.get(manifest.ref)
+            if entry is not None and entry.retiring:
+                raise AdapterRefused(f"adapter {manifest.ref} is being unloaded; load it again when that is done")
+            if entry is not None:
+                entry.pinned |= pin
+                return entry
+            await self.engine.add_adapter(adapter)
+            try:
+                await self._warm(manifest)
+            except Exception as error:
+                await self.engine.remove_adapter(manifest.ref)
+                raise AdapterRefused(f"adapter {manifest.ref} failed its warm-up request: {error}") from error
+            previous = self.routed(manifest.name)
+            entry = self.entries[manifest.ref] = Entry(manifest, pinned=pin)
+            self.metrics.adapter_info.labels(manifest.name, str(manifest.version), str(manifest.lora.r)).set(1)
+            self.metrics.adapter_load.observe(time.perf_counter() - started)
+        if previous is not None and not previous.pinned and previous.manifest.version < manifest.version:
+            task = asyncio.create_task(self._retire(previous))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return entry
+
+    async def _warm(self, manifest: Manifest) -> None:
+        """One tiny request through the engine, so that a broken adapter fails here, not in a user's request."""
+        await self.engine.generate([GenRequest(
+            prompt_ids=[manifest.terminator_id], adapter=manifest.ref, terminator_id=manifest.terminator_id,
+            max_tokens=1, mask=manifest.mask)])
+
+    async def unload(self, ref: str) -> None:
+        """Retire a version and return once it has left the engine (after its in-flight requests)."""
+        entry = self.entries.get(ref)
+        if entry is None:
+            raise AdapterUnavailable(f"adapter {ref!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'}")
+        await self._retire(entry)
+
+    async def _retire(self, entry: Entry) -> None:
+        entry.retiring = True
+        await entry.idle.wait()
+        ref = entry.manifest.ref
+        async with self._lock:
+            if self.entries.get(ref) is not entry:  # a concurrent unload got there first
+                return
+            await self.engine.remove_adapter(ref)
+            del self.entries[ref]
+            manifest = entry.manifest
+            self.metrics.adapter_info.remove(manifest.name, str(manifest.version), str(manifest.lora.r))
+
+    async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()

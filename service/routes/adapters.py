@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from service.deps import State
+from service.registry import Entry
+from service.schemas import AdapterOut, AdaptersResponse, LoadRequest
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+def _out(state: State, entry: Entry) -> AdapterOut:
+    m = entry.manifest
+    return AdapterOut(ref=m.ref, name=m.name, version=m.version, task=m.task, rank=m.lora.r, created_at=m.created_at,
+                      routed=state.registry.routed(m.name) is entry, pinned=entry.pinned, retiring=entry.retiring,
+                      in_flight=entry.in_flight)
+
+
+@router.get("", response_model=AdaptersResponse)
+async def list_adapters(state: State) -> AdaptersResponse:
+    """The loaded adapter versions, which one each name routes to, and those refused at start."""
+    entries = sorted(state.registry.entries.values(), key=lambda e: (e.manifest.name, e.manifest.version))
+    return AdaptersResponse(loaded=[_out(state, e) for e in entries], refused=state.refused)
+
+
+@router.post("", response_model=AdapterOut, status_code=201)
+async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
+    """Load a version from the store: checked (checksums, base model), warmed, then routed to if it
+    is the newest loaded version of its name; older unpinned versions retire once idle."""
+    return _out(state, await state.registry.load(body.name, body.version, body.pin))
+
+
+@router.delete("/{name}/{version}")
+async def unload_adapter(name: str, version: Annotated[int, Path(ge=1)], state: State) -> dict[str, str]:
+    """Stop routing to a version and unload it once its in-flight requests have finished."""
+    ref = f"{name}@v{version}"
+    await state.registry.unload(ref)
+    return {"unloaded": ref}

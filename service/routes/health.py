@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.deps import State
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Alive: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"description": "not ready; the body says why"}})
+async def ready(state: State) -> Any:
+    """Ready to serve: engine up, start-up adapters loaded (or refused, listed), Redis reachable when configured."""
+    report = await state.readiness()
+    return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    """Prometheus metrics (names in the style of vLLM's, prefix gfn:)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,109 @@
+"""Request and response bodies of the API (they make its OpenAPI page)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.engines.base import Sample
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Body):
+    adapter: str | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
+                                                  "default: the endpoint's task adapter")
+    n: int = Field(1, ge=1, description="samples; at most the service's max_n")
+    max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
+    temperature: float = Field(1.0, gt=0, le=10, description="1 samples the trained posterior")
+    seed: int | None = Field(None, ge=0, le=2**62, description="sample i uses seed + i: reproducible samples")
+
+
+class InfillRequest(Sampling):
+    prefix: str = Field(min_length=1, description="the beginning X", examples=["Tom went to the market. He was hungry."])
+    suffix: str = Field(min_length=1, description="the ending Y", examples=["He ate it on the way home."])
+    score: bool = Field(False, description="also return the base model's log p(Z Y | X) of the story 'X Z Y'")
+
+
+class GenerateRequest(Sampling):
+    keywords: list[str] | None = Field(None, description="words the text should include (constrained adapters)",
+                                       examples=[["cat", "garden"]])
+    avoid: list[str] | None = Field(None, description="words the text should avoid (constrained adapters)")
+    text: str | None = Field(None, description="text to continue (continuation adapters)")
+
+
+class ReasonRequest(_Body):
+    question: str = Field(description="'Question: 6 - 0 - 4 = ? Answer:' or just '6 - 0 - 4'", examples=["6 - 0 - 4 - 8"])
+    adapter: str | None = Field(None, description="default: the reasoning adapter")
+    n_rationales: int = Field(10, ge=1, description="rationales sampled (or taken from the cache)")
+    aggregate: Literal["vote", "weighted"] = Field("vote", description="majority, or weighted by log p(Y | X Z)")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**62)
+
+
+class SampleOut(BaseModel):
+    text: str
+    token_ids: list[int] = Field(description="the latent Z, as sampled (tool tokens included, terminator not)")
+    log_q: float = Field(description="log-probability of Z and its stop under the distribution sampled from")
+    stopped: bool = Field(description="ended with the terminator; false: cut at max_tokens")
+    log_p: float | None = Field(None, description="with score: the base model's log p(Z Y | X)")
+
+    @classmethod
+    def of(cls, sample: Sample, text: str, log_p: float | None = None) -> SampleOut:
+        return cls(text=text, token_ids=sample.token_ids, log_q=sample.log_q, stopped=sample.stopped, log_p=log_p)
+
+
+class SamplesResponse(BaseModel):
+    adapter: str = Field(description="the version that served the request")
+    samples: list[SampleOut]
+
+
+class Step(BaseModel):
+    expression: str
+    value: int | None = Field(description="what the calculator wrote; null for a malformed step")
+
+
+class Rationale(BaseModel):
+    text: str
+    steps: list[Step]
+    answer: int | None = Field(description="read by the base model; null if it gave none")
+    log_q: float
+    log_p_answer: float | None = Field(description="base log p(Y | X Z) of the answer read")
+
+
+class ReasonResponse(BaseModel):
+    adapter: str
+    question: str
+    answer: int | None
+    distribution: dict[int, float] = Field(description="answer -> share of the vote (or of the weight)")
+    counts: dict[int, int]
+    rationales: list[Rationale]
+    cached: int = Field(description="how many of the rationales came from the cache")
+
+
+class LoadRequest(_Body):
+    name: str
+    version: int | None = Field(None, ge=1, description="default: the newest stored version")
+    pin: bool = Field(False, description="keep it loaded when a newer version arrives")
+
+
+class AdapterOut(BaseModel):
+    ref: str
+    name: str
+    version: int
+    task: str
+    rank: int
+    created_at: str
+    routed: bool = Field(description="requests naming just the name go to this version")
+    pinned: bool
+    retiring: bool = Field(description="finishing its in-flight requests before it is unloaded")
+    in_flight: int
+
+
+class AdaptersResponse(BaseModel):
+    loaded: list[AdapterOut]
+    refused: dict[str, str] = Field(description="adapters that failed to load at start, with the reason")

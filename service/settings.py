@@ -1,0 +1,53 @@
+"""Service settings: every knob in one typed model, read from ``GFN_*`` environment variables.
+
+``GFN_ENGINE=transformers GFN_MAX_N=32 gfn serve`` overrides the defaults; list fields take
+JSON (``GFN_ADAPTERS='["infill", "rng@v3"]'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters.home import store_root
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GFN_", extra="forbid")
+
+    base_model: str | None = Field(None, description="model directory; default: the one the newest stored adapter was trained on")
+    store: Path = Field(default_factory=store_root, description="adapter store root")
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where it imports")
+    adapters: list[str] | None = Field(
+        None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
+        "of every stored adapter trained on the base model")
+    redis_url: str | None = Field(None, description="rationale cache in Redis; in-process when unset")
+    api_key: SecretStr | None = Field(None, description="when set, every route but /health, /ready, /metrics needs it")
+
+    # limits
+    max_body_bytes: PositiveInt = 64 * 1024
+    max_n: PositiveInt = 64
+    max_tokens: PositiveInt = 512
+    max_prompt_chars: PositiveInt = 4000
+    max_in_flight: PositiveInt = 256
+    request_timeout_s: PositiveFloat = 120.0
+
+    # engines
+    batch_max_size: PositiveInt = Field(256, description="transformers engine: samples per batch")
+    batch_wait_ms: float = Field(5.0, ge=0, description="transformers engine: wait for more requests")
+    torch_threads: PositiveInt | None = Field(None, description="transformers engine: intra-op threads; "
+                                              "default: torch's (1 is faster on a busy machine)")
+    max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
+    max_lora_rank: PositiveInt | None = Field(None, description="vLLM: default: the largest rank present")
+    vllm_kv_cache_gib: PositiveFloat = 1.0
+
+    # rationale cache
+    cache_size: PositiveInt = Field(4096, description="in-process cache: questions kept")
+    cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="Redis cache: expiry of a question's pool")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"

@@ -1,0 +1,148 @@
+"""Everything a running service holds, built at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from adapters.errors import AdapterError, InvalidAdapterName
+from adapters.fingerprint import fingerprint
+from adapters.manifest import Manifest
+from adapters.models import load_tokenizer
+from adapters.store import AdapterStore
+from service.cache import RationaleCache
+from service.engines import make_engine
+from service.engines.base import Engine, GenRequest, GenResult
+from service.errors import AdapterRefused
+from service.metrics import Metrics
+from service.reasoning import Calculator
+from service.registry import Registry
+from service.settings import Settings
+
+log = logging.getLogger("gfn.service")
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    base_model: str
+    tokenizer: PreTrainedTokenizerBase
+    engine: Engine
+    registry: Registry
+    cache: RationaleCache
+    metrics: Metrics
+    calculator: Calculator
+    refused: dict[str, str] = field(default_factory=dict)
+    """Adapters that failed to load at start, with the reason."""
+    in_flight: int = 0
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> ServiceState:
+        """Load the base model into the engine, then check, load and warm the start-up adapters;
+        one that fails is reported (logs, /ready, GET /adapters) and the others serve."""
+        store = AdapterStore(settings.store)
+        base_model = settings.base_model or _newest_base(store)
+        base_fingerprint = await asyncio.to_thread(fingerprint, base_model)
+        wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
+        tokenizer = load_tokenizer(base_model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        engine = make_engine(settings, base_model, pad_id, tokenizer.eos_token_id,
+                             [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
+        await engine.start()
+        metrics.watch(engine)
+        state = cls(settings, str(base_model), tokenizer, engine, Registry(store, engine, base_fingerprint, metrics),
+                    RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
+                    metrics, Calculator(tokenizer), refused)
+        for pinned, manifest in wanted:
+            try:
+                await state.registry.load(manifest.name, manifest.version, pin=pinned)
+            except (AdapterError, AdapterRefused) as error:
+                state.refused[manifest.ref] = str(error)
+        for ref, reason in state.refused.items():
+            log.error("adapter refused", extra={"adapter": ref, "reason": reason})
+        log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
+                                           "adapters": sorted(state.registry.entries)})
+        return state
+
+    async def stop(self) -> None:
+        await self.registry.close()
+        await self.engine.stop()
+        await self.cache.close()
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ready: the engine runs (start-up loading is done by then) and Redis answers when configured."""
+        redis = await self.cache.ping()
+        return {
+            "ready": self.engine.alive and redis is not False,
+            "engine": self.engine.name,
+            "adapters": sorted(ref for ref, e in self.registry.entries.items() if not e.retiring),
+            "refused": self.refused,
+            "redis": {None: "not configured", True: "ok", False: "unreachable: rationale cache bypassed"}[redis],
+        }
+
+    async def sample(self, request: Request, req: GenRequest) -> GenResult:
+        """One generate call, with its queue time, time to first sample and tokens in the metrics."""
+        [result] = await self.engine.generate([req])
+        endpoint = request.scope["route"].path
+        self.metrics.queue.labels(endpoint).observe(result.queue_s)
+        self.metrics.first_sample.labels(endpoint).observe(time.perf_counter() - request.state.started)
+        name = (req.adapter or "").partition("@")[0]
+        self.metrics.tokens.labels(name).inc(sum(len(s.token_ids) for s in result.samples))
+        return result
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def _newest_base(store: AdapterStore) -> str:
+    """The base model of the newest stored adapter, when GFN_BASE_MODEL is not set."""
+    manifests = []
+    for name in store.names():
+        try:
+            manifests.append(store.manifest(name))
+        except AdapterError:
+            continue
+    if not manifests:
+        raise RuntimeError(f"no base model: set GFN_BASE_MODEL, or train an adapter into {store.root} first")
+    return max(manifests, key=lambda m: m.created_at).base_model.path
+
+
+def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerprint: str
+                      ) -> tuple[list[tuple[bool, Manifest]], dict[str, str]]:
+    """(pinned, manifest) of each adapter to load at start, and those refused already.
+
+    Without a list: the newest version of every stored adapter trained on this base model.
+    With one: 'name' is its newest version, 'name@vN' that version, pinned.
+    """
+    wanted: list[tuple[bool, Manifest]] = []
+    refused: dict[str, str] = {}
+    if refs is None:
+        for name in store.names():
+            for version in reversed(store.versions(name)):
+                try:
+                    manifest = store.manifest(name, version)
+                except AdapterError as error:
+                    refused[f"{name}@v{version}"] = str(error)
+                    continue
+                if manifest.base_model.fingerprint == base_fingerprint:
+                    wanted.append((False, manifest))
+                    break
+        return wanted, refused
+    for ref in refs:
+        name, at, version = ref.partition("@v")
+        try:
+            if at and not version.isdigit():
+                raise InvalidAdapterName(f"invalid adapter {ref!r} in GFN_ADAPTERS: use 'name' or 'name@vN'")
+            wanted.append((bool(at), store.manifest(name, int(version) if at else None)))
+        except AdapterError as error:
+            refused[ref] = str(error)
+    return wanted, refused

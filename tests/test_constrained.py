@@ -1,0 +1,112 @@
+"""Constrained generation: violations are counted on whole words, the reward is the base
+model's log p(Z ⊤ | keywords prompt) minus the configured penalty per violation at every
+prefix, held-out keyword sets stay out of training, and bad data lines are reported by
+number and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from adapters.models import load_causal_lm, load_tokenizer
+from trainer.jsonl import DataError, load_jsonl
+from trainer.rollout import Rollout
+from trainer.scoring import Scorer
+from trainer.tasks.constrained import (
+    ConstrainedConfig,
+    ConstrainedRecord,
+    ConstrainedTask,
+    is_heldout,
+    violations,
+)
+from world.corpus import keywords_prompt
+
+
+@pytest.fixture(scope="module")
+def setup(demo_model):
+    tokenizer, model = load_tokenizer(demo_model), load_causal_lm(demo_model)
+    task = ConstrainedTask(ConstrainedConfig(demo_sets=50, eval_prompts=4, penalty=5.0), tokenizer)
+    return task, Scorer(model, tokenizer.eos_token_id)
+
+
+def test_violations_count_whole_words_case_insensitively():
+    text = "The Dog ran in the park."
+    assert violations(text, ["dog", "park"], []) == 0
+    assert violations(text, ["dog", "garden"], []) == 1
+    assert violations(text, ["cat", "garden"], ["ran"]) == 3
+    assert violations("The doghouse stood in the parks.", ["dog", "park"], []) == 2
+    assert violations(text, ["in the park"], ["the dog sat"]) == 0  # phrases are word sequences
+
+
+def rollout_of(task: ConstrainedTask, prompt_ids: list[int], sentences: list[str]) -> Rollout:
+    latents = [task.tokenizer(" " + s, add_special_tokens=False)["input_ids"] for s in sentences]
+    tokens = torch.full((len(latents), max(map(len, latents))), task.tokenizer.eos_token_id)
+    for row, z in enumerate(latents):
+        tokens[row, : len(z)] = torch.tensor(z)
+    return Rollout([prompt_ids] * len(latents), tokens, torch.tensor([len(z) for z in latents]),
+                   torch.zeros_like(tokens, dtype=torch.bool))
+
+
+def test_reward_is_base_log_likelihood_minus_penalties_at_every_prefix(setup):
+    task, scorer = setup
+    record = ConstrainedRecord(keywords=["dog", "park"], avoid=["ran"])
+    prompt = task.prompt(record)
+    assert task.tokenizer.decode(prompt.ids) == "Keywords: dog, park. Avoid: ran. Sentence:"
+    sentences = ["The dog sat in the park.", "The dog ran in the park.", "The cat ran in the house."]
+    rollout = rollout_of(task, prompt.ids, sentences)
+    log_r = task.log_rewards(scorer, [prompt] * 3, rollout)
+
+    # the base model reads the keywords prompt it was trained on, without the avoid list
+    context = task.tokenizer(keywords_prompt(["dog", "park"]), add_special_tokens=False)["input_ids"]
+    eos = task.tokenizer.eos_token_id
+    for row, n in enumerate(rollout.lengths.tolist()):
+        latent = rollout.tokens[row, :n].tolist()
+        for i in range(n + 1):
+            fluency = scorer.continuation([context], [latent[:i] + [eos]]).item()
+            bad = violations(task.tokenizer.decode(latent[:i]), ["dog", "park"], ["ran"])
+            assert log_r[row, i].item() == pytest.approx(fluency - 5.0 * bad, abs=1e-3)
+    final = log_r[torch.arange(3), rollout.lengths]
+    loglik = task.base_log_likelihood(scorer, [["dog", "park"]] * 3, rollout)
+    assert torch.allclose(final, loglik - 5.0 * torch.tensor([0.0, 1.0, 3.0]), atol=1e-3)
+
+
+def test_demo_keyword_sets_hold_out_pairs(setup):
+    task, _ = setup
+    assert all(not is_heldout(r.keywords) for r in task.records)
+    assert all(is_heldout(r.keywords) for r in task.eval_records)
+    for r in task.records + task.eval_records:
+        assert violations(r.sentence, r.keywords, []) == 0 and len(r.avoid) == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"keywords": []}', "line 2: field 'keywords'"),
+    ('{"keywords": "dog"}', "line 2: field 'keywords'"),
+    ('{"keywords": ["dog"], "avoid": ["Dog"]}', "line 2: .*both required and avoided"),
+    ('{"keywords": ["dog", "!!"]}', "line 2: field 'keywords'.*no letters"),
+    ('{"keyword": ["dog"]}', "line 2: field 'keywords': Field required"),
+    ("not json", "line 2: not valid JSON"),
+])
+def test_jsonl_errors_name_the_line_and_field(tmp_path, bad, message):
+    path = tmp_path / "sets.jsonl"
+    path.write_text(json.dumps({"keywords": ["dog", "park"], "avoid": ["ran"]}) + "\n" + bad + "\n")
+    with pytest.raises(DataError, match=message):
+        load_jsonl(path, ConstrainedRecord)
+    with pytest.raises(ValidationError, match=message):
+        ConstrainedConfig(data=str(path))
+
+
+def test_template_must_show_avoided_words_when_the_data_has_them(setup, tmp_path):
+    task, _ = setup
+    with pytest.raises(ValueError, match="prompt_template must contain {avoid}"):
+        ConstrainedTask(ConstrainedConfig(demo_sets=5, prompt_template="Keywords: {keywords}. Sentence:"),
+                        task.tokenizer)
+    path = tmp_path / "sets.jsonl"
+    path.write_text("".join(json.dumps({"keywords": [w, "park"]}) + "\n" for w in ["dog", "cat", "bird"]))
+    plain = ConstrainedTask(ConstrainedConfig(data=str(path), prompt_template="Keywords: {keywords}. Sentence:"),
+                            task.tokenizer)
+    assert plain.records and plain.eval_records
+    with pytest.raises(ValidationError, match="task.prompt_template|must contain {keywords}"):
+        ConstrainedConfig(prompt_template="Sentence:")

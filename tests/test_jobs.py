@@ -1,0 +1,196 @@
+"""Training jobs through a real redis-server and real `gfn worker` processes: progress,
+new-version announcements, SIGKILL recovery from the checkpoint, cancel, bad configs
+and failing jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
+from typer.testing import CliRunner
+
+from adapters.store import AdapterStore
+from gfn.cli import app
+from gfn.local import free_port
+from jobs.announce import CHANNEL, NewVersion, latest_versions
+from jobs.configs import ConfigError, config_data
+from jobs.queue import RETRIES, JobQueue, JobStatus
+from jobs.validate import load
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT = ["samples_per_prompt=16", "evaluate=false", "checkpoint_every=2"]
+
+
+class Workers:
+    """`gfn worker` processes on one Redis, with GFN_HOME = `home`; all killed at teardown."""
+
+    def __init__(self, redis_url: str, home: Path):
+        self.redis_url, self.home, self.processes = redis_url, home, []
+
+    def start(self, metrics_port: int = 0) -> subprocess.Popen:
+        log = open(self.home / f"worker{len(self.processes)}.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gfn.cli", "worker", "--redis-url", self.redis_url, "--metrics-port", str(metrics_port)],
+            cwd=REPO, env={**os.environ, "GFN_HOME": str(self.home)}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        return process
+
+    def kill_all(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def workers(redis_server, tmp_path: Path):
+    workers = Workers(redis_server.url, tmp_path)
+    yield workers
+    workers.kill_all()
+
+
+@pytest.fixture
+def queue(redis_server) -> JobQueue:
+    return JobQueue(Redis.from_url(redis_server.url))
+
+
+def watch(queue: JobQueue, job_id: str, until: Callable[[JobStatus], bool], timeout: float,
+          seen: list[JobStatus] | None = None) -> JobStatus:
+    """Poll the job's status until `until` holds; every status read is appended to `seen`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = queue.status(job_id)
+        if seen is not None:
+            seen.append(status)
+        if until(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {status} after {timeout} s")
+
+
+def steps(seen: list[JobStatus]) -> list[int]:
+    return [s.progress.step for s in seen if s.progress is not None]
+
+
+def test_jobs_package_imports_no_training_code():
+    """The service imports jobs/; it must not drag in the trainer, the demo world or torch."""
+    code = ("import sys, jobs.queue, jobs.validate, jobs.announce, jobs.worker, jobs.metrics; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'trainer', 'world', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_checked_in_schema_is_current():
+    from jobs.configs import SCHEMA
+    from trainer.config import schema_json
+
+    assert SCHEMA.read_text() == schema_json(), "configs/schema.json is stale: run `gfn configs schema`"
+
+
+def test_every_bundled_config_passes_the_schema_and_the_trainer():
+    from jobs.configs import bundled_configs
+    from trainer.config import load_config
+
+    for name in bundled_configs():
+        assert load_config(load(name)).name == name
+
+
+def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue, redis_server):
+    with pytest.raises(ConfigError) as refused:
+        queue.submit(config_data("rng", ["task.target={kind: binomial, n: 20, p: 1.5}", "optim.lerning_rate=0.1"]))
+    assert "task.target.p: must be < 1" in refused.value.errors
+    assert any(e.startswith("optim.lerning_rate: unknown field") for e in refused.value.errors)
+    with pytest.raises(ConfigError, match="task.name: must be one of"):
+        load("rng", {"task.name": "nope"})
+    result = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", "steps=-1", "--redis-url", redis_server.url])
+    assert result.exit_code == 2 and "steps: must be > 0" in result.output
+    assert queue.queue.count == 0 and queue.list() == []
+
+
+def test_submitted_job_trains_reports_progress_and_announces_its_version(workers, queue, redis_server, demo_model):
+    port = free_port()
+    workers.start(metrics_port=port)
+    announcements = Redis.from_url(redis_server.url).pubsub()
+    announcements.subscribe(CHANNEL)
+    submit = CliRunner().invoke(app, ["jobs", "submit", "rng", "--redis-url", redis_server.url, "--set", "steps=4",
+                                      *(f"--set={s}" for s in SHORT), f"--set=base_model={demo_model}"])
+    assert submit.exit_code == 0, submit.output
+    job_id = submit.output.strip()
+
+    seen: list[JobStatus] = []
+    watch(queue, job_id, lambda s: s.progress is not None and s.status == "started", 180, seen)
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    samples = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
+    assert samples["gfn:worker_job_step"].labels == {"adapter": "rng"} and samples["gfn:worker_job_step"].value >= 1
+    assert samples["gfn:worker_job_steps"].value == 4 and samples["gfn:jobs_running"].value == 1
+
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180, seen)
+    assert done.status == "finished" and done.adapter == "rng@v1" and done.error is None
+    assert done.progress.step == done.progress.total == 4 and done.progress.eta == 0
+    assert any(0 < step < 4 for step in steps(seen)), "no progress was readable along the way"
+    assert AdapterStore(workers.home / "adapters").manifest("rng", 1).job_id == job_id
+    assert [j.id for j in queue.list()] == [job_id]
+
+    message = announcements.get_message(timeout=5)  # the subscribe confirmation
+    message = announcements.get_message(timeout=5)
+    assert NewVersion.model_validate_json(message["data"]) == NewVersion(name="rng", version=1, job_id=job_id)
+    assert latest_versions(queue.redis) == {"rng": 1}
+    shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--redis-url", redis_server.url])
+    assert json.loads(shown.output)["adapter"] == "rng@v1"
+
+
+def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_version(workers, queue, demo_model):
+    first = workers.start()
+    job_id = queue.submit(load("rng", ["steps=6", f"base_model={demo_model}", *SHORT]))
+    seen: list[JobStatus] = []
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 3, 180, seen)
+    first.kill()  # SIGKILL: the job's process dies with its worker; checkpoint at step >= 2
+    first.wait()
+
+    workers.start()
+    after: list[JobStatus] = []
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 240, after)
+    assert done.status == "finished" and done.adapter == "rng@v1"
+    assert min(steps(after)) >= 3, f"the job restarted from zero: steps seen after the kill {steps(after)}"
+    log = [json.loads(line) for line in (workers.home / "runs" / job_id / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 7))
+    store = AdapterStore(workers.home / "adapters")
+    assert store.versions("rng") == [1] and store.manifest("rng", 1).job_id == job_id
+    assert done.retries_left == RETRIES - 1
+
+
+def test_cancelled_job_stops_at_a_step_boundary_with_a_checkpoint(workers, queue, demo_model):
+    workers.start()
+    job_id = queue.submit(load("rng", ["steps=100", f"base_model={demo_model}", *SHORT]))
+    running = watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 2, 180)
+    assert queue.cancel(job_id).cancel_requested
+    done = watch(queue, job_id, lambda s: s.status != "started", 60)
+    assert done.status == "cancelled" and done.adapter is None and done.error is None
+    checkpoint = torch.load(workers.home / "runs" / job_id / "checkpoint.pt", weights_only=False)
+    assert running.progress.step <= checkpoint["step"] < 100
+    assert AdapterStore(workers.home / "adapters").names() == []
+    assert queue.cancel(job_id).status == "cancelled"
+
+
+def test_queued_job_cancelled_never_runs(queue, demo_model):
+    job_id = queue.submit(load("rng", [f"base_model={demo_model}", *SHORT]))
+    assert queue.cancel(job_id).status == "cancelled" and queue.queue.count == 0
+
+
+def test_failing_job_ends_failed_after_its_retries_with_its_error(workers, queue):
+    workers.start()
+    job_id = queue.submit(load("rng", ["base_model=/nonexistent/base-model", *SHORT]), retries=1)
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180)
+    assert done.status == "failed" and done.retries_left == 0
+    assert "OSError" in done.error and "/nonexistent/base-model" in done.error
+    assert queue.list()[0].error == done.error

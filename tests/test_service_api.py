@@ -1,0 +1,246 @@
+"""The service through real HTTP (uvicorn on 127.0.0.1), with both engines: every endpoint, bad
+inputs, adapter versions swapped under load, the rationale cache, metrics, and the two engines
+serving the same distribution."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_world import Server, make_store, save_adapter, task_fields
+
+from adapters.models import load_tokenizer
+from service.app import create_app
+from service.engines.base import GenRequest
+from service.settings import Settings
+
+KEY = "test-key"
+INFILL = {"prefix": "Tom went to the market.", "suffix": "He ate it on the way home."}
+
+
+@pytest.fixture(scope="module")
+def store(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    return make_store(tmp_path_factory.mktemp("service") / "adapters", demo_model)
+
+
+def _serve(store, demo_model: Path, engine: str):
+    settings = Settings(engine=engine, store=store.root, base_model=str(demo_model), api_key=KEY, torch_threads=1,
+                        max_n=64, max_loras=2)
+    return Server(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def hf(store, demo_model):
+    with _serve(store, demo_model, "transformers") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def vllm(store, demo_model):
+    with _serve(store, demo_model, "vllm") as server:
+        yield server
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def client(request):
+    with request.getfixturevalue(request.param).client(headers={"Authorization": f"Bearer {KEY}"}) as client:
+        yield client
+
+
+def test_every_endpoint_answers(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready").json()
+    assert ready["ready"] and ready["redis"] == "not configured"
+    assert {ref.partition("@")[0] for ref in ready["adapters"]} >= {"infill", "rng", "reasoning", "constrained", "continuation"}
+
+    infill = client.post("/infill", json={**INFILL, "n": 3, "seed": 7, "score": True})
+    assert infill.status_code == 200 and infill.headers["x-request-id"]
+    body = infill.json()
+    assert body["adapter"].startswith("infill@v") and len(body["samples"]) == 3
+    for sample in body["samples"]:
+        assert sample["log_q"] < 0 and sample["log_p"] < 0 and len(sample["token_ids"]) <= 20
+    again = client.post("/infill", json={**INFILL, "n": 3, "seed": 7}).json()
+    assert [s["token_ids"] for s in again["samples"]] == [s["token_ids"] for s in body["samples"]]
+
+    constrained = client.post("/generate", json={"keywords": ["cat", "garden"], "avoid": ["dog"], "n": 2}).json()
+    assert constrained["adapter"].startswith("constrained@v") and len(constrained["samples"]) == 2
+    numbers = client.post("/generate", json={"adapter": "rng", "n": 16}).json()["samples"]
+    assert all(s["text"].isdigit() and 1 <= len(s["token_ids"]) <= 3 for s in numbers)  # the digits-only mask
+    sentences = client.post("/generate", json={"adapter": "continuation", "text": "The cat sat.", "n": 4}).json()
+    assert all("." not in s["text"] and len(s["token_ids"]) >= 1 for s in sentences["samples"])  # "." ends them
+
+    reason = client.post("/reason", json={"question": "3 + 4 - 2", "n_rationales": 4}).json()
+    assert reason["question"] == "Question: 3 + 4 - 2 = ? Answer:" and len(reason["rationales"]) == 4
+    assert reason["cached"] == 0
+    if reason["counts"]:
+        assert math.isclose(sum(reason["distribution"].values()), 1.0)
+    for rationale in reason["rationales"]:
+        for step in rationale["steps"]:  # the calculator wrote every well-formed step's value
+            if step["value"] is not None:
+                assert f"{step['expression']} = {step['value']}" in " ".join(rationale["text"].split())
+
+    adapters = client.get("/adapters").json()["loaded"]
+    assert {a["name"] for a in adapters if a["routed"]} >= {"infill", "rng"}
+
+
+def test_rationale_cache_returns_the_same_number(client):
+    question = {"question": "Question: 9 - 3 + 1 = ? Answer:", "n_rationales": 3, "seed": 11, "aggregate": "weighted"}
+    first = client.post("/reason", json=question).json()
+    second = client.post("/reason", json=question).json()
+    assert first["cached"] == 0 and second["cached"] == 3
+    assert second["rationales"] == first["rationales"] and second["answer"] == first["answer"]
+    more = client.post("/reason", json={**question, "n_rationales": 5}).json()
+    assert more["cached"] == 3 and more["rationales"][:3] == first["rationales"] and len(more["rationales"]) == 5
+    other = client.post("/reason", json={**question, "temperature": 0.5}).json()
+    assert other["cached"] == 0  # other sampling settings: another pool
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prefix": "a"}, "suffix"),
+    ({**INFILL, "n": 0}, "n"),
+    ({**INFILL, "n": 65}, "n"),
+    ({**INFILL, "temperature": -1}, "temperature"),
+    ({**INFILL, "max_tokens": 21}, "max_tokens"),
+    ({**INFILL, "nonsense": 1}, "nonsense"),
+    ({**INFILL, "prefix": "x" * 5000}, "prefix"),
+])
+def test_bad_infill_gets_422_naming_the_field(client, body, field):
+    response = client.post("/infill", json=body)
+    assert response.status_code == 422
+    assert any(field in error["loc"] for error in response.json()["detail"]), response.json()
+
+
+def test_bad_requests_get_clear_errors(client):
+    assert client.post("/reason", json={"question": "what is love?"}).status_code == 422
+    wrong_field = client.post("/generate", json={"adapter": "rng", "keywords": ["cat"]})
+    assert wrong_field.status_code == 422 and "keywords" in wrong_field.json()["detail"][0]["loc"]
+    missing = client.post("/infill", json={**INFILL, "adapter": "nope"})
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+    assert client.post("/infill", json={**INFILL, "adapter": "infill@v99"}).status_code == 404
+    assert client.post("/infill", json={**INFILL, "adapter": "../etc"}).status_code == 422
+    assert client.post("/reason", json={"question": "1 + 2", "adapter": "rng"}).status_code == 422
+    assert client.post("/adapters", json={"name": "absent"}).status_code == 404
+    assert client.delete("/adapters/absent/1").status_code == 404
+    assert client.post("/infill", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+
+
+def test_key_is_required_except_on_probes(hf):
+    with hf.client() as anonymous:
+        assert anonymous.post("/infill", json=INFILL).status_code == 401
+        assert anonymous.get("/adapters").status_code == 401
+        assert anonymous.post("/infill", json=INFILL, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert anonymous.post("/infill", json=INFILL, headers={"X-API-Key": KEY}).status_code == 200
+        for probe in ("/health", "/ready", "/metrics"):
+            assert anonymous.get(probe).status_code == 200
+
+
+def test_new_version_replaces_the_old_under_load(request, client, store, demo_model):
+    """Load infill v(N+1) and unload vN while requests run: none fails, new ones go to the new version."""
+    fields = task_fields(load_tokenizer(demo_model))["infill"]
+    new = save_adapter(store, "infill", demo_model, fields, seed=100 + len(store.versions("infill")))
+    old = client.get("/adapters").json()["loaded"]
+    old_ref = next(a["ref"] for a in old if a["name"] == "infill" and a["routed"])
+
+    def infill(_: int) -> tuple[int, str]:
+        response = client.post("/infill", json={**INFILL, "n": 2})
+        return response.status_code, response.json().get("adapter", "")
+
+    with ThreadPoolExecutor(8) as pool:
+        running = [pool.submit(infill, i) for i in range(24)]
+        loaded = client.post("/adapters", json={"name": "infill", "version": new.version})
+        after = [pool.submit(infill, i) for i in range(8)]
+        results = [f.result() for f in running + after]
+    assert loaded.status_code == 201 and loaded.json()["routed"]
+    assert [status for status, _ in results] == [200] * len(results)
+    assert {ref for _, ref in results} <= {old_ref, new.ref}
+    assert all(ref == new.ref for _, ref in results[len(running):])
+    client.delete(f"/adapters/infill/{old_ref.rpartition('@v')[2]}")  # already retiring or gone: 200 or 404
+    refs = {a["ref"] for a in client.get("/adapters").json()["loaded"]}
+    assert new.ref in refs and old_ref not in refs
+
+
+def test_metrics_parse_and_hold_the_service_metrics(client):
+    client.post("/infill", json=INFILL)
+    text = client.get("/metrics").text
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    for name in ("gfn:e2e_request_latency_seconds_bucket", "gfn:request_queue_time_seconds_bucket",
+                 "gfn:time_to_first_sample_seconds_bucket", "gfn:requests_total", "gfn:generation_tokens_total",
+                 "gfn:num_requests_running", "gfn:num_requests_waiting", "gfn:cache_lookups_total",
+                 "gfn:cache_hits_total", "gfn:adapter_info", "gfn:adapter_load_seconds_bucket"):
+        assert name in samples, name
+    requests = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "gfn:requests_total"]
+    assert any(s.labels == {"endpoint": "/infill", "adapter": "infill", "status": "200"} for s in requests)
+    info = [s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == "gfn:adapter_info"]
+    assert {"name": "rng", "version": "1", "rank": "8"} in info
+
+
+def _numbers(server, n_requests: int = 16) -> list[tuple[tuple[int, ...], float]]:
+    with server.client(headers={"X-API-Key": KEY}) as client, ThreadPoolExecutor(8) as pool:
+        bodies = pool.map(lambda i: client.post("/generate", json={"adapter": "rng", "n": 64, "seed": 1000 * i}).json(),
+                          range(n_requests))
+        return [(tuple(s["token_ids"]), s["log_q"]) for body in bodies for s in body["samples"]]
+
+
+def test_engines_serve_the_same_distribution(hf, vllm):
+    """Same adapter, two engines, through the API: the same law."""
+    _assert_same_law(_numbers(hf), _numbers(vllm))
+
+
+def _assert_same_law(hf_samples, vllm_samples) -> None:
+    """The same log q for every sequence both engines drew, first tokens drawn alike by both, and
+    each engine's frequent sequences drawn as often as its log q says."""
+    drawn = {"hf": hf_samples, "vllm": vllm_samples}
+    log_q = {name: dict(samples) for name, samples in drawn.items()}
+    shared = log_q["hf"].keys() & log_q["vllm"].keys()
+    assert len(shared) > 10
+    for sequence in shared:
+        assert log_q["hf"][sequence] == pytest.approx(log_q["vllm"][sequence], abs=2e-4), sequence
+    n = len(hf_samples)
+    first = {name: Counter(seq[:1] for seq, _ in samples) for name, samples in drawn.items()}
+    tv = 0.5 * sum(abs(first["hf"][t] - first["vllm"][t]) for t in first["hf"].keys() | first["vllm"].keys()) / n
+    assert tv < 0.1, tv  # sampling noise alone: about 0.04 at n = 1024
+    for name, samples in drawn.items():
+        for sequence, count in Counter(seq for seq, _ in samples).most_common(5):
+            p = math.exp(log_q[name][sequence])
+            assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 0.01, (name, sequence, count / n, p)
+
+
+def test_engines_score_alike(hf, vllm, demo_model):
+    """Base-model log p(continuation | context) agrees within float32 tolerance."""
+    tokenizer = load_tokenizer(demo_model)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    contexts = [encode("Tom went to the market."), encode("Question: 6 - 4 = ? Answer:"), encode("The")]
+    continuations = [encode(" He ate it."), encode(" 6 - 4 = 2. The answer is 2."), encode(" cat sat in the garden.")]
+    scores = {name: server.call(server.state.engine.score(contexts, continuations))
+              for name, server in (("hf", hf), ("vllm", vllm))}
+    assert scores["hf"] == pytest.approx(scores["vllm"], rel=1e-4)
+    assert all(score < 0 for score in scores["hf"])
+
+
+class Echo:
+    """A test tool: after the digit 5, it writes a 0 (so samples take the tool path: rounds in vLLM)."""
+
+    def __init__(self, tokenizer):
+        self.five, self.zero = tokenizer.convert_tokens_to_ids("5"), tokenizer.convert_tokens_to_ids("0")
+        self.triggers = frozenset({self.five})
+
+    def __call__(self, tokens: list[int]) -> list[int]:
+        return [self.zero]
+
+
+def test_engines_agree_with_a_tool(hf, vllm, demo_model):
+    """The tool path (in-batch in transformers, rounds in vLLM) gives the same samples' law and log q."""
+    manifest = hf.state.registry.entries["rng@v1"].manifest
+    prompt = load_tokenizer(demo_model)(manifest.prompt_template, add_special_tokens=False)["input_ids"]
+    tool = Echo(load_tokenizer(demo_model))
+    requests = [GenRequest(prompt, manifest.ref, manifest.terminator_id, manifest.max_len, manifest.min_len,
+                           manifest.mask, n=64, seed=100 * i, tool=tool) for i in range(16)]
+    drawn = {name: [(tuple(s.token_ids), s.log_q) for r in server.call(server.state.engine.generate(requests))
+                    for s in r.samples] for name, server in (("hf", hf), ("vllm", vllm))}
+    for samples in drawn.values():  # every 5 sampled before the end is followed by the tool's 0
+        assert all(seq[i + 1] == tool.zero for seq, _ in samples for i in range(len(seq) - 1) if seq[i] == tool.five)
+    _assert_same_law(drawn["hf"], drawn["vllm"])

@@ -1,0 +1,147 @@
+"""Limits and failures through real HTTP (transformers engine): body cap, in-flight cap, timeout,
+client disconnect, corrupt and mismatched adapters, and the rationale cache in a real Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+from service_world import Server, corrupt, save_adapter, task_fields
+
+from adapters.models import load_tokenizer
+from adapters.store import AdapterStore
+from service.app import create_app
+from service.logs import JsonFormatter
+from service.settings import Settings
+
+INFILL = {"prefix": "Tom went to the market.", "suffix": "He ate it on the way home."}
+QUESTION = {"question": "7 - 2 + 4", "n_rationales": 4, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def store(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+    """infill and reasoning (sound), rng (its weights corrupted), alien (trained on another base model)."""
+    store = AdapterStore(tmp_path_factory.mktemp("limits") / "adapters")
+    fields = task_fields(load_tokenizer(demo_model))
+    for seed, name in enumerate(("infill", "reasoning", "rng")):
+        save_adapter(store, name, demo_model, fields[name], seed)
+    save_adapter(store, "alien", demo_model, fields["infill"], 9, base_fingerprint="sha256:" + "0" * 64)
+    corrupt(store, "rng", 1)
+    return store
+
+
+def _settings(store: AdapterStore, demo_model: Path, **overrides) -> Settings:
+    return Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                    adapters=["infill", "reasoning", "rng", "alien"], **overrides)
+
+
+@pytest.fixture(scope="module")
+def slow(store, demo_model):
+    """Sampling requests wait for a batch for 3 s but may take 1 s: they time out."""
+    with Server(create_app(_settings(store, demo_model, max_in_flight=1, max_body_bytes=2048,
+                                     batch_wait_ms=3000, request_timeout_s=1.0))) as server:
+        yield server
+
+
+def _metric(server: Server, name: str, **labels: str) -> float:
+    with server.client() as client:
+        text = client.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_bodies_over_the_cap_get_413(slow):
+    with slow.client() as client:
+        big = client.post("/infill", json={**INFILL, "prefix": "x" * 3000})
+        assert big.status_code == 413 and "2048" in big.json()["detail"] and big.headers["x-request-id"]
+        chunks = (b'{"prefix": "' + b"y" * 1000 for _ in range(3))  # streamed: no content-length
+        assert client.post("/infill", content=chunks, headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_slow_requests_time_out_with_504(slow):
+    with slow.client() as client:
+        response = client.post("/infill", json=INFILL)
+    assert response.status_code == 504 and "1 s" in response.json()["detail"]
+
+
+def test_requests_over_the_in_flight_cap_get_429(slow):
+    with slow.client() as client, ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: client.post("/infill", json=INFILL), range(4)))
+    statuses = sorted(r.status_code for r in responses)
+    assert 429 in statuses and 504 in statuses, statuses
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 429)
+
+
+def test_a_client_that_goes_away_is_dropped(slow):
+    before = _metric(slow, "gfn:requests_total", status="499")
+    with slow.client(timeout=0.2) as client, pytest.raises(httpx.TimeoutException):
+        client.post("/infill", json=INFILL)
+    deadline = time.time() + 5
+    while _metric(slow, "gfn:requests_total", status="499") == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert _metric(slow, "gfn:requests_total", status="499") == before + 1
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_request_ids_are_echoed_and_logged(slow):
+    access = logging.getLogger("gfn.service.access")
+    access.addHandler(handler := Lines())
+    try:
+        with slow.client() as client:
+            assert client.get("/health", headers={"X-Request-ID": "trace-42"}).headers["x-request-id"] == "trace-42"
+            assert len(client.get("/health", headers={"X-Request-ID": "x" * 100}).headers["x-request-id"]) == 32
+    finally:
+        access.removeHandler(handler)
+    lines = [json.loads(line) for line in handler.lines]
+    assert any(line["request_id"] == "trace-42" and line["path"] == "/health" and line["status"] == 200
+               for line in lines)
+
+
+def test_corrupt_and_mismatched_adapters_are_refused_and_the_rest_serves(slow):
+    with slow.client() as client:
+        ready = client.get("/ready").json()
+        assert ready["ready"] and ready["adapters"] == ["infill@v1", "reasoning@v1"]
+        assert "sha256" in ready["refused"]["rng@v1"] and "trained on base model" in ready["refused"]["alien@v1"]
+        again = client.post("/adapters", json={"name": "rng"})
+        assert again.status_code == 409 and "adapter_model.safetensors" in again.json()["detail"]
+        alien = client.post("/adapters", json={"name": "alien"})
+        assert alien.status_code == 409 and "retrain" in alien.json()["detail"]
+        assert client.get("/adapters").json()["refused"].keys() == {"rng@v1", "alien@v1"}
+
+
+def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
+    with Server(create_app(_settings(store, demo_model, redis_url=redis_server.url))) as server, \
+            server.client() as client:
+        assert client.get("/ready").json()["redis"] == "ok"
+        first = client.post("/reason", json=QUESTION).json()
+        second = client.post("/reason", json=QUESTION).json()
+        assert (first["cached"], second["cached"]) == (0, 4) and second["rationales"] == first["rationales"]
+        keys = redis.Redis.from_url(redis_server.url).keys("gfn:rationales:*")
+        assert len(keys) == 1
+        assert _metric(server, "gfn:cache_hits_total") == 1 and _metric(server, "gfn:cache_lookups_total") == 2
+
+        redis_server.stop()  # Redis gone: answers still come, without the cache; /ready says so
+        down = client.post("/reason", json=QUESTION)
+        assert down.status_code == 200 and down.json()["cached"] == 0
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json()["redis"].startswith("unreachable")
+        redis_server.start()  # back (empty): the cache works again without a restart
+        assert client.get("/ready").status_code == 200
+        client.post("/reason", json=QUESTION)
+        assert client.post("/reason", json=QUESTION).json()["cached"] == 4

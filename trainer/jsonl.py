@@ -1,0 +1,72 @@
+"""Users' own data for a task: one JSON object per line, validated line by line, so that
+a bad line is reported by its number and field instead of failing somewhere in training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used, with the line and field at fault."""
+
+
+def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
+    """Every non-blank line of `path` as a `record_type`; the first bad line raises
+    DataError naming the file, the line number and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
+        try:
+            records.append(record_type.model_validate(data))
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "(record)"
+            raise DataError(f"{path} line {number}: field '{field}': {first['msg']}") from None
+    if not records:
+        raise DataError(f"{path}: no records (expected one JSON object per line)")
+    return records
+
+
+def split_data(data: str, eval_data: str | None, record_type: type[Record],
+               held_out: Callable[[Record], bool]) -> tuple[list[Record], list[Record]]:
+    """(training, evaluation) records of a user's data: all of `data` and all of
+    `eval_data` when it is given, else `data` split by a stable `held_out` predicate."""
+    records = load_jsonl(data, record_type)
+    if eval_data is not None:
+        return records, load_jsonl(eval_data, record_type)
+    train = [r for r in records if not held_out(r)]
+    held = [r for r in records if held_out(r)]
+    return train or records, held or records
+
+
+def data_file(record_type: type[BaseModel]) -> Any:
+    """The type of a config field naming a JSONL file of `record_type` (or None): the file
+    is read when the config is, so a bad line fails there, naming the line and field."""
+    def check(path: str | None) -> str | None:
+        if path is not None:
+            load_jsonl(path, record_type)
+        return path
+    return Annotated[str | None, AfterValidator(check)]
+
+
+def stable_tenth(key: str) -> bool:
+    """True for one key in ten, the same on every run and machine (a hash, not a seed)."""
+    return hashlib.sha256(key.encode()).digest()[0] % 10 == 0

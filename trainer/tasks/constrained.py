@@ -1,0 +1,206 @@
+"""Constrained generation: one sentence Z that uses given keywords and avoids given words,
+sampled in proportion to its fluency, p(Z ⊤ | X) · exp(-penalty · violations(Z)).
+
+X, the base model's context, is the keywords prompt it was trained on
+(world.corpus.keywords_prompt: "Keywords: dog, park. Sentence:"); the policy's prompt also
+names the words to avoid, so the adapter can learn them. A violation is a keyword missing
+from Z or an avoided word present in it, as whole words, case-insensitively.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.metrics import distinct_n
+from trainer.plots import bar_chart
+from trainer.rollout import Rollout
+from trainer.scoring import Scorer, prefix_log_likelihood
+from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+from world import corpus
+
+PROMPT_TEMPLATE = "Keywords: {keywords}. Avoid: {avoid}. Sentence:"
+REWARD_TEMPLATE = "Keywords: {keywords}. Sentence:"  # world.corpus.keywords_prompt
+WORD = re.compile(r"[a-z0-9']+")
+
+
+class ConstrainedRecord(BaseModel):
+    """One line of a user's JSONL data: the words to use and to avoid, and optionally a
+    sentence that satisfies them (for SFT)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keywords: list[str] = Field(min_length=1)
+    avoid: list[str] = []
+    sentence: str | None = None
+
+    @field_validator("keywords", "avoid")
+    @classmethod
+    def _words(cls, words: list[str]) -> list[str]:
+        for word in words:
+            if not words_of(word):
+                raise ValueError(f"{word!r} has no letters or digits")
+        return words
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ConstrainedRecord":
+        both = {w.lower() for w in self.keywords} & {w.lower() for w in self.avoid}
+        if both:
+            raise ValueError(f"{sorted(both)} both required and avoided")
+        return self
+
+
+RecordsFile = data_file(ConstrainedRecord)
+
+
+class ConstrainedConfig(TaskConfig):
+    """min_len 0, as for infilling: the empty sentence misses every keyword anyway."""
+
+    name: Literal["constrained"] = "constrained"
+    min_len: int = 0
+    max_len: int = 16
+    prompt_template: str = PROMPT_TEMPLATE
+    reward_template: str = REWARD_TEMPLATE
+    penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
+    data: RecordsFile = Field(None, description="JSONL of ConstrainedRecord; default: keyword sets of the demo world")
+    eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
+                                                     "or held-out keyword sets of the demo world")
+    demo_sets: PositiveInt = 2000
+    eval_prompts: PositiveInt = 24
+    eval_samples: PositiveInt = 32
+    seed: int = 0
+
+    @field_validator("prompt_template", "reward_template")
+    @classmethod
+    def _names_keywords(cls, template: str) -> str:
+        if "{keywords}" not in template:
+            raise ValueError("the template must contain {keywords}")
+        return template
+
+
+class ConstrainedTask(Task):
+    name = "constrained"
+    config_type = ConstrainedConfig
+
+    def __init__(self, config: ConstrainedConfig, tokenizer):
+        super().__init__(config, tokenizer)
+        self.prompt_template = config.prompt_template
+        self.records, self.eval_records = split_records(config)
+        if "{avoid}" not in config.prompt_template and any(r.avoid for r in self.records + self.eval_records):
+            raise ValueError("task.prompt_template must contain {avoid}: the data has words to avoid")
+
+    # ------------------------------------------------------------ training
+    def prompt(self, record: ConstrainedRecord) -> Prompt:
+        fields = {"keywords": ", ".join(record.keywords), "avoid": ", ".join(record.avoid)}
+        return Prompt(key=self.prompt_template.format(**fields), ids=self.encode_prompt(**fields),
+                      fields={"keywords": record.keywords, "avoid": record.avoid})
+
+    def train_prompts(self) -> list[Prompt]:
+        return [self.prompt(r) for r in self.records]
+
+    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt, sentence) token ids of the training records that have a sentence."""
+        return [(self.prompt(r).ids, self._ids(" " + r.sentence)) for r in self.records if r.sentence]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def context(self, keywords: Sequence[str]) -> list[int]:
+        """The base model's X for these keywords."""
+        return self._ids(self.config.reward_template.format(keywords=", ".join(keywords)))
+
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """log p(z1..zi ⊤ | X) - penalty · violations(z1..zi) for every prefix."""
+        contexts = [self.context(p.fields["keywords"]) for p in prompts]
+        log_pf, log_pterm = scorer.latent(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
+                                          self.terminator_id)
+        log_r = prefix_log_likelihood(log_pf) + log_pterm
+        for b, (prompt, latent) in enumerate(zip(prompts, rollout.latents())):
+            for i in range(len(latent) + 1):
+                bad = violations(self.tokenizer.decode(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
+                log_r[b, i] -= self.config.penalty * bad
+        return log_r
+
+    # ------------------------------------------------------------ evaluation
+    def base_log_likelihood(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
+        """log p(Z ⊤ | X) of each sample under the base model: [B]."""
+        contexts = [self.context(k) for k in keywords]
+        log_pf, log_pterm = scorer.latent(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
+                                          self.terminator_id)
+        rows = torch.arange(len(contexts))
+        return (prefix_log_likelihood(log_pf) + log_pterm)[rows, rollout.lengths]
+
+    def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
+        n = samples or self.config.eval_samples
+        texts, satisfied, loglik, seconds = [], [], [], 0.0
+        for record in self.eval_records:
+            tick = time.perf_counter()
+            rollout = sample([self.prompt(record).ids] * n)
+            seconds += time.perf_counter() - tick
+            batch = [self.tokenizer.decode(z) for z in rollout.latents()]
+            texts.append(batch)
+            satisfied += [violations(t, record.keywords, record.avoid) == 0 for t in batch]
+            loglik += self.base_log_likelihood(scorer, [record.keywords] * n, rollout).tolist()
+        metrics = {"prompts": len(self.eval_records), "samples_per_prompt": n,
+                   "satisfaction": sum(satisfied) / len(satisfied), "loglik": sum(loglik) / len(loglik),
+                   "distinct2": sum(distinct_n(t, 2) for t in texts) / len(texts),
+                   "samples_per_second": len(satisfied) / seconds}
+        rates = [sum(violations(t, r.keywords, r.avoid) == 0 for t in batch) / n
+                 for r, batch in zip(self.eval_records, texts)]
+        bar_chart(out_dir / "eval.png", [", ".join(r.keywords) for r in self.eval_records], rates,
+                  [1.0] * len(rates), title=f"constrained: satisfaction per keyword set ({metrics['satisfaction']:.2f})")
+        return metrics
+
+
+def words_of(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def violations(text: str, keywords: Sequence[str], avoid: Sequence[str]) -> int:
+    """Keywords (or phrases) missing from text plus avoided ones present, as whole words."""
+    padded = f" {' '.join(words_of(text))} "
+    present = lambda word: f" {' '.join(words_of(word))} " in padded  # noqa: E731
+    return sum(not present(k) for k in keywords) + sum(present(a) for a in avoid)
+
+
+# ---------------------------------------------------------------- data
+def split_records(config: ConstrainedConfig) -> tuple[list[ConstrainedRecord], list[ConstrainedRecord]]:
+    """(training, evaluation) records: the demo world's keyword sets (held out by keyword
+    pair), or the user's data (evaluation: `eval_data`, else a stable tenth of `data`)."""
+    if config.data is not None:
+        train, held = split_data(config.data, config.eval_data, ConstrainedRecord, lambda r: is_heldout(r.keywords))
+    else:
+        train = demo_records(heldout=False, n=config.demo_sets, seed=config.seed)
+        held = (load_jsonl(config.eval_data, ConstrainedRecord) if config.eval_data
+                else demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
+    return train, held[: config.eval_prompts]
+
+
+def is_heldout(keywords: Sequence[str]) -> bool:
+    """One keyword set in ten (a stable hash of the sorted set) is never trained on."""
+    return stable_tenth(",".join(sorted(k.lower() for k in keywords)))
+
+
+def demo_records(heldout: bool, n: int, seed: int = 0) -> list[ConstrainedRecord]:
+    """Two keywords from a sentence of the demo world and one word to avoid, taken from a
+    word class the keywords leave free (so the base model would often use it)."""
+    rng = random.Random(seed * 2 + heldout)
+    classes = [corpus.NOUNS, corpus.VERBS, corpus.PLACE_NOUNS, corpus.ADJECTIVES]
+    records: list[ConstrainedRecord] = []
+    while len(records) < n:
+        text = corpus.sentence(rng)
+        keywords = rng.sample(corpus.content_words(text), 2)
+        if is_heldout(keywords) != heldout:
+            continue
+        free = [c for c in classes if not set(keywords) & set(c)]
+        avoid = rng.choice([w for w in rng.choice(free) if w not in text.rstrip(".").split()])
+        records.append(ConstrainedRecord(keywords=keywords, avoid=[avoid], sentence=text))
+    return records

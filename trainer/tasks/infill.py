@@ -1,0 +1,200 @@
+"""Story infilling (REFERENCE.md §3): sample the middle Z of a story between a beginning
+X and an ending Y from the posterior p(Z | X, Y) ∝ p(X Z Y).
+
+The policy reads both ends in the Beginning/Ending/Middle format; the reward is read by
+the base model from the plain story, X + Z + " " + Y, for every prefix of Z in one batched
+pass (Scorer.prefixes_and_suffix). p(X) is the same for every Z of a prompt, so
+log p(Z Y | X) is the log-reward. In the demo world every possible middle is known, so
+the exact posterior is too: the evaluation scores every candidate under the base model
+and compares the samples with it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.metrics import bleu4, distinct_n, total_variation
+from trainer.plots import bar_chart
+from trainer.rollout import Rollout
+from trainer.scoring import Scorer
+from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+from world import stories
+
+PROMPT_TEMPLATE = "Beginning: {prefix}\nEnding: {suffix}\nMiddle:"
+OFF_SUPPORT = -1  # the bucket of samples that are none of the candidates
+
+
+class InfillRecord(BaseModel):
+    """One line of a user's JSONL data: both ends, and optionally the true middle (for SFT
+    and BLEU) and every possible middle (for the exact posterior). The base model reads
+    prefix + " " + middle + " " + suffix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix: str = Field(min_length=1)
+    suffix: str = Field(min_length=1)
+    middle: str | None = None
+    candidates: list[str] = []
+
+
+RecordsFile = data_file(InfillRecord)
+
+
+class InfillConfig(TaskConfig):
+    """min_len 0: an empty middle may be sampled but its reward, p(X Y), is tiny. Before
+    min_len the policy cannot stop, so the flow of those states hangs on a masked logit
+    the policy must first learn; every state terminable trains faster."""
+
+    name: Literal["infill"] = "infill"
+    min_len: int = 0
+    max_len: int = 12
+    data: RecordsFile = Field(None, description="JSONL of InfillRecord; default: stories of the demo world")
+    eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
+                                                     "or the demo world's held-out frames")
+    demo_stories: PositiveInt = 4000
+    eval_prompts: PositiveInt = 24
+    eval_samples: PositiveInt = 128
+    seed: int = 0
+
+
+class InfillTask(Task):
+    name = "infill"
+    config_type = InfillConfig
+    prompt_template = PROMPT_TEMPLATE
+
+    def __init__(self, config: InfillConfig, tokenizer):
+        super().__init__(config, tokenizer)
+        self.records, self.eval_records = split_records(config)
+
+    # ------------------------------------------------------------ training
+    def prompt(self, record: InfillRecord) -> Prompt:
+        ids = self.encode_prompt(prefix=record.prefix, suffix=record.suffix)
+        return Prompt(key=self.prompt_template.format(prefix=record.prefix, suffix=record.suffix), ids=ids,
+                      fields={"prefix": record.prefix, "suffix": record.suffix})
+
+    def train_prompts(self) -> list[Prompt]:
+        return [self.prompt(r) for r in self.records]
+
+    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt, middle) token ids of the training records that have a middle."""
+        return [(self.prompt(r).ids, self.ids(" " + r.middle)) for r in self.records if r.middle]
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """log p(z1..zi Y | X) for every prefix, read from the plain story X z1..zi Y."""
+        plain = Rollout([self.ids(p.fields["prefix"]) for p in prompts], rollout.tokens, rollout.lengths, rollout.forced)
+        prefix, suffix = scorer.prefixes_and_suffix(plain, [self.ids(" " + p.fields["suffix"]) for p in prompts])
+        return prefix + suffix
+
+    # ------------------------------------------------------------ evaluation
+    def log_joint(self, scorer: Scorer, record: InfillRecord, latents: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log p(Z Y | X) of whole middles Z (token ids): [N]."""
+        context, ending = self.ids(record.prefix), self.ids(" " + record.suffix)
+        return scorer.continuation([context] * len(latents), [list(z) + ending for z in latents])
+
+    def exact_posterior(self, scorer: Scorer, record: InfillRecord) -> list[float]:
+        """p(candidate | X, Y) over the record's candidates, under the base model."""
+        log_joint = self.log_joint(scorer, record, [self.ids(" " + c) for c in record.candidates])
+        return torch.softmax(log_joint.double(), 0).tolist()
+
+    def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
+        n = samples or self.config.eval_samples
+        texts = [[self.tokenizer.decode(z) for z in sample([self.prompt(r).ids] * n).latents()]
+                 for r in self.eval_records]
+        posteriors = [self.exact_posterior(scorer, r) if r.candidates else None for r in self.eval_records]
+        metrics = sample_metrics(self.eval_records, texts, posteriors)
+        if metrics.get("tv") is not None:
+            plot_posterior(out_dir / "eval.png", self.eval_records, texts, posteriors, metrics["tv"])
+        return metrics
+
+
+# ---------------------------------------------------------------- data
+def split_records(config: InfillConfig) -> tuple[list[InfillRecord], list[InfillRecord]]:
+    """(training, evaluation) records: the demo world's stories on training and held-out
+    frames, or the user's data (evaluation: `eval_data`, else a stable tenth of `data`)."""
+    if config.data is not None:
+        train, held = split_data(config.data, config.eval_data, InfillRecord, _held_out)
+    else:
+        train = demo_records(heldout=False, n=config.demo_stories, seed=config.seed)
+        held = (load_jsonl(config.eval_data, InfillRecord) if config.eval_data
+                else demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
+    return train, held[: config.eval_prompts]
+
+
+def _held_out(record: InfillRecord) -> bool:
+    return stable_tenth(f"{record.prefix}\n{record.suffix}")
+
+
+def demo_records(heldout: bool, n: int, seed: int = 0) -> list[InfillRecord]:
+    """Stories drawn as the world draws them (the event from the frame's prior), on
+    training or held-out frames; held-out ones use distinct frames while they last."""
+    rng = random.Random(seed * 2 + heldout)
+    frames = [f for f in stories.all_frames() if stories.is_heldout(f) == heldout]
+    if heldout:
+        frames = rng.sample(frames, min(n, len(frames))) * (n // len(frames) + 1)
+    records = []
+    for i in range(n):
+        frame = frames[i] if heldout else rng.choice(frames)
+        event = rng.choices(range(len(stories.EVENTS)), weights=frame.prior())[0]
+        records.append(InfillRecord(prefix=frame.beginning, suffix=frame.ending(event),
+                                    middle=frame.events()[event], candidates=frame.events()))
+    return records
+
+
+# ---------------------------------------------------------------- metrics
+def candidate_index(text: str, candidates: Sequence[str]) -> int:
+    """Which candidate a sample is (exact text after stripping), else OFF_SUPPORT."""
+    text = text.strip()
+    return next((i for i, c in enumerate(candidates) if c.strip() == text), OFF_SUPPORT)
+
+
+def sample_metrics(records: Sequence[InfillRecord], texts: Sequence[Sequence[str]],
+                   posteriors: Sequence[Sequence[float] | None],
+                   weights: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
+    """Mean TV to the exact posterior (weighted samples when `weights` is given) and the
+    off-support fraction over records with candidates; BLEU-4 against the true middles;
+    distinct-2 within each record's samples, averaged."""
+    tvs, off = [], []
+    for i, (record, samples, posterior) in enumerate(zip(records, texts, posteriors)):
+        if posterior is None:
+            continue
+        indices = [candidate_index(t, record.candidates) for t in samples]
+        tvs.append(total_variation(indices, dict(enumerate(posterior)), None if weights is None else weights[i]))
+        off.append(sum(k == OFF_SUPPORT for k in indices) / len(indices))
+    pairs = [(t.strip(), r.middle) for r, samples in zip(records, texts) if r.middle for t in samples]
+    return {
+        "prompts": len(records),
+        "samples_per_prompt": len(texts[0]) if texts else 0,
+        "tv": sum(tvs) / len(tvs) if tvs else None,
+        "off_support": sum(off) / len(off) if off else None,
+        "bleu4": bleu4(*zip(*pairs)) if pairs else None,
+        "distinct2": sum(distinct_n(samples, 2) for samples in texts) / len(texts),
+    }
+
+
+def plot_posterior(path: Path, records: Sequence[InfillRecord], texts: Sequence[Sequence[str]],
+                   posteriors: Sequence[Sequence[float] | None], tv: float) -> None:
+    """Sampled frequency and exact posterior of each candidate position (and off-support),
+    averaged over records."""
+    size = max(len(r.candidates) for r in records)
+    sampled, exact, counted = [0.0] * (size + 1), [0.0] * (size + 1), 0
+    for record, samples, posterior in zip(records, texts, posteriors):
+        if posterior is None:
+            continue
+        counted += 1
+        for t in samples:
+            sampled[candidate_index(t, record.candidates)] += 1 / len(samples)
+        for k, p in enumerate(posterior):
+            exact[k] += p
+    labels = [str(k) for k in range(size)] + ["off"]
+    bar_chart(path, labels, [s / counted for s in sampled], [e / counted for e in exact],
+              title=f"infill: sampled vs exact posterior by candidate (mean tv {tv:.3f})")

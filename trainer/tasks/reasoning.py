@@ -1,0 +1,307 @@
+"""Arithmetic with a calculator (REFERENCE.md §3): sample a rationale Z for a question X
+from the posterior p(Z | X, Y) ∝ p(Z Y | X), Y = ". The answer is N." with N the true answer.
+
+    X = "Question: 6 - 0 - 4 - 8 = ? Answer:"          (the policy's prompt, no few-shot)
+    Z = " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6"            (the calculator writes each value)
+    ⊤ = "."                                            (never inside Z: it starts Y)
+
+The policy writes "a op b =" and the calculator (adapters.calculator, through the rollout's
+tool hook) writes the value; those tokens are flagged `forced`, so the objective treats them
+as deterministic and the replay buffer keeps them. The target is the posterior of the base
+model *with* its calculator: tool-written tokens have probability one, so the log-reward of
+stopping after z1..zi is
+
+    log R(z1..zi ⊤) = Σ_{k<i, z_k+1 not forced} log p(z_k+1 | P X z≤k) + log p(Y | P X z≤i)
+
+with P the few-shot `reward_prefix`, every prefix (also those cut mid-step) in one batched
+pass (Scorer.prefixes_and_suffix). The vocabulary is limited to what rationales are made of
+(digits, signs, "=", ",", spaces), found by decoding every token of the tokenizer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
+
+from adapters.calculator import CalculatorError, evaluate, tool_output
+from adapters.manifest import VocabMask
+from adapters.reasoning import AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
+from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.plots import grouped_bars
+from trainer.rollout import Rollout, Tool
+from trainer.scoring import Scorer
+from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig, single_token
+from world import corpus
+
+RATIONALE_CHARACTERS = frozenset("0123456789+-=, ")
+TERMINATOR = "."
+
+
+class ReasoningRecord(BaseModel):
+    """One line of a user's JSONL data: a question, its answer and optionally a worked
+    rationale in the calculator format (the labelled examples: few-shot prefix and SFT)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    answer: int
+    rationale: str | None = None
+
+    @field_validator("question")
+    @classmethod
+    def _canonical(cls, question: str) -> str:
+        return parse_question(question).text
+
+    @field_validator("answer")
+    @classmethod
+    def _is_the_value(cls, answer: int, info: ValidationInfo) -> int:
+        question = info.data.get("question")
+        if question is not None and answer != solve(question):
+            raise ValueError(f"{answer} is not the value of {question!r} ({solve(question)})")
+        return answer
+
+    @field_validator("rationale")
+    @classmethod
+    def _holds(cls, rationale: str | None, info: ValidationInfo) -> str | None:
+        if rationale is None:
+            return None
+        if "answer" in info.data:
+            check_rationale(rationale, info.data["answer"])
+        return " " + rationale.strip()
+
+
+def check_rationale(rationale: str, answer: int) -> None:
+    """Every step "a op b = v" must hold and the last value must be the answer."""
+    value = None
+    for step in rationale.split(","):
+        expression, equals, stated = step.partition("=")
+        try:
+            value = evaluate(expression)
+        except CalculatorError:
+            raise ValueError(f"rationale step {step.strip()!r} is not 'a + b = v' or 'a - b = v'") from None
+        if not equals or stated.strip() != str(value):
+            raise ValueError(f"rationale step {step.strip()!r} does not state its value {value}")
+    if value != answer:
+        raise ValueError(f"the rationale ends with {value}, not the answer {answer}")
+
+
+RecordsFile = data_file(ReasoningRecord)
+
+
+class ReasoningConfig(TaskConfig):
+    name: Literal["reasoning"] = "reasoning"
+    min_len: int = 0
+    max_len: int = 48
+    tool: Literal["calculator"] = "calculator"
+    answer_prompt: str = Field(". The answer is", description="what the base model reads after X Z to state the answer")
+    reward_prefix: str | None = Field(None, description="few-shot text before X when the base model reads the answer; "
+                                                         "default: the first `reward_shots` labelled rationales")
+    reward_shots: int = Field(3, ge=0)
+    data: RecordsFile = Field(None, description="JSONL of ReasoningRecord; default: questions of the demo world")
+    eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
+                                                     "or held-out demo questions")
+    demo_questions: PositiveInt = 2000
+    demo_labelled: PositiveInt = 20
+    train_operands: list[int] = [3, 4]
+    eval_operands: list[int] = [3, 4, 5]
+    eval_questions: PositiveInt = Field(30, description="held-out questions per operand count")
+    eval_rationales: PositiveInt = Field(10, description="rationales sampled per question (N)")
+    seed: int = 0
+
+    @field_validator("answer_prompt")
+    @classmethod
+    def _starts_with_terminator(cls, answer_prompt: str) -> str:
+        if not answer_prompt.startswith(TERMINATOR):
+            raise ValueError(f"must start with the terminator {TERMINATOR!r}: Y begins where Z stops")
+        return answer_prompt
+
+    @field_validator("train_operands", "eval_operands")
+    @classmethod
+    def _operands(cls, counts: list[int]) -> list[int]:
+        if not counts or not all(2 <= n <= 5 for n in counts):
+            raise ValueError(f"operand counts must be 2..5, got {counts}")
+        return counts
+
+
+class ReasoningTask(Task):
+    name = "reasoning"
+    config_type = ReasoningConfig
+    prompt_template = "{question}"
+
+    def __init__(self, config: ReasoningConfig, tokenizer):
+        super().__init__(config, tokenizer)
+        self.records, self.labelled, self.eval_records = load_records(config)
+        self.format = AnswerFormat(config.answer_prompt)  # few_shot writes examples with its answer text
+        prefix = self.few_shot(config.reward_shots) if config.reward_prefix is None else config.reward_prefix
+        self.format = replace(self.format, reward_prefix=prefix)
+        self._terminator_id = single_token(tokenizer, TERMINATOR)
+
+    # ------------------------------------------------------------ the policy
+    @property
+    def terminator_id(self) -> int:
+        return self._terminator_id
+
+    def mask(self) -> VocabMask:
+        allowed = [i for i in range(len(self.tokenizer))
+                   if (text := self.tokenizer.decode([i])) and set(text) <= RATIONALE_CHARACTERS]
+        return VocabMask(mode="allow", token_ids=allowed)
+
+    def tool(self) -> Tool:
+        def calculator(tokens: list[int]) -> list[int] | None:
+            written = tool_output(self.tokenizer.decode(tokens))
+            return None if written is None else self.ids(written)
+        return calculator
+
+    def manifest_fields(self) -> dict[str, Any]:
+        fields = super().manifest_fields()
+        fields["task_config"]["reward_prefix"] = self.format.reward_prefix  # the resolved text the service reads
+        return fields
+
+    # ------------------------------------------------------------ training
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt(self, record: ReasoningRecord) -> Prompt:
+        return Prompt(key=record.question, ids=self.encode_prompt(question=record.question),
+                      fields={"question": record.question, "answer": record.answer})
+
+    def train_prompts(self) -> list[Prompt]:
+        return [self.prompt(r) for r in self.records]
+
+    def few_shot(self, shots: int) -> str:
+        """The first `shots` labelled rationales as worked examples, one per line."""
+        return "".join(f"{r.question}{r.rationale}{self.format.answer_text(r.answer)}\n" for r in self.labelled[:shots])
+
+    def teacher_rollout(self, prompts: list[Prompt], rationales: list[str]) -> Rollout:
+        """Given rationales as a rollout, the calculator's values flagged `forced` exactly
+        where sampling with the tool would have written them."""
+        tool, latents, flags = self.tool(), [self.ids(z) for z in rationales], []
+        for tokens in latents:
+            forced, k = [False] * len(tokens), 0
+            while k < len(tokens):
+                written = tool(tokens[: k + 1])
+                if written and tokens[k + 1: k + 1 + len(written)] == written:
+                    forced[k + 1: k + 1 + len(written)] = [True] * len(written)
+                    k += len(written)
+                k += 1
+            flags.append(forced)
+        width, pad = max(map(len, latents)), self.tokenizer.pad_token_id
+        tokens = torch.tensor([z + [pad] * (width - len(z)) for z in latents])
+        forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])
+        return Rollout([p.ids for p in prompts], tokens, torch.tensor([len(z) for z in latents]), forced)
+
+    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """(question, rationale) token ids of the labelled records."""
+        return [(self.prompt(r).ids, self.ids(r.rationale)) for r in self.labelled]
+
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """log p(policy-written z≤i, Y | P X) for every prefix i (module docstring)."""
+        read = Rollout([self.ids(self.format.context(p.fields["question"], "")) for p in prompts],
+                       rollout.tokens, rollout.lengths, rollout.forced)
+        answers = [self.ids(self.format.answer_text(p.fields["answer"])) for p in prompts]
+        prefix, suffix = scorer.prefixes_and_suffix(read, answers)
+        written = (torch.arange(rollout.tokens.shape[1])[None, :] < rollout.lengths[:, None]) & ~rollout.forced
+        own = torch.where(written, prefix.diff(dim=1), 0.0).cumsum(dim=1)
+        return torch.cat([torch.zeros_like(own[:, :1]), own], dim=1) + suffix
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
+        """Accuracy by operand count of the vote (and of the p(Y|XZ)-weighted vote) over N
+        sampled rationales per held-out question, and the fraction of single rationales
+        whose answer is right."""
+        n = samples or self.config.eval_rationales
+        questions = [r.question for r in self.eval_records for _ in range(n)]
+        rationales: list[str] = []
+        for start in range(0, len(questions), 256):
+            prompts = [self.encode_prompt(question=q) for q in questions[start:start + 256]]
+            rationales += [self.tokenizer.decode(z) for z in sample(prompts).latents()]
+        answers = read_answers(questions, rationales, self.format, self.completer(scorer))
+        weights = answer_log_probs(questions, rationales, answers, self.format, self.log_prob_scorer(scorer))
+        metrics = self.accuracy(answers, weights, n)
+        series = {key: list(metrics[key].values()) for key in ("accuracy", "accuracy_weighted", "rationale_accuracy")}
+        grouped_bars(out_dir / "eval.png", list(metrics["accuracy"]), series,
+                     title=f"reasoning: accuracy by operand count ({n} rationales per question)", ylabel="accuracy")
+        return metrics
+
+    def accuracy(self, answers: Sequence[int | None], weights: Sequence[float] | None, n: int) -> dict[str, Any]:
+        """Metrics of n answers per eval record (in order), by operand count."""
+        by_count: dict[str, dict[str, list[float]]] = {}
+        for k, record in enumerate(self.eval_records):
+            mine = answers[k * n:(k + 1) * n]
+            group = by_count.setdefault(str(operand_count(record.question)), {"vote": [], "weighted": [], "single": []})
+            group["vote"].append(aggregate(mine).answer == record.answer)
+            group["single"].append(sum(a == record.answer for a in mine) / n)
+            if weights is not None:
+                mine_w = weights[k * n:(k + 1) * n]
+                group["weighted"].append(aggregate(mine, mine_w, method="weighted").answer == record.answer)
+        mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        return {
+            "accuracy": {c: mean(g["vote"]) for c, g in sorted(by_count.items())},
+            "accuracy_weighted": {c: mean(g["weighted"]) for c, g in sorted(by_count.items())},
+            "rationale_accuracy": {c: mean(g["single"]) for c, g in sorted(by_count.items())},
+            "questions": {c: len(g["vote"]) for c, g in sorted(by_count.items())},
+            "rationales": n,
+        }
+
+    def completer(self, scorer: Scorer, max_new_tokens: int = 6):
+        """adapters.reasoning.Complete backed by the base model's greedy decoding."""
+        def complete(contexts: list[str]) -> list[str]:
+            out = scorer.greedy([self.ids(c) for c in contexts], max_new_tokens)
+            return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+        return complete
+
+    def log_prob_scorer(self, scorer: Scorer):
+        """adapters.reasoning.Score backed by the base model."""
+        def score(contexts: list[str], continuations: list[str]) -> list[float]:
+            return scorer.continuation([self.ids(c) for c in contexts], [self.ids(c) for c in continuations]).tolist()
+        return score
+
+
+def operand_count(question: str) -> int:
+    return len(parse_question(question).operands)
+
+
+# ---------------------------------------------------------------- data
+def load_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[ReasoningRecord], list[ReasoningRecord]]:
+    """(training, labelled, evaluation) records: a user's data (evaluation: `eval_data`,
+    else a stable tenth of `data`) or the demo world's questions; at most `eval_questions`
+    evaluation records per operand count."""
+    if config.data is not None:
+        train, held = split_data(config.data, config.eval_data, ReasoningRecord, lambda r: stable_tenth(r.question))
+    else:
+        train, held = demo_records(config)
+        if config.eval_data is not None:
+            held = load_jsonl(config.eval_data, ReasoningRecord)
+    by_count: dict[int, list[ReasoningRecord]] = {}
+    for record in held:
+        by_count.setdefault(operand_count(record.question), []).append(record)
+    held = [r for _, group in sorted(by_count.items()) for r in group[: config.eval_questions]]
+    return train, [r for r in train if r.rationale is not None], held
+
+
+def demo_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[ReasoningRecord]]:
+    """(training, evaluation) questions of the demo world's arithmetic (world.corpus), all
+    distinct: `eval_questions` per evaluation operand count, then `demo_questions` with
+    operand counts drawn from `train_operands`, the first `demo_labelled` with a rationale."""
+    rng, seen = random.Random(config.seed), set()
+    held = [_demo_record(rng, n, seen, False) for n in config.eval_operands for _ in range(config.eval_questions)]
+    train = [_demo_record(rng, rng.choice(config.train_operands), seen, i < config.demo_labelled)
+             for i in range(config.demo_questions)]
+    return train, held
+
+
+def _demo_record(rng: random.Random, operands: int, seen: set[str], labelled: bool) -> ReasoningRecord:
+    for _ in range(100):  # a question not drawn before, while there are any
+        numbers, operators = corpus.random_problem(rng, operands)
+        question = corpus.question(numbers, operators)
+        if question not in seen:
+            break
+    seen.add(question)
+    rationale, value = corpus.rationale(numbers, operators)
+    return ReasoningRecord(question=question, answer=value, rationale=rationale if labelled else None)

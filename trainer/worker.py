@@ -1,0 +1,64 @@
+"""The training job a `gfn worker` runs: one queued config, trained to an adapter version.
+
+Its run directory is `runs/<job id>`, so a job retried after its worker died resumes from
+its checkpoint, and the store maps the job id to at most one version. Progress goes to
+the job's meta (read by `JobQueue.status`), at most every PROGRESS_EVERY_S; the cancel
+flag is read at every step boundary. While Redis is away the job trains on, unobserved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq import get_current_job
+from rq.job import Job
+
+from adapters.home import runs_root, store_root
+from adapters.store import AdapterStore
+from jobs.announce import NewVersion, announce
+from jobs.queue import cancel_requested, save_progress
+from trainer.config import TrainConfig
+from trainer.loop import Trainer
+
+PROGRESS_EVERY_S = 1.0
+
+
+def run_job(config: dict[str, Any]) -> dict[str, Any]:
+    """Train `config`; returns {"adapter": "name@vN"}, or {"cancelled": True, "step": n}
+    when cancelled (after a checkpoint)."""
+    job = get_current_job()
+    trainer = Trainer(
+        TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
+        on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
+    )
+    manifest = trainer.run()
+    if manifest is None:
+        return {"cancelled": True, "step": trainer.step}
+    announce(job.connection, NewVersion(name=manifest.name, version=manifest.version, job_id=job.id))
+    return {"adapter": manifest.ref}
+
+
+def _cancelled(job: Job) -> bool:
+    try:
+        return cancel_requested(job.connection, job.id)
+    except RedisError:
+        return False
+
+
+def _reporter(job: Job) -> Callable[[dict[str, Any]], None]:
+    """Saves progress to the job's meta, throttled; the last step is always saved."""
+    last = float("-inf")
+
+    def report(metrics: dict[str, Any]) -> None:
+        nonlocal last
+        if time.monotonic() - last >= PROGRESS_EVERY_S or metrics["step"] == metrics["total"]:
+            last = time.monotonic()
+            try:
+                save_progress(job, metrics)
+            except RedisError:
+                pass
+
+    return report
