@@ -121,6 +121,7 @@ def main() -> None:
 
     policy = LoadedPolicy(store, gfn.name, gfn.version)
     task: ConstrainedTask = policy.task
+    adapted = policy.model.merge_and_unload()  # sampled as a server would run it
     base = load_causal_lm(gfn.base_model.path)
     scorer, pad, spec = Scorer(base, policy.pad_id), policy.pad_id, task.spec()
     records = task.eval_records[: args.prompts or task.config.eval_prompts]
@@ -128,7 +129,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1234)
 
     def gfn_draw(record: ConstrainedRecord, k: int) -> Rollout:
-        return sample(policy.model, spec, [task.prompt(record).ids] * k, pad, 1.0, generator)
+        return sample(adapted, spec, [task.prompt(record).ids] * k, pad, 1.0, generator)
 
     def base_draw(record: ConstrainedRecord, k: int) -> Rollout:
         return sample(base, spec, [task.context(record.keywords)] * k, pad, 1.0, generator)

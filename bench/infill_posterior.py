@@ -11,7 +11,8 @@ Methods, on the same records with the same number of samples each:
   importance  prior samples weighted by p(Y | X Z), drawn for as long as gfn took
   sft         a LoRA fine-tuned on (beginning, ending) -> middle pairs (trainer/sft.py)
 Importance weights are w = p(X Z Y) / q(Z) (for prior proposals w ∝ p(Y | X Z)); ESS =
-(Σw)²/Σw² per record, summed, over the seconds spent sampling and weighting.
+(Σw)²/Σw² per record, summed, over the seconds spent sampling and weighting. Adapters are
+merged into their base weights for sampling, as a server would run them.
 
 Last stdout line: {"train_seconds", "methods": {name: {tv, ess_per_second, bleu4,
 distinct2, off_support, seconds}}, "goals": {...}}. Goals: gfn.tv <= 0.15 while
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="train the adapters anew instead of reusing them")
     parser.add_argument("--prompts", type=int, help="held-out records (default: the config's eval_prompts)")
     parser.add_argument("--samples", type=int, help="samples per record (default: the config's eval_samples)")
+    parser.add_argument("--sft-steps", type=int, default=300, help="steps of the SFT baseline")
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
@@ -128,7 +130,7 @@ def main() -> None:
         gfn, gfn_cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
     log(f"gfn adapter {gfn.ref} ({'cached' if gfn_cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
     sft_config = SFTConfig(name="infill-sft", base_model=config.base_model, task=config.task, lora=config.lora,
-                           steps=300, batch_size=32, lr=1e-3, seed=config.seed, evaluate=False)
+                           steps=args.sft_steps, batch_size=32, lr=1e-3, seed=config.seed, evaluate=False)
     sft, sft_cached = cached_adapter(store, sft_config, lambda: train_sft(sft_config, store), args.fresh)
     log(f"sft adapter {sft.ref} ({'cached' if sft_cached else 'trained'}, {sft.metrics['train_seconds']} s)")
 
@@ -141,10 +143,10 @@ def main() -> None:
     posteriors = [task.exact_posterior(scorer, r) for r in records]
     generator = torch.Generator().manual_seed(1234)
     methods: dict[str, Method] = {
-        "gfn": policy_method(policy.model, task, scorer, generator),
+        "gfn": policy_method(policy.model.merge_and_unload(), task, scorer, generator),
         "prior": prior_method(base, task, scorer, generator),
         "prompted": policy_method(base, task, scorer, generator),
-        "sft": policy_method(sft_policy.model, task, scorer, generator),
+        "sft": policy_method(sft_policy.model.merge_and_unload(), task, scorer, generator),
     }
     for method in methods.values():  # warm up allocators and kernels before timing
         method(records[0], 2)

@@ -225,7 +225,7 @@ def up(
     import uvicorn
 
     from adapters.home import gfn_home
-    from gfn.local import RedisServer, ensure_demo_adapters, start_worker
+    from gfn.local import RedisServer, ensure_demo_adapters, start_worker, stop_process
     from service.app import create_app
     from service.settings import Settings
     from world.base_model import build
@@ -246,8 +246,7 @@ def up(
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
     finally:
         if worker is not None:
-            worker.terminate()
-            worker.wait(30)
+            stop_process(worker)
         if redis is not None:
             redis.stop()
 

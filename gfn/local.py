@@ -88,3 +88,14 @@ def ensure_demo_adapters(names: tuple[str, ...] = DEMO_ADAPTERS) -> None:
 
 def start_worker(redis_url: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_url])
+
+
+def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL: a worker waits for its job on SIGTERM, and a killed job
+    resumes from its checkpoint on the next start (Redis persists the queue)."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -14,7 +14,7 @@ from service import errors, logs
 from service.deps import admit, require_key
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
-from service.routes import adapters, generate, health, infill, reason
+from service.routes import adapters, generate, health, infill, jobs, reason
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (infill.router, reason.router, generate.router):
         app.include_router(router, dependencies=inference, responses=_errors(401, 404, 413, 429, 504))
     app.include_router(adapters.router, dependencies=[Depends(require_key)], responses=_errors(401, 404, 409, 413))
+    app.include_router(jobs.router, dependencies=[Depends(require_key)], responses=_errors(401, 413))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413 included
     return app

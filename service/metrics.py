@@ -24,14 +24,14 @@ class Metrics:
         self.queue = Histogram("gfn:request_queue_time_seconds", "Time a request waited before the engine ran it.",
                                ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.first_sample = Histogram("gfn:time_to_first_sample_seconds",
-                                      "Time from arrival to the first complete sample.",
+                                      "Time from arrival to the first sample delivered (a request's n samples come together).",
                                       ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter("gfn:requests", "Requests by endpoint, adapter name and HTTP status.",
                                 ["endpoint", "adapter", "status"], registry=r)
         self.tokens = Counter("gfn:generation_tokens", "Latent tokens generated.", ["adapter"], registry=r)
         self.running = Gauge("gfn:num_requests_running", "Requests the engine is computing.", registry=r)
         self.waiting = Gauge("gfn:num_requests_waiting", "Requests queued in front of the engine.", registry=r)
-        self.batch_size = Histogram("gfn:batch_size", "Samples per engine batch (transformers engine).",
+        self.batch_size = Histogram("gfn:batch_size", "Samples per generation step (transformers engine).",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.cache_lookups = Counter("gfn:cache_lookups", "Rationale cache lookups.", registry=r)
         self.cache_hits = Counter("gfn:cache_hits", "Lookups answered entirely from the cache.", registry=r)

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     request_timeout_s: PositiveFloat = 120.0
 
     # engines
-    batch_max_size: PositiveInt = Field(256, description="transformers engine: samples per batch")
-    batch_wait_ms: float = Field(5.0, ge=0, description="transformers engine: wait for more requests")
+    batch_max_size: PositiveInt = Field(256, description="transformers engine: samples generated together")
+    batch_wait_ms: float = Field(5.0, ge=0, description="transformers engine, when idle: wait for more requests")
     torch_threads: PositiveInt | None = Field(None, description="transformers engine: intra-op threads; "
                                               "default: torch's (1 is faster on a busy machine)")
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # rationale cache
     cache_size: PositiveInt = Field(4096, description="in-process cache: questions kept")
     cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="Redis cache: expiry of a question's pool")
+
+    # new adapter versions (written by training jobs) go live without a restart
+    watch_poll_s: PositiveFloat = Field(10.0, description="poll of the store, the fallback to Redis announcements")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
 from adapters.errors import AdapterError, InvalidAdapterName
@@ -16,6 +17,7 @@ from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
+from jobs import JobQueue
 from service.cache import RationaleCache
 from service.engines import make_engine
 from service.engines.base import Engine, GenRequest, GenResult
@@ -24,6 +26,7 @@ from service.metrics import Metrics
 from service.reasoning import Calculator
 from service.registry import Registry
 from service.settings import Settings
+from service.watcher import AdapterWatcher
 
 log = logging.getLogger("gfn.service")
 
@@ -38,6 +41,9 @@ class ServiceState:
     cache: RationaleCache
     metrics: Metrics
     calculator: Calculator
+    jobs: JobQueue | None
+    """The training-job queue; None without Redis (then /jobs answers 503)."""
+    watcher: AdapterWatcher
     refused: dict[str, str] = field(default_factory=dict)
     """Adapters that failed to load at start, with the reason."""
     in_flight: int = 0
@@ -56,9 +62,14 @@ class ServiceState:
                              [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
         await engine.start()
         metrics.watch(engine)
-        state = cls(settings, str(base_model), tokenizer, engine, Registry(store, engine, base_fingerprint, metrics),
+        registry = Registry(store, engine, base_fingerprint, metrics)
+        jobs = None
+        if settings.redis_url:
+            jobs = JobQueue(Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2))
+        state = cls(settings, str(base_model), tokenizer, engine, registry,
                     RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
-                    metrics, Calculator(tokenizer), refused)
+                    metrics, Calculator(tokenizer), jobs,
+                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s), refused)
         for pinned, manifest in wanted:
             try:
                 await state.registry.load(manifest.name, manifest.version, pin=pinned)
@@ -66,11 +77,13 @@ class ServiceState:
                 state.refused[manifest.ref] = str(error)
         for ref, reason in state.refused.items():
             log.error("adapter refused", extra={"adapter": ref, "reason": reason})
+        state.watcher.start()
         log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
                                            "adapters": sorted(state.registry.entries)})
         return state
 
     async def stop(self) -> None:
+        await self.watcher.stop()
         await self.registry.close()
         await self.engine.stop()
         await self.cache.close()
@@ -83,7 +96,7 @@ class ServiceState:
             "engine": self.engine.name,
             "adapters": sorted(ref for ref, e in self.registry.entries.items() if not e.retiring),
             "refused": self.refused,
-            "redis": {None: "not configured", True: "ok", False: "unreachable: rationale cache bypassed"}[redis],
+            "redis": {None: "not configured", True: "ok", False: "unreachable: rationale cache bypassed, /jobs unavailable"}[redis],
         }
 
     async def sample(self, request: Request, req: GenRequest) -> GenResult:

@@ -166,4 +166,4 @@ def test_sft_stores_an_adapter_with_the_task_manifest(tmp_path, demo_model):
     assert manifest.terminator_id == fields["terminator_id"] and manifest.max_len == fields["max_len"]
     assert manifest.training["method"] == "sft" and manifest.training["pairs"] == 8
     with pytest.raises(ValueError, match="pair 0"):
-        train_sft(config, AdapterStore(tmp_path), pairs=[([1, 2], [])])
+        train_sft(config, AdapterStore(tmp_path), pairs=[([1, 2], [5] * 50)])

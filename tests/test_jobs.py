@@ -97,12 +97,15 @@ def test_checked_in_schema_is_current():
     assert SCHEMA.read_text() == schema_json(), "configs/schema.json is stale: run `gfn configs schema`"
 
 
-def test_every_bundled_config_passes_the_schema_and_the_trainer():
+def test_every_bundled_config_passes_the_schema_and_queues_as_the_same_config():
+    """What the queue carries (schema-checked JSON) is the config `gfn train` would train."""
     from jobs.configs import bundled_configs
     from trainer.config import load_config
 
     for name in bundled_configs():
-        assert load_config(load(name)).name == name
+        assert load_config(load(name)) == load_config(name)
+    weights = {"task.target": {"kind": "weights", "weights": {3: 1.0, 7: 2.0}}}
+    assert load_config(load("rng", weights)) == load_config("rng", weights)
 
 
 def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue, redis_server):

@@ -1,25 +1,30 @@
 """The transformers + peft engine: one base model, many LoRA adapters, batches that mix them.
 
-A dynamic batcher collects requests until ``batch_max_size`` samples are queued or
-``batch_wait_ms`` has passed, then runs the whole batch in one worker thread. That thread
-is the only one touching the model (adapter loads run there too), so the event loop never
-waits on compute and a load never races a forward pass.
+One worker thread owns the model and batches continuously. When idle it collects requests
+for up to ``batch_wait_ms`` or until ``batch_max_size`` samples are queued; while generating, it
+lets waiting requests join the running batch between steps (a prompt is read once, its cache
+shared by its n samples), drops finished and cancelled samples, and answers each request as
+soon as its own samples are done, so no request waits for a slower batch-mate. Scoring and
+adapter loads run in the same thread between steps: the event loop never waits on compute and
+nothing changes the model during a forward pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
+import torch.nn.functional as F
 
 from adapters.manifest import VocabMask
 from adapters.models import load_causal_lm
@@ -31,15 +36,94 @@ BASE_ROW = "__base__"
 """peft's adapter name for a row of a mixed batch that runs on the base model."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Work:
-    """One call to generate (``requests``) or score (``pairs``), waiting for a batch."""
+    """A call waiting for the worker: generate (``requests``), score (``pairs``) or ``call``."""
 
     future: asyncio.Future
-    rows: int
     requests: list[GenRequest] | None = None
     pairs: tuple[list[list[int]], list[list[int]]] | None = None
+    call: Callable[[], Any] | None = None
     queued: float = field(default_factory=time.perf_counter)
+    samples: list[list[Sample | None]] = field(default_factory=list)
+    left: int = 0
+    started: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(r.n for r in self.requests) if self.requests else 0
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sample in generation: the latent so far, tool tokens still to write, its log q."""
+
+    work: _Work
+    request: int
+    index: int
+    req: GenRequest
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    log_q: float = 0.0
+    stopped: bool = False
+    done: bool = False
+
+    def advance(self, choice: int, log_prob: float) -> bool:
+        """Take this step's sampled token (or the tool's); True once the sample is complete."""
+        if len(self.tokens) == self.req.max_tokens:
+            return True
+        if self.pending:
+            self.tokens.append(self.pending.pop(0))
+            return False
+        self.log_q += log_prob
+        if choice == self.req.terminator_id:
+            self.stopped = True
+            return True
+        self.tokens.append(choice)
+        tool = self.req.tool
+        if tool is not None and choice in tool.triggers:
+            self.pending = list(tool(self.tokens) or [])
+        return False
+
+
+class _Batch:
+    """The samples in generation: their rows, the KV cache, and per-row tensors (next-token
+    logits, attention mask, positions and the policy's bias, temperature and limits)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.state: dict[str, torch.Tensor] = {}
+
+    def join(self, rows: list[_Row], cache: Any, state: dict[str, torch.Tensor]) -> None:
+        """Add rows; caches of different lengths are left-padded to the longer (masked out)."""
+        if not self.rows:
+            self.rows, self.cache, self.state = rows, cache, state
+            return
+        width = max(self.state["attention"].shape[1], state["attention"].shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        state["attention"] = _left_pad(state["attention"], width)
+        self.state["attention"] = _left_pad(self.state["attention"], width)
+        self.state = {name: torch.cat([tensor, state[name]]) for name, tensor in self.state.items()}
+        self.rows += rows
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only these rows (in this order), and trim the padding none of them needs any more."""
+        if not index:
+            self.rows, self.cache, self.state = [], None, {}
+            return
+        selected = torch.tensor(index)
+        self.cache.reorder_cache(selected)
+        self.state = {name: tensor[selected] for name, tensor in self.state.items()}
+        self.rows = [self.rows[i] for i in index]
+        padding = int((self.state["attention"].cumsum(1) == 0).sum(1).min())  # columns no row attends to
+        if padding:
+            self.state["attention"] = self.state["attention"][:, padding:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
 
 
 class HFEngine(Engine):
@@ -51,33 +135,129 @@ class HFEngine(Engine):
         self.batch_max_size, self.batch_wait_s, self.on_batch = batch_max_size, batch_wait_ms / 1000, on_batch
         self.model: Any = None
         self.peft: peft.PeftModel | None = None  # wraps self.model once an adapter is loaded
-        self._queue: deque[_Work] = deque()
-        self._wake = asyncio.Event()
-        self._running = 0
+        self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._held: deque[_Work] = deque()  # taken from the inbox, waiting for room in the batch
+        self._batch = _Batch()
         self._biases: dict[tuple, torch.Tensor] = {}
         self._seeds = random.Random()
+        self._stopping = False
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ the event loop's side
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
-        if self.threads is not None:
-            await self._in_worker(torch.set_num_threads, self.threads)  # in the thread that computes
-        self.model = await self._in_worker(load_causal_lm, self.model_dir)
-        self.vocab_size = self.model.config.vocab_size
-        self.max_model_len = self.model.config.max_position_embeddings
-        self._batcher = asyncio.create_task(self._batch_loop())
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="hf-engine", daemon=True)
+        self._thread.start()
+        await self._submit(_Work(self._loop.create_future(), call=self._load_model))
 
     async def stop(self) -> None:
-        self._batcher.cancel()
-        for work in self._queue:
+        self._inbox.put(None)
+        await asyncio.to_thread(self._thread.join)
+        while not self._inbox.empty():
+            self._hold(self._inbox.get())
+        for work in self._held:
             work.future.cancel()
-        self._executor.shutdown(wait=True)
 
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
-        await self._in_worker(self._load, adapter)
+        await self._submit(_Work(self._loop.create_future(), call=lambda: self._load(adapter)))
 
     async def remove_adapter(self, ref: str) -> None:
-        await self._in_worker(self._unload, ref)
+        await self._submit(_Work(self._loop.create_future(), call=lambda: self._unload(ref)))
+
+    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        return await self._submit(_Work(self._loop.create_future(), requests=requests)) if requests else []
+
+    async def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        return await self._submit(_Work(self._loop.create_future(), pairs=(contexts, continuations))) if contexts else []
+
+    async def _submit(self, work: _Work) -> Any:
+        """Hand the work to the worker and wait; cancelling the caller cancels the future, and the
+        worker then drops the work (its samples leave the batch at the next step)."""
+        self._inbox.put(work)
+        return await work.future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def running(self) -> int:
+        return len({id(row.work) for row in self._batch.rows if not row.done})
+
+    @property
+    def waiting(self) -> int:
+        return self._inbox.qsize() + len(self._held)
+
+    # ------------------------------------------------------------------ the worker thread
+    def _serve(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        while not self._stopping:
+            works = [w for w in self._collect(len(self._batch.rows)) if not w.future.done()]  # not cancelled
+            for work in works:
+                if work.requests is None:
+                    self._run(work)
+            generate = [w for w in works if w.requests is not None]
+            if generate:
+                self._or_fail(generate, lambda: self._admit(generate))
+            if self._batch.rows:
+                self._or_fail([row.work for row in self._batch.rows], self._step)
+
+    def _collect(self, rows: int) -> list[_Work]:
+        """Works to begin now, in order. Idle: the first to come and those arriving within
+        batch_wait while there is room. Busy: those queued; requests join the batch once a quarter
+        of it is free, so that joins (which copy the KV cache) come in groups."""
+        if rows == 0 and not self._held:
+            self._hold(self._inbox.get())
+            deadline = time.perf_counter() + self.batch_wait_s
+            while not self._stopping and sum(w.rows for w in self._held) < self.batch_max_size:
+                try:
+                    self._hold(self._inbox.get(timeout=max(0.0, deadline - time.perf_counter())))
+                except queue.Empty:
+                    break
+        while not self._inbox.empty():
+            self._hold(self._inbox.get())
+        room = self.batch_max_size - rows
+        joining = rows == 0 or room >= self.batch_max_size // 4
+        begin: list[_Work] = []
+        while self._held:
+            work = self._held[0]
+            if work.rows and not (joining and (work.rows <= room or rows + len(begin) == 0)):
+                break
+            begin.append(self._held.popleft())
+            room -= work.rows
+        return begin
+
+    def _hold(self, work: _Work | None) -> None:
+        if work is None:
+            self._stopping = True
+        else:
+            self._held.append(work)
+
+    def _run(self, work: _Work) -> None:
+        """An engine change or a scoring call, between two steps."""
+        try:
+            self._settle(work, work.call() if work.call is not None else self._score(*work.pairs))  # type: ignore[misc]
+        except Exception as error:  # noqa: BLE001 - delivered to the caller
+            self._settle(work, error)
+
+    def _or_fail(self, works: list[_Work], operation: Callable[[], None]) -> None:
+        """Run a batch operation; if it fails, its works get the error and their rows leave the batch."""
+        try:
+            operation()
+        except Exception as error:  # noqa: BLE001 - delivered to the callers; the engine goes on
+            failed = {id(work): work for work in works}
+            for work in failed.values():
+                self._settle(work, error)
+            self._batch.keep([i for i, row in enumerate(self._batch.rows) if id(row.work) not in failed])
+
+    def _settle(self, work: _Work, result: Any) -> None:
+        self._loop.call_soon_threadsafe(_resolve, work.future, result)
+
+    # ------------------------------------------------------------------ the model
+    def _load_model(self) -> None:
+        self.model = load_causal_lm(self.model_dir)
+        self.vocab_size = self.model.config.vocab_size
+        self.max_model_len = self.model.config.max_position_embeddings
 
     def _load(self, adapter: LoadedAdapter) -> None:
         ref = adapter.manifest.ref
@@ -96,94 +276,17 @@ class HFEngine(Engine):
         else:
             self.peft.delete_adapter(ref)
 
-    # ------------------------------------------------------------------ requests
-    async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        if not requests:
-            return []
-        return await self._submit(_Work(asyncio.get_running_loop().create_future(), sum(r.n for r in requests),
-                                        requests=requests))
-
-    async def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
-        if not contexts:
-            return []
-        return await self._submit(_Work(asyncio.get_running_loop().create_future(), len(contexts),
-                                        pairs=(contexts, continuations)))
-
-    @property
-    def alive(self) -> bool:
-        return not self._batcher.done()
-
-    @property
-    def running(self) -> int:
-        return self._running
-
-    @property
-    def waiting(self) -> int:
-        return sum(not w.future.done() for w in self._queue)
-
-    async def _submit(self, work: _Work) -> Any:
-        """Queue the work and wait; a cancelled caller cancels the future, and the batcher skips it."""
-        self._queue.append(work)
-        self._wake.set()
-        return await work.future
-
-    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    # ------------------------------------------------------------------ the batcher
-    async def _batch_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            if sum(w.rows for w in self._queue) < self.batch_max_size:
-                await asyncio.sleep(self.batch_wait_s)  # let concurrent requests join
-            batch = self._take()
-            if not self._queue:
-                self._wake.clear()
-            if batch:
-                await self._run(batch)
-
-    def _take(self) -> list[_Work]:
-        batch, rows = [], 0
-        while self._queue and (not batch or rows + self._queue[0].rows <= self.batch_max_size):
-            work = self._queue.popleft()
-            if not work.future.done():
-                batch.append(work)
-                rows += work.rows
-        return batch
-
-    async def _run(self, batch: list[_Work]) -> None:
-        started = time.perf_counter()
-        self._running = len(batch)
-        if self.on_batch is not None:
-            self.on_batch(sum(w.rows for w in batch))
-        try:
-            results = await self._in_worker(self._compute, batch)
-        except Exception as error:  # noqa: BLE001 - delivered to every caller of the batch
-            results = [error] * len(batch)
-        finally:
-            self._running = 0
-        for work, result in zip(batch, results):
-            if work.future.done():
-                continue
-            if isinstance(result, Exception):
-                work.future.set_exception(result)
-            elif work.requests is not None:
-                work.future.set_result([GenResult(samples, started - work.queued) for samples in result])
-            else:
-                work.future.set_result(result)
-
-    def _compute(self, batch: list[_Work]) -> list[Any]:
-        """Every generate call of the batch in one sampling pass; score calls one pass each."""
-        requests = [r for w in batch if w.requests is not None for r in w.requests]
-        samples = iter(self._sample(requests) if requests else [])
-        return [[next(samples) for _ in w.requests] if w.requests is not None else self._score(*w.pairs)
-                for w in batch]
-
-    # ------------------------------------------------------------------ the model
     def _forward(self, adapters: list[str], **inputs: Any) -> Any:
+        """A mixed batch names each row's adapter; a uniform one takes peft's faster path."""
         if self.peft is None:
             return self.model(**inputs)
-        return self.peft(**inputs, adapter_names=adapters)
+        if len(set(adapters)) > 1:
+            return self.peft(**inputs, adapter_names=adapters)
+        if adapters[0] == BASE_ROW:
+            with self.peft.disable_adapter():
+                return self.peft(**inputs)
+        self.peft.set_adapter(adapters[0])
+        return self.peft(**inputs)
 
     def _bias(self, mask: VocabMask, terminator_id: int) -> torch.Tensor:
         key = (mask.mode, tuple(mask.token_ids), mask.penalty, terminator_id)
@@ -192,60 +295,78 @@ class HFEngine(Engine):
         return self._biases[key]
 
     @torch.no_grad()
-    def _sample(self, requests: list[GenRequest]) -> list[list[Sample]]:
-        """All samples of all requests as rows of one KV-cached batch, each row with its own
-        adapter, policy, temperature and random stream (Gumbel-max with a per-row generator)."""
-        rows = [(r, r.seed + i if r.seed is not None else self._seeds.getrandbits(63))
-                for r in requests for i in range(r.n)]
-        reqs = [r for r, _ in rows]
-        batch = len(rows)
-        generators = [torch.Generator().manual_seed(seed) for _, seed in rows]
-        adapters = [r.adapter or BASE_ROW for r in reqs]
-        bias = torch.stack([self._bias(r.mask, r.terminator_id) for r in reqs])
-        temperature = torch.tensor([[r.temperature or 1.0] for r in reqs])
-        greedy = torch.tensor([r.temperature == 0 for r in reqs])
-        terminators = torch.tensor([r.terminator_id for r in reqs])
-        early_stop_penalty = torch.tensor([r.mask.penalty for r in reqs])
-        min_tokens = torch.tensor([r.min_tokens for r in reqs])
-        tokens: list[list[int]] = [[] for _ in rows]
-        pending: list[list[int]] = [[] for _ in rows]
-        log_q, stopped, done = [0.0] * batch, [False] * batch, [False] * batch
+    def _admit(self, works: list[_Work]) -> None:
+        """Read the works' prompts in one pass; each sample gets a row sharing its prompt's cache."""
+        requests = [r for work in works for r in work.requests or []]
+        inputs = _pack([r.prompt_ids for r in requests], self.pad_id)
+        out = self._forward([r.adapter or BASE_ROW for r in requests], **inputs, use_cache=True)
+        expand = torch.tensor([k for k, r in enumerate(requests) for _ in range(r.n)])
+        out.past_key_values.reorder_cache(expand)
+        rows = [_Row(work, k, i, r, torch.Generator().manual_seed(
+                    r.seed + i if r.seed is not None else self._seeds.getrandbits(63)))
+                for work in works for k, r in enumerate(work.requests or []) for i in range(r.n)]
+        for work in works:
+            work.samples = [[None] * r.n for r in work.requests or []]
+            work.left, work.started = work.rows, time.perf_counter()
+        reqs = [row.req for row in rows]
+        self._batch.join(rows, out.past_key_values, {
+            "logits": out.logits[expand, -1].float(),
+            "attention": inputs["attention_mask"][expand],
+            "position": inputs["position_ids"][expand, -1:],
+            "bias": torch.stack([self._bias(r.mask, r.terminator_id) for r in reqs]),
+            "temperature": torch.tensor([[r.temperature or 1.0] for r in reqs]),
+            "greedy": torch.tensor([r.temperature == 0 for r in reqs]),
+            "terminator": torch.tensor([r.terminator_id for r in reqs]),
+            "early_stop_penalty": torch.tensor([r.mask.penalty for r in reqs]),
+            "min_tokens": torch.tensor([r.min_tokens for r in reqs]),
+        })
 
-        inputs = _pack([r.prompt_ids for r in reqs], self.pad_id)
-        out = self._forward(adapters, **inputs, use_cache=True)
-        attention, position = inputs["attention_mask"], inputs["position_ids"][:, -1:]
-        for step in range(max(r.max_tokens for r in reqs) + 1):
-            logits = out.logits[:, -1].float() + bias
-            logits[torch.arange(batch), terminators] += torch.where(step < min_tokens, early_stop_penalty, 0.0)
-            log_probs = torch.log_softmax(logits / temperature, dim=-1)
-            gumbel = -torch.log(-torch.log(torch.stack([torch.rand(self.vocab_size, generator=g) for g in generators])))
-            picked = torch.where(greedy, logits.argmax(-1), (log_probs + gumbel).argmax(-1))
-            choice, picked_lp = picked.tolist(), log_probs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
-            for b, r in enumerate(reqs):
-                if done[b]:
-                    continue
-                if step == r.max_tokens:
-                    done[b] = True
-                elif pending[b]:
-                    tokens[b].append(pending[b].pop(0))
-                elif choice[b] == r.terminator_id:
-                    log_q[b] += picked_lp[b]
-                    done[b] = stopped[b] = True
-                else:
-                    log_q[b] += picked_lp[b]
-                    tokens[b].append(choice[b])
-                    if r.tool is not None and choice[b] in r.tool.triggers:
-                        pending[b] = list(r.tool(tokens[b]) or [])
-            if all(done):
-                break
-            last = torch.tensor([[self.pad_id if done[b] else tokens[b][-1]] for b in range(batch)])
-            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype)], dim=1)
-            position = position + 1
-            out = self._forward(adapters, input_ids=last, attention_mask=attention, position_ids=position,
-                                past_key_values=out.past_key_values, use_cache=True)
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One token for every row: the masked, tempered policy sampled with each row's own
+        generator (Gumbel-max). Finished and cancelled rows idle on padding until a quarter of
+        the batch has finished; then they leave it (which copies the cache)."""
+        batch, state = self._batch, self._batch.state
+        rows = batch.rows
+        length = torch.tensor([len(row.tokens) for row in rows])
+        logits = state["logits"] + state["bias"]
+        logits[torch.arange(len(rows)), state["terminator"]] += torch.where(
+            length < state["min_tokens"], state["early_stop_penalty"], 0.0)
+        log_probs = torch.log_softmax(logits / state["temperature"], dim=-1)
+        uniform = torch.stack([torch.rand(self.vocab_size, generator=row.generator) for row in rows])
+        picked = torch.where(state["greedy"], logits.argmax(-1), (log_probs - torch.log(-torch.log(uniform))).argmax(-1))
+        choices, picked_lp = picked.tolist(), log_probs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            if row.work.future.done():  # cancelled
+                row.done = True
+            elif row.advance(choices[i], picked_lp[i]):
+                row.done = True
+                self._finish(row)
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if len(live) <= 0.75 * len(rows):
+            batch.keep(live)
+        if not batch.rows:
+            return
+        state = batch.state
+        state["attention"] = torch.cat([state["attention"], torch.ones_like(state["attention"][:, :1])], dim=1)
+        state["position"] = state["position"] + 1
+        out = self._forward([row.req.adapter or BASE_ROW for row in batch.rows],
+                            input_ids=torch.tensor([[self.pad_id if row.done else row.tokens[-1]] for row in batch.rows]),
+                            attention_mask=state["attention"], position_ids=state["position"],
+                            past_key_values=batch.cache, use_cache=True)
+        batch.cache, state["logits"] = out.past_key_values, out.logits[:, -1].float()
+        if self.on_batch is not None:
+            self.on_batch(len(live))
 
-        samples = iter(Sample(t, q, s) for t, q, s in zip(tokens, log_q, stopped))
-        return [[next(samples) for _ in range(r.n)] for r in requests]
+    def _finish(self, row: _Row) -> None:
+        work = row.work
+        work.samples[row.request][row.index] = Sample(row.tokens, row.log_q, row.stopped)
+        work.left -= 1
+        if work.left == 0:
+            queue_s = work.started - work.queued
+            self._settle(work, [GenResult(samples, queue_s) for samples in work.samples])  # type: ignore[arg-type]
 
     @torch.no_grad()
     def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
@@ -255,6 +376,24 @@ class HFEngine(Engine):
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         width = token_lp.shape[1]
         return [float(token_lp[b, width - len(x):].sum()) for b, x in enumerate(continuations)]
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    """On the event loop: deliver a worker's result, unless the caller has gone."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the positions, up to ``width``: of a mask [rows, L] or a cache [rows, heads, L, dim]."""
+    missing = width - tensor.shape[1 if tensor.dim() == 2 else 2]
+    if missing == 0:
+        return tensor
+    return F.pad(tensor, (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0))
 
 
 def _pack(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -75,6 +75,7 @@ class VllmEngine(Engine):
 
     async def stop(self) -> None:
         self.llm.shutdown()
+        del self.llm  # AsyncLLM.__del__ shuts down again: now, not while the interpreter exits
 
     async def add_adapter(self, adapter: LoadedAdapter) -> None:
         manifest = adapter.manifest

@@ -26,26 +26,25 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
     except ValueError as error:
         raise invalid("question", str(error), body.question) from error
     with state.registry.use(body.adapter, "reasoning") as entry:
-        manifest = entry.manifest
+        manifest, config = entry.manifest, entry.manifest.task_config
         request.state.adapter = manifest.name
-        if manifest.task != "reasoning" or "answer_prompt" not in manifest.task_config:
+        if manifest.task != "reasoning" or "answer_prompt" not in config:
             raise invalid("adapter", f"adapter {manifest.ref} (task {manifest.task}) is not a reasoning adapter")
         key = RationaleCache.key(manifest.ref, question, body.model_dump(include={"temperature", "max_tokens", "seed"}))
         pool = await state.cache.take(key, n)
         cached = len(pool)
         if cached < n:
             prompt = state.encode(render(manifest, {"question": question}))
-            tool = state.calculator if manifest.task_config.get("tool") == "calculator" else None
+            tool = state.calculator if config.get("tool") == "calculator" else None
             seed = None if body.seed is None else body.seed + cached  # a pool grown in steps = one drawn at once
             generation = gen_request(manifest, prompt, n - cached, body.temperature, seed, body.max_tokens, tool)
-            config = manifest.task_config
             reading = len(state.encode((config.get("reward_prefix") or "") + config["answer_prompt"])) + ANSWER_TOKENS
             check_context(state, {"question": question}, len(prompt) + reading, generation.max_tokens)
             fresh = await guarded(request, sample_rationales(state, request, manifest, question, generation),
                                   state.settings.request_timeout_s)
             await state.cache.add(key, fresh)
             pool += fresh
-    weights = [r["log_p_answer"] if r["log_p_answer"] is not None else 0.0 for r in pool]
+    weights = [r["log_p_answer"] or 0.0 for r in pool]  # unread answers have none; aggregate skips them
     result = aggregate([r["answer"] for r in pool], weights, body.aggregate)
     return ReasonResponse(adapter=manifest.ref, question=question, answer=result.answer,
                           distribution=result.distribution, counts=result.counts, rationales=pool, cached=cached)

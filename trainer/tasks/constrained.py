@@ -117,12 +117,16 @@ class ConstrainedTask(Task):
         """The base model's X for these keywords."""
         return self._ids(self.config.reward_template.format(keywords=", ".join(keywords)))
 
-    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
-        """log p(z1..zi ⊤ | X) - penalty · violations(z1..zi) for every prefix."""
-        contexts = [self.context(p.fields["keywords"]) for p in prompts]
+    def fluency(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
+        """log p(z1..zi ⊤ | X) under the base model for every prefix: [B, L+1]."""
+        contexts = [self.context(k) for k in keywords]
         log_pf, log_pterm = scorer.latent(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
                                           self.terminator_id)
-        log_r = prefix_log_likelihood(log_pf) + log_pterm
+        return prefix_log_likelihood(log_pf) + log_pterm
+
+    def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
+        """log p(z1..zi ⊤ | X) - penalty · violations(z1..zi) for every prefix."""
+        log_r = self.fluency(scorer, [p.fields["keywords"] for p in prompts], rollout)
         for b, (prompt, latent) in enumerate(zip(prompts, rollout.latents())):
             for i in range(len(latent) + 1):
                 bad = violations(self.tokenizer.decode(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
@@ -131,32 +135,24 @@ class ConstrainedTask(Task):
 
     # ------------------------------------------------------------ evaluation
     def base_log_likelihood(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
-        """log p(Z ⊤ | X) of each sample under the base model: [B]."""
-        contexts = [self.context(k) for k in keywords]
-        log_pf, log_pterm = scorer.latent(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
-                                          self.terminator_id)
-        rows = torch.arange(len(contexts))
-        return (prefix_log_likelihood(log_pf) + log_pterm)[rows, rollout.lengths]
+        """log p(Z ⊤ | X) of each whole sample under the base model: [B]."""
+        return self.fluency(scorer, keywords, rollout)[torch.arange(len(keywords)), rollout.lengths]
 
     def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
         n = samples or self.config.eval_samples
-        texts, satisfied, loglik, seconds = [], [], [], 0.0
+        texts, rates, loglik, seconds = [], [], [], 0.0
         for record in self.eval_records:
             tick = time.perf_counter()
             rollout = sample([self.prompt(record).ids] * n)
             seconds += time.perf_counter() - tick
-            batch = [self.tokenizer.decode(z) for z in rollout.latents()]
-            texts.append(batch)
-            satisfied += [violations(t, record.keywords, record.avoid) == 0 for t in batch]
+            texts.append([self.tokenizer.decode(z) for z in rollout.latents()])
+            rates.append(sum(violations(t, record.keywords, record.avoid) == 0 for t in texts[-1]) / n)
             loglik += self.base_log_likelihood(scorer, [record.keywords] * n, rollout).tolist()
-        metrics = {"prompts": len(self.eval_records), "samples_per_prompt": n,
-                   "satisfaction": sum(satisfied) / len(satisfied), "loglik": sum(loglik) / len(loglik),
-                   "distinct2": sum(distinct_n(t, 2) for t in texts) / len(texts),
-                   "samples_per_second": len(satisfied) / seconds}
-        rates = [sum(violations(t, r.keywords, r.avoid) == 0 for t in batch) / n
-                 for r, batch in zip(self.eval_records, texts)]
-        bar_chart(out_dir / "eval.png", [", ".join(r.keywords) for r in self.eval_records], rates,
-                  [1.0] * len(rates), title=f"constrained: satisfaction per keyword set ({metrics['satisfaction']:.2f})")
+        metrics = {"prompts": len(rates), "samples_per_prompt": n, "satisfaction": sum(rates) / len(rates),
+                   "loglik": sum(loglik) / len(loglik), "distinct2": sum(distinct_n(t, 2) for t in texts) / len(texts),
+                   "samples_per_second": len(loglik) / seconds}
+        bar_chart(out_dir / "eval.png", [", ".join(r.keywords) for r in self.eval_records], rates, [1.0] * len(rates),
+                  title=f"constrained: satisfaction per keyword set ({metrics['satisfaction']:.2f})")
         return metrics
 
 

@@ -3,11 +3,11 @@ three sentences X, sampled from p(Z ⊤ | X)^(1/T) with ⊤ = "." and T annealed
 value below 1 (the config's reward_temperature).
 
 Tempering the whole sentence is not what token-level temperature does: sampling each token
-at T sharpens every step on its own, while the adapter learns the sequence-level
-distribution, which keeps more of the likely sentences. The log-reward of stopping after
-z1..zi is log p(z1..zi | X) + log p(⊤ | X z1..zi), all prefixes from one base-model pass
-(Scorer.latent). Tokens that end a sentence some other way ("!", "?", newlines, eos) are
-masked, so the terminator is the only way out.
+at T sharpens every step on its own and does not give p(Z ⊤ | X)^(1/T), which the adapter
+learns. The log-reward of stopping after z1..zi is log p(z1..zi | X) + log p(⊤ | X z1..zi),
+all prefixes from one base-model pass (Scorer.latent). Tokens that end a sentence some other
+way ("!", "?", newlines, eos) are masked, so the terminator is the only way out. min_len is
+0: the reward itself makes an empty sentence unlikely.
 """
 
 from __future__ import annotations

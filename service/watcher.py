@@ -1,0 +1,79 @@
+"""Adapter versions go live as they are written: the worker announces each new version on
+Redis pub/sub (jobs.announce), and a poll of the store catches whatever the announcement
+missed (Redis down, a version saved by `gfn train`). Loading goes through the registry:
+checked, warmed, then routed; requests already running finish on their version, and the
+old version leaves once idle unless pinned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from adapters.errors import AdapterError
+from adapters.store import AdapterStore
+from jobs import CHANNEL, LATEST, NewVersion
+from service.errors import AdapterRefused
+from service.registry import Registry
+
+log = logging.getLogger("gfn.service")
+
+
+class AdapterWatcher:
+    def __init__(self, registry: Registry, store: AdapterStore, redis_url: str | None, poll_s: float):
+        self.registry, self.store, self.redis_url, self.poll_s = registry, store, redis_url, poll_s
+        self.refused: set[tuple[str, int]] = set()  # versions that failed to load: not retried
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._poll()))
+        if self.redis_url:
+            self._tasks.append(asyncio.create_task(self._subscribe()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def offer(self, name: str, version: int) -> None:
+        """Load `name@v{version}` when it is newer than what `name` routes to."""
+        routed = self.registry.routed(name)
+        if (routed is not None and routed.manifest.version >= version) or (name, version) in self.refused:
+            return
+        try:
+            await self.registry.load(name, version)
+            log.info("adapter version live", extra={"adapter": f"{name}@v{version}"})
+        except (AdapterError, AdapterRefused) as error:
+            self.refused.add((name, version))
+            log.warning("new adapter version refused", extra={"adapter": f"{name}@v{version}", "reason": str(error)})
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                latest = await asyncio.to_thread(lambda: {n: self.store.latest(n) for n in self.store.names()})
+            except (AdapterError, OSError) as error:
+                log.warning("store poll failed", extra={"reason": str(error)})
+                continue
+            for name, version in latest.items():
+                await self.offer(name, version)
+
+    async def _subscribe(self) -> None:
+        """Listen for announcements; after every (re)connection, catch up from the latest-versions key."""
+        while True:
+            client = Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    for name, version in await client.zrange(LATEST, 0, -1, withscores=True):
+                        await self.offer(name.decode(), int(version))
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            new = NewVersion.model_validate_json(message["data"])
+                            await self.offer(new.name, new.version)
+            except (RedisError, OSError):
+                await asyncio.sleep(2)
+            finally:
+                await client.aclose()

@@ -1,0 +1,112 @@
+"""Training jobs through the service (issue 7): a real redis-server, a real `gfn worker`,
+the service over real HTTP. A job's adapter goes live without a restart; Redis going away
+degrades /jobs and /ready but no inference request; it all recovers by itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from service_world import Server, save_adapter, task_fields
+
+from adapters.models import load_tokenizer
+from adapters.store import AdapterStore
+from gfn.local import stop_process
+from service.app import create_app
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+RNG = {"adapter": "rng", "n": 4, "seed": 1}
+
+
+@pytest.fixture
+def home(tmp_path: Path, demo_model: Path) -> Path:
+    """A GFN_HOME whose store holds rng@v1 (the worker writes v2 there)."""
+    store = AdapterStore(tmp_path / "adapters")
+    save_adapter(store, "rng", demo_model, task_fields(load_tokenizer(demo_model))["rng"], seed=0)
+    return tmp_path
+
+
+def _server(home: Path, demo_model: Path, redis_url: str | None) -> Server:
+    return Server(create_app(Settings(engine="transformers", store=home / "adapters", base_model=str(demo_model),
+                                      torch_threads=1, redis_url=redis_url, watch_poll_s=1.0)))
+
+
+def _wait(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
+    worker = subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_server.url],
+                              cwd=REPO, env={**os.environ, "GFN_HOME": str(home)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with _server(home, demo_model, redis_server.url) as server, server.client() as client:
+            assert client.post("/generate", json=RNG).json()["adapter"] == "rng@v1"
+            overrides = {"steps": 6, "samples_per_prompt": 16, "evaluate": False, "checkpoint_every": 2,
+                         "base_model": str(demo_model)}
+            submitted = client.post("/jobs", json={"task": "rng", "overrides": overrides})
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            seen = []
+
+            def finished():
+                status = client.get(f"/jobs/{job_id}").json()
+                seen.append(status)
+                return status if status["status"] in ("finished", "failed") else None
+
+            final = _wait(finished, 300, "the job to finish")
+            assert final["status"] == "finished" and final["adapter"] == "rng@v2", final
+            assert any(s["progress"] and s["progress"]["total"] == 6 for s in seen)
+            assert any(j["id"] == job_id for j in client.get("/jobs").json())
+            # the service learns of v2, checks and warms it, then routes "rng" to it; v1 retires
+            _wait(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v2", 60, "rng@v2 to serve")
+            _wait(lambda: [a["ref"] for a in client.get("/adapters").json()["loaded"]] == ["rng@v2"], 30,
+                  "rng@v1 to retire")
+    finally:
+        stop_process(worker)
+
+
+def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_server):
+    with _server(home, demo_model, redis_server.url) as server, server.client() as client:
+        typo = client.post("/jobs", json={"task": "rng", "overrides": {"optim.lerning_rate": 0.1}})
+        assert typo.status_code == 422 and "lerning_rate" in typo.text
+        bad = client.post("/jobs", json={"task": "rng", "overrides": {"task.target": {"kind": "binomial", "p": 2}}})
+        assert bad.status_code == 422 and "task.target" in bad.text
+        unknown = client.post("/jobs", json={"task": "poetry"})
+        assert unknown.status_code == 422 and "task" in unknown.text
+        assert client.get("/jobs/no-such-job").status_code == 404
+
+
+def test_redis_going_away_degrades_jobs_but_no_inference(home, demo_model, redis_server):
+    with _server(home, demo_model, redis_server.url) as server, server.client() as client:
+        assert client.get("/jobs").status_code == 200
+        redis_server.stop()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: client.post("/generate", json=RNG).status_code, range(16)))
+        assert answers == [200] * 16
+        down = client.post("/jobs", json={"task": "rng"})
+        assert down.status_code == 503 and "Redis" in down.json()["detail"]
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and "/jobs unavailable" in ready.json()["redis"]
+        redis_server.start()
+        assert client.get("/jobs").status_code == 200
+        assert client.get("/ready").status_code == 200
+
+
+def test_without_redis_jobs_answer_503_and_inference_serves(home, demo_model):
+    with _server(home, demo_model, None) as server, server.client() as client:
+        assert client.post("/generate", json=RNG).status_code == 200
+        refused = client.post("/jobs", json={"task": "rng"})
+        assert refused.status_code == 503 and "GFN_REDIS_URL" in refused.json()["detail"]
