@@ -3,7 +3,9 @@ compare its samples (and the base model's) with the target distribution.
 
     .venv/bin/python bench/rng_fidelity.py [--target '{kind: binomial, n: 99, p: 0.3}'] [--samples 10000]
 
-Last stdout line: {"train_seconds", "samples", "adapter": {tv, kl, valid_fraction}, "base": {...}}.
+Last stdout line: {"train_seconds", "samples", "adapter": {tv, kl, valid_fraction}, "base": {...},
+"rl": {...}} -- `rl` is the same LoRA trained by RLOO to maximise the same reward with a KL
+penalty to the base (`--no-rl` skips it).
 Goals: adapter tv <= 0.06, valid_fraction >= 0.995, train_seconds <= 300 on 2 cores.
 """
 
@@ -23,6 +25,7 @@ from trainer.config import load_config
 from trainer.evaluate import LoadedPolicy
 from trainer.loop import Trainer
 from trainer.policy import PolicySpec
+from trainer.rl import load_rl_config, train_rl
 from trainer.rollout import sample
 from trainer.tasks.rng import distribution_metrics, draw_numbers
 
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--target", help="YAML of the target, e.g. '{kind: poisson, rate: 30}'")
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--set", action="append", default=[], help="extra config overrides key=value")
+    parser.add_argument("--no-rl", action="store_true", help="skip the reward-maximising baseline")
     args = parser.parse_args()
 
     overrides = [f"task.target={args.target}"] if args.target else []
@@ -44,8 +48,8 @@ def main() -> None:
     manifest = Trainer(config, work / "run", store, quiet=False).run()
     train_seconds = time.time() - start
 
-    policy = LoadedPolicy(store, manifest.name, manifest.version)
     generator = torch.Generator().manual_seed(1234)
+    policy = LoadedPolicy(store, manifest.name, manifest.version)
     task = policy.task
     adapter = distribution_metrics(draw_numbers(task, policy.sampler(generator), args.samples), task.pmf)
     # The base model as it is: no vocabulary mask, stopping at eos (or after 6 tokens).
@@ -54,6 +58,10 @@ def main() -> None:
         base = distribution_metrics(draw_numbers(
             task, lambda prompts: sample(policy.model, raw, prompts, policy.pad_id, 1.0, generator), args.samples,
         ), task.pmf)
+    if not args.no_rl:
+        rl_manifest = train_rl(load_rl_config("rng", overrides + ["name=rng-rl", "evaluate=false"] + args.set), store)
+        rl_policy = LoadedPolicy(store, rl_manifest.name, rl_manifest.version)
+        rl = distribution_metrics(draw_numbers(task, rl_policy.sampler(generator), args.samples), task.pmf)
     result = {
         "train_seconds": round(train_seconds, 1),
         "samples": args.samples,
@@ -61,6 +69,8 @@ def main() -> None:
         "adapter": {k: round(adapter[k], 4) for k in HEADLINE},
         "base": {k: round(base[k], 4) for k in HEADLINE},
     }
+    if not args.no_rl:
+        result["rl"] = {k: round(rl[k], 4) for k in HEADLINE}
     print(json.dumps(result))
 
 

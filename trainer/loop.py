@@ -29,7 +29,6 @@ from trainer.rollout import Rollout, sample
 from trainer.scoring import Scorer
 from trainer.tasks import Prompt, make_task
 
-MIN_LEN_LOG_REWARD = -99.0  # stopping before min_len (REFERENCE.md §2)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -140,9 +139,22 @@ class Trainer:
         of its on-policy samples."""
         batch, log_r, fresh = self.behaviour_batch(prompts)
         log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id)
-        loss = subtb_loss(log_r / temperature, log_pf, log_pterm, batch.lengths, self.config.subtb_lambda, batch.forced)
+        loss = subtb_loss(self.tempered(log_r, temperature), log_pf, log_pterm, batch.lengths,
+                          self.config.subtb_lambda, batch.forced)
         return loss, {"log_reward": log_r[fresh, batch.lengths[fresh]].mean().item(),
                       "length": batch.lengths[fresh].float().mean().item()}
+
+    def floor_short(self, log_r: torch.Tensor) -> torch.Tensor:
+        """Stopping before min_len gets the log-reward floor (REFERENCE.md §2): the policy's
+        stop penalty there, so that the two cancel in every residual."""
+        log_r[:, : self.spec.min_len] = self.spec.mask.penalty
+        return log_r
+
+    def tempered(self, log_r: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log R / T, with the min_len floor left untempered: the policy's stop penalty it
+        mirrors is not tempered either, so dividing it would leave a residual of
+        penalty * (1/T - 1) on every sub-trajectory that starts before min_len."""
+        return self.floor_short(log_r / temperature)
 
     def behaviour_batch(self, prompts: list[Prompt]) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """New samples (on-policy at T=1 and tempered with T ~ U[low, high]) plus replayed
@@ -162,7 +174,7 @@ class Trainer:
         rollout = sample(self.model, self.spec, [p.ids for p in new_prompts], self.pad_id,
                          torch.tensor(temperatures), self.generator, self.tool)
         log_r = self.task.log_rewards(self.scorer, new_prompts, rollout)
-        log_r[:, : self.spec.min_len] = MIN_LEN_LOG_REWARD
+        self.floor_short(log_r)
         for prompt, tokens, n_b, forced, row in zip(new_prompts, rollout.tokens, rollout.lengths, rollout.forced, log_r):
             self.replay.add(prompt.key, tokens[:n_b].tolist(), row[: n_b + 1], forced[:n_b].tolist())
         batch, log_r = _append_replayed(rollout, log_r, replayed, self.pad_id)

@@ -24,7 +24,7 @@ from adapters.manifest import Manifest
 from adapters.store import AdapterStore
 from jobs.configs import Overrides, config_data
 from trainer.config import TrainConfig
-from trainer.loop import MIN_LEN_LOG_REWARD, Trainer
+from trainer.loop import Trainer
 from trainer.policy import policy_log_probs
 from trainer.rollout import Rollout, sample
 from trainer.tasks import Prompt
@@ -72,8 +72,7 @@ class RLTrainer(Trainer):
         k = self.config.samples_per_prompt
         batch = [p for p in prompts for _ in range(k)]
         rollout = sample(self.model, self.spec, [p.ids for p in batch], self.pad_id, 1.0, self.generator, self.tool)
-        log_r = self.task.log_rewards(self.scorer, batch, rollout)
-        log_r[:, : self.spec.min_len] = MIN_LEN_LOG_REWARD
+        log_r = self.floor_short(self.task.log_rewards(self.scorer, batch, rollout))
         final = log_r[torch.arange(len(batch)), rollout.lengths]
         log_q = sequence_log_prob(*policy_log_probs(self.model, self.spec, rollout.prompts, rollout.tokens,
                                                     self.pad_id), rollout)
