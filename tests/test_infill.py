@@ -62,6 +62,16 @@ def test_reward_is_the_plain_story_log_likelihood_at_every_prefix(setup):
     assert compatible > incompatible + 5  # the ending decides the middle
 
 
+def test_rewards_do_not_depend_on_how_rows_are_batched(setup):
+    task, scorer = setup
+    rec = record(0)
+    rollout = rollout_of(task, rec, FRAME.events()[:5])
+    prompts = [task.prompt(rec)] * 5
+    one_pass = task.log_rewards(scorer, prompts, rollout)
+    row_by_row = task.log_rewards(Scorer(scorer.model, scorer.pad_id, chunk=9), prompts, rollout)
+    assert torch.allclose(one_pass, row_by_row, atol=1e-4)
+
+
 def test_exact_posterior_on_a_frame(setup):
     task, scorer = setup
     rec = record(5)  # "The police thanked Anna for the help."

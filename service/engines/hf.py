@@ -352,7 +352,8 @@ class HFEngine(Engine):
         state = batch.state
         state["attention"] = torch.cat([state["attention"], torch.ones_like(state["attention"][:, :1])], dim=1)
         state["position"] = state["position"] + 1
-        out = self._forward([row.req.adapter or BASE_ROW for row in batch.rows],
+        # Finished rows idle on the base model: their adapter may have left the engine already.
+        out = self._forward([BASE_ROW if row.done else row.req.adapter or BASE_ROW for row in batch.rows],
                             input_ids=torch.tensor([[self.pad_id if row.done else row.tokens[-1]] for row in batch.rows]),
                             attention_mask=state["attention"], position_ids=state["position"],
                             past_key_values=batch.cache, use_cache=True)

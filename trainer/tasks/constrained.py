@@ -73,7 +73,7 @@ class ConstrainedConfig(TaskConfig):
     data: RecordsFile = Field(None, description="JSONL of ConstrainedRecord; default: keyword sets of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out keyword sets of the demo world")
-    demo_sets: PositiveInt = 2000
+    demo_sets: PositiveInt = 300
     eval_prompts: PositiveInt = 24
     eval_samples: PositiveInt = 32
     seed: int = 0

@@ -58,7 +58,7 @@ class InfillConfig(TaskConfig):
     data: RecordsFile = Field(None, description="JSONL of InfillRecord; default: stories of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or the demo world's held-out frames")
-    demo_stories: PositiveInt = 4000
+    demo_stories: PositiveInt = 400
     eval_prompts: PositiveInt = 24
     eval_samples: PositiveInt = 128
     seed: int = 0
@@ -192,7 +192,8 @@ def plot_posterior(path: Path, records: Sequence[InfillRecord], texts: Sequence[
             continue
         counted += 1
         for t in samples:
-            sampled[candidate_index(t, record.candidates)] += 1 / len(samples)
+            k = candidate_index(t, record.candidates)
+            sampled[size if k == OFF_SUPPORT else k] += 1 / len(samples)
         for k, p in enumerate(posterior):
             exact[k] += p
     labels = [str(k) for k in range(size)] + ["off"]
