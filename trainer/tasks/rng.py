@@ -1,7 +1,8 @@
 """Random numbers: sample integers from any target distribution (REFERENCE.md §3).
 
 The reward of a prefix is the target's probability of the integer it spells when it is
-a complete, canonical number in the support, else a floor. With the digits-only
+a complete, canonical number in the support, else a floor (which also bounds the support's
+far tail from below). With the digits-only
 vocabulary (the default) there are ~10^max_len strings, so a floor of e^-15 keeps the
 invalid ones' total mass negligible.
 """
@@ -114,8 +115,12 @@ class RngTask(Task):
         return int(text) if NUMBER.fullmatch(text) else None
 
     def log_reward(self, tokens: list[int]) -> float:
+        """log target(k) for a number k in the support, never below the floor: a target's
+        far tail (a binomial's reaches e^-119) must not rank under invalid strings, and
+        rewards that small would only blow up the residuals for mass that is ~0 anyway."""
         value = self.number(tokens)
-        return math.log(self.pmf[value]) if value in self.pmf else self.config.floor_log_reward
+        floor = self.config.floor_log_reward
+        return max(math.log(self.pmf[value]), floor) if value in self.pmf else floor
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         out = torch.full((len(prompts), rollout.tokens.shape[1] + 1), self.config.floor_log_reward)
