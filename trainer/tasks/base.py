@@ -78,7 +78,11 @@ class Task(ABC):
         return None
 
     def encode_prompt(self, **fields: Any) -> list[int]:
-        return self.tokenizer(self.prompt_template.format(**fields), add_special_tokens=False)["input_ids"]
+        return self.ids(self.prompt_template.format(**fields))
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of a piece of text, no special tokens: pieces are joined id-wise."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------ what subclasses define
     @abstractmethod

@@ -108,14 +108,12 @@ class ConstrainedTask(Task):
 
     def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
         """(prompt, sentence) token ids of the training records that have a sentence."""
-        return [(self.prompt(r).ids, self._ids(" " + r.sentence)) for r in self.records if r.sentence]
+        return [(self.prompt(r).ids, self.ids(" " + r.sentence)) for r in self.records if r.sentence]
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def context(self, keywords: Sequence[str]) -> list[int]:
         """The base model's X for these keywords."""
-        return self._ids(self.config.reward_template.format(keywords=", ".join(keywords)))
+        return self.ids(self.config.reward_template.format(keywords=", ".join(keywords)))
 
     def fluency(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) under the base model for every prefix: [B, L+1]."""

@@ -86,8 +86,6 @@ class InfillTask(Task):
         """(prompt, middle) token ids of the training records that have a middle."""
         return [(self.prompt(r).ids, self.ids(" " + r.middle)) for r in self.records if r.middle]
 
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi Y | X) for every prefix, read from the plain story X z1..zi Y."""

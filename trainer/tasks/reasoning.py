@@ -164,8 +164,6 @@ class ReasoningTask(Task):
         return fields
 
     # ------------------------------------------------------------ training
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt(self, record: ReasoningRecord) -> Prompt:
         return Prompt(key=record.question, ids=self.encode_prompt(question=record.question),
