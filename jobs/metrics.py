@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from jobs.queue import JobNotFound, JobQueue
 
+OUTCOMES = ("finished", "failed", "cancelled", "retried")
 RUNNING = {  # the running job's progress, labelled with its adapter name
     "gfn:worker_job_step": "Steps the running job has trained.",
     "gfn:worker_job_steps": "Steps the running job trains in all.",
@@ -32,6 +33,8 @@ class WorkerMetrics(Collector):
         self.registry = CollectorRegistry()
         self.ended = Counter("gfn:worker_jobs", "Jobs this worker ran to an end, by outcome "
                              "(retried: failed and queued again).", ["status"], registry=self.registry)
+        for outcome in OUTCOMES:  # at zero from the start, so that increase() sees the first one
+            self.ended.labels(outcome)
         self.registry.register(self)
 
     def job_ended(self, job_id: str) -> None:

@@ -38,9 +38,9 @@ class RationaleCache:
         blob = json.dumps([adapter_ref, question, sampling], sort_keys=True)
         return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()
 
-    async def take(self, key: str, n: int) -> list[dict[str, Any]]:
-        """Up to ``n`` pooled rationales, oldest first."""
-        self.metrics.cache_lookups.inc()
+    async def take(self, key: str, n: int, adapter: str) -> list[dict[str, Any]]:
+        """Up to ``n`` pooled rationales, oldest first; counted under the adapter's name."""
+        self.metrics.cache_lookups.labels(adapter).inc()
         if self._redis is None:
             pool = self._memory.get(key, [])[:n]
             if key in self._memory:
@@ -52,7 +52,7 @@ class RationaleCache:
                 self._bypass("read", error)
                 return []
         if len(pool) >= n:
-            self.metrics.cache_hits.inc()
+            self.metrics.cache_hits.labels(adapter).inc()
         return pool
 
     async def add(self, key: str, items: list[dict[str, Any]]) -> None:

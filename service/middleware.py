@@ -57,7 +57,7 @@ class RequestContext:
             route = scope.get("route")
             endpoint = getattr(route, "path", "other")
             adapter = scope["state"].get("adapter", "")
-            self.metrics.e2e.labels(endpoint).observe(elapsed)
+            self.metrics.e2e.labels(endpoint, adapter).observe(elapsed)
             self.metrics.requests.labels(endpoint, adapter, str(status)).inc()
             log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
                                        "ms": round(elapsed * 1000, 1), "adapter": adapter})

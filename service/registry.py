@@ -113,6 +113,7 @@ class Registry:
             previous = self.routed(manifest.name)
             entry = self.entries[manifest.ref] = Entry(manifest, pinned=pin)
             self.metrics.adapter_info.labels(manifest.name, str(manifest.version), str(manifest.lora.r)).set(1)
+            self.metrics.adapter_loaded(manifest.name)
             self.metrics.adapter_load.observe(time.perf_counter() - started)
         if previous is not None and not previous.pinned and previous.manifest.version < manifest.version:
             task = asyncio.create_task(self._retire(previous))

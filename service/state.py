@@ -100,13 +100,14 @@ class ServiceState:
         }
 
     async def sample(self, request: Request, req: GenRequest) -> GenResult:
-        """One generate call, with its queue time, time to first sample and tokens in the metrics."""
+        """One generate call, with its queue time, time to first sample, samples and tokens in the metrics."""
         [result] = await self.engine.generate([req])
         endpoint = request.scope["route"].path
         self.metrics.queue.labels(endpoint).observe(result.queue_s)
         self.metrics.first_sample.labels(endpoint).observe(time.perf_counter() - request.state.started)
         name = (req.adapter or "").partition("@")[0]
         self.metrics.tokens.labels(name).inc(sum(len(s.token_ids) for s in result.samples))
+        self.metrics.samples.labels(name).inc(len(result.samples))
         return result
 
     def encode(self, text: str) -> list[int]:

@@ -141,6 +141,12 @@ def test_dashboards_have_the_vllm_layout_an_adapter_row_and_a_training_row():
                    "gfn:request_queue_time_seconds", "gfn:batch_size", "sum by (status)", "gfn:worker_job_loss"):
         assert needed in exprs, needed
     assert all(p.get("datasource", {}).get("uid") in (None, "prometheus") for p in board["panels"])
+    start = board["panels"].index(adapter_row)
+    end = next(i for i, p in enumerate(board["panels"]) if i > start and p["type"] == "row")
+    per_adapter = json.dumps(board["panels"][start:end])
+    for needed in ("gfn:requests_total", "gfn:e2e_request_latency_seconds_bucket", "gfn:samples_total",
+                   "gfn:generation_tokens_total", "gfn:cache_hits_total", "gfn:adapter_info"):
+        assert needed in per_adapter and "$adapter" in per_adapter, needed
 
 
 # ------------------------------------------------------------------ metrics of a real run
@@ -197,8 +203,11 @@ def worker_metrics(demo_model, tmp_path_factory) -> dict[str, set[str]]:
         config = load("rng", ["steps=1000", "samples_per_prompt=8", "evaluate=false", f"base_model={demo_model}"])
         job = jobs.submit(config)
         training = wait_for(lambda: scraped_with("gfn:worker_job_step"), "a training job's progress")
+        assert "status" in training["gfn:worker_jobs_total"]  # outcomes start at zero, before any job ends
         jobs.cancel(job)
-        ended = wait_for(lambda: scraped_with("gfn:worker_jobs_total"), "the cancelled job to end")
+        cancelled = 'gfn:worker_jobs_total{status="cancelled"} 1.0'
+        wait_for(lambda: cancelled in httpx.get(f"http://127.0.0.1:{port}/metrics").text, "the cancelled job to end")
+        ended = scrape(f"http://127.0.0.1:{port}/metrics")
         return {name: training.get(name, set()) | ended.get(name, set()) for name in {*training, *ended}}
     finally:
         worker.terminate()

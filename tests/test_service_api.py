@@ -97,6 +97,9 @@ def test_rationale_cache_returns_the_same_number(client):
     assert more["cached"] == 3 and more["rationales"][:3] == first["rationales"] and len(more["rationales"]) == 5
     other = client.post("/reason", json={**question, "temperature": 0.5}).json()
     assert other["cached"] == 0  # other sampling settings: another pool
+    counted = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
+               for s in f.samples if s.labels.get("adapter") == first["adapter"].partition("@")[0]}
+    assert counted["gfn:cache_lookups_total"] >= 4 and counted["gfn:cache_hits_total"] >= 1
 
 
 @pytest.mark.parametrize("body, field", [
@@ -174,6 +177,10 @@ def test_metrics_parse_and_hold_the_service_metrics(client):
         assert name in samples, name
     requests = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "gfn:requests_total"]
     assert any(s.labels == {"endpoint": "/infill", "adapter": "infill", "status": "200"} for s in requests)
+    by_adapter = {(s.name, s.labels.get("adapter")): s.value for f in text_string_to_metric_families(text)
+                  for s in f.samples}
+    assert by_adapter["gfn:samples_total", "infill"] >= INFILL.get("n", 1)
+    assert by_adapter["gfn:cache_lookups_total", "rng"] == 0  # every loaded adapter's counters start at zero
     info = [s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == "gfn:adapter_info"]
     assert {"name": "rng", "version": "1", "rank": "8"} in info
 

@@ -31,7 +31,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
         if manifest.task != "reasoning" or "answer_prompt" not in config:
             raise invalid("adapter", f"adapter {manifest.ref} (task {manifest.task}) is not a reasoning adapter")
         key = RationaleCache.key(manifest.ref, question, body.model_dump(include={"temperature", "max_tokens", "seed"}))
-        pool = await state.cache.take(key, n)
+        pool = await state.cache.take(key, n, manifest.name)
         cached = len(pool)
         if cached < n:
             prompt = state.encode(render(manifest, {"question": question}))
