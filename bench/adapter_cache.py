@@ -4,7 +4,10 @@ model are unchanged; anything else (or --fresh) trains anew."""
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -12,7 +15,13 @@ from adapters.fingerprint import fingerprint
 from adapters.home import gfn_home
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore
-from trainer.loop import resolve_base_model
+from trainer.config import TrainConfig
+from trainer.loop import Trainer, resolve_base_model
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr: stdout's last line is the benchmark's JSON."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def bench_store() -> AdapterStore:
@@ -32,3 +41,11 @@ def cached_adapter(store: AdapterStore, config: BaseModel, train: Callable[[], M
                     and manifest.training.get("config") == wanted):
                 return manifest, True
     return train(), False
+
+
+def gfn_adapter(store: AdapterStore, config: TrainConfig, fresh: bool = False) -> tuple[Manifest, bool]:
+    """`cached_adapter` for a GFlowNet config, trained (when it must be) in a scratch run directory."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{config.name}-") as work:
+        manifest, cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), fresh)
+    log(f"gfn adapter {manifest.ref} ({'cached' if cached else 'trained'}, {manifest.metrics['train_seconds']} s)")
+    return manifest, cached

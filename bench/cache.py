@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ module
 import httpx  # noqa: E402
 
 from adapters.home import runs_root  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
-from bench.serve_load import Service, log  # noqa: E402
+from bench.adapter_cache import bench_store, cached_adapter, log  # noqa: E402
+from bench.serve_load import Service  # noqa: E402
 from gfn.local import RedisServer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import Trainer, resolve_base_model  # noqa: E402

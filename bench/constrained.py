@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,19 +31,14 @@ import torch  # noqa: E402
 
 from adapters.manifest import VocabMask  # noqa: E402
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
+from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import distinct_n  # noqa: E402
 from trainer.policy import PolicySpec  # noqa: E402
 from trainer.rollout import Rollout, sample  # noqa: E402
 from trainer.scoring import Scorer  # noqa: E402
 from trainer.tasks.constrained import ConstrainedRecord, ConstrainedTask, violations, words_of  # noqa: E402
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def banned_tokens(task: ConstrainedTask, words: list[str]) -> list[int]:
@@ -115,9 +109,7 @@ def main() -> None:
 
     config = load_config("constrained", ["evaluate=false"] + args.set)
     store = bench_store()
-    with tempfile.TemporaryDirectory(prefix="bench-constrained-") as work:
-        gfn, cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
-    log(f"gfn adapter {gfn.ref} ({'cached' if cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
+    gfn, cached = gfn_adapter(store, config, args.fresh)
 
     policy = LoadedPolicy(store, gfn.name, gfn.version)
     task: ConstrainedTask = policy.task

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,21 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
+from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.decoding import beam_search, nucleus  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.rollout import sample  # noqa: E402
 from trainer.scoring import Scorer  # noqa: E402
 from trainer.tasks.continuation import ContinuationTask  # noqa: E402
 
 # A method draws n latents for each prompt.
 Method = Callable[[list[list[int]], int], list[list[list[int]]]]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def sampling(model: torch.nn.Module, task: ContinuationTask, temperature: float, generator: torch.Generator) -> Method:
@@ -69,9 +63,7 @@ def main() -> None:
 
     config = load_config("continuation", ["evaluate=false"] + args.set)
     store = bench_store()
-    with tempfile.TemporaryDirectory(prefix="bench-continuation-") as work:
-        gfn, cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
-    log(f"gfn adapter {gfn.ref} ({'cached' if cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
+    gfn, cached = gfn_adapter(store, config, args.fresh)
 
     policy = LoadedPolicy(store, gfn.name, gfn.version)
     task: ContinuationTask = policy.task

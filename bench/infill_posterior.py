@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +34,9 @@ import torch  # noqa: E402
 
 from adapters.manifest import VocabMask  # noqa: E402
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
+from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import effective_sample_size  # noqa: E402
 from trainer.policy import PolicySpec, policy_log_probs  # noqa: E402
 from trainer.rollout import sample  # noqa: E402
@@ -48,10 +46,6 @@ from trainer.tasks.infill import InfillRecord, InfillTask, sample_metrics  # noq
 
 # A method draws n middles for a record: their texts and importance log-weights.
 Method = Callable[[InfillRecord, int], tuple[list[str], torch.Tensor]]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def policy_method(model: torch.nn.Module, task: InfillTask, scorer: Scorer, generator: torch.Generator) -> Method:
@@ -126,9 +120,7 @@ def main() -> None:
 
     config = load_config("infill", ["evaluate=false"] + args.set)
     store = bench_store()
-    with tempfile.TemporaryDirectory(prefix="bench-infill-") as work:
-        gfn, gfn_cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
-    log(f"gfn adapter {gfn.ref} ({'cached' if gfn_cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
+    gfn, gfn_cached = gfn_adapter(store, config, args.fresh)
     sft_config = SFTConfig(name="infill-sft", base_model=config.base_model, task=config.task, lora=config.lora,
                            steps=args.sft_steps, batch_size=32, lr=1e-3, seed=config.seed, evaluate=False)
     sft, sft_cached = cached_adapter(store, sft_config, lambda: train_sft(sft_config, store), args.fresh)

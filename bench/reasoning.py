@@ -35,10 +35,9 @@ import torch  # noqa: E402
 
 from adapters.models import load_causal_lm  # noqa: E402
 from adapters.reasoning import parse_answer, parse_question  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter  # noqa: E402
+from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.rl import load_rl_config, train_rl  # noqa: E402
 from trainer.rollout import sample  # noqa: E402
 from trainer.scoring import Scorer  # noqa: E402
@@ -47,10 +46,6 @@ from trainer.tasks.reasoning import ReasoningTask  # noqa: E402
 from world import corpus  # noqa: E402
 
 SHOTS = 3
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def direct_answers(task: ReasoningTask, scorer: Scorer) -> list[int | None]:
@@ -95,9 +90,7 @@ def main() -> None:
     overrides = ["evaluate=false"] + [f"task.eval_questions={args.questions}"] * bool(args.questions) + args.set
     config = load_config("reasoning", overrides)
     store = bench_store()
-    with tempfile.TemporaryDirectory(prefix="bench-reasoning-") as work:
-        gfn, gfn_cached = cached_adapter(store, config, lambda: Trainer(config, Path(work), store).run(), args.fresh)
-    log(f"gfn adapter {gfn.ref} ({'cached' if gfn_cached else 'trained'}, {gfn.metrics['train_seconds']} s)")
+    gfn, gfn_cached = gfn_adapter(store, config, args.fresh)
     rl_config = load_rl_config("reasoning", overrides + ["name=reasoning-rl"])
     rl, _ = cached_adapter(store, rl_config, lambda: train_rl(rl_config, store), args.fresh)
     log(f"rl adapter {rl.ref} ({rl.metrics['train_seconds']} s)")

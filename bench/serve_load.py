@@ -37,15 +37,11 @@ from adapters.fingerprint import fingerprint  # noqa: E402
 from adapters.home import store_root  # noqa: E402
 from adapters.manifest import Manifest  # noqa: E402
 from adapters.store import AdapterStore  # noqa: E402
-from bench.adapter_cache import bench_store  # noqa: E402
+from bench.adapter_cache import bench_store, log  # noqa: E402
 from world.base_model import build  # noqa: E402
 from world.stories import all_frames  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def workload(count: int, n: int) -> list[dict]:
