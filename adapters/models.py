@@ -20,3 +20,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def save_lora(model, out: str | Path) -> None:
+    """A peft model's LoRA weights as an adapter directory. With lm_head among the targets
+    peft would also copy the base's whole output matrix into the adapter (for resized
+    vocabularies); the vocabulary never changes here, so only the LoRA factors are saved."""
+    model.save_pretrained(out, save_embedding_layers=False)
+    (Path(out) / "README.md").unlink(missing_ok=True)

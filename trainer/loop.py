@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import load_causal_lm, load_tokenizer
+from adapters.models import load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore
 from trainer import plots
 from trainer.config import TrainConfig
@@ -187,7 +187,7 @@ class Trainer:
         state = {
             "step": self.step,
             "config": self.config.model_dump(),
-            "adapter": peft.get_peft_model_state_dict(self.model),
+            "adapter": peft.get_peft_model_state_dict(self.model, save_embedding_layers=False),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "replay": self.replay.state_dict(),
@@ -227,8 +227,7 @@ class Trainer:
     def finish(self, train_seconds: float) -> Manifest:
         out = self.run_dir / "adapter"
         shutil.rmtree(out, ignore_errors=True)
-        self.model.save_pretrained(out)
-        (out / "README.md").unlink(missing_ok=True)
+        save_lora(self.model, out)
         shutil.copy(self.run_dir / "metrics.jsonl", out / "training_log.jsonl")
         plots.loss_curve(out / "loss.png", [h["step"] for h in self.history],
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
-from adapters.models import load_causal_lm, load_tokenizer
+from adapters.models import load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore, check_name
 from trainer.loop import resolve_base_model
 from trainer.policy import policy_log_probs
@@ -93,8 +93,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     metrics: dict[str, Any] = {"train_seconds": round(time.time() - start, 1), "final_loss": history[-1]["loss"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "adapter"
-        model.save_pretrained(out)
-        (out / "README.md").unlink(missing_ok=True)
+        save_lora(model, out)
         (out / "training_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         if config.evaluate:
             generator = torch.Generator().manual_seed(config.seed)

@@ -39,6 +39,12 @@ from service.engines.base import Engine, GenRequest, GenResult, Sample
 from service.errors import AdapterRefused
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+UNSERVABLE_MODULES = {
+    "lm_head": "once any LoRA adapts lm_head, vLLM 0.32 fails every prompt log-prob request (the "
+               "service's scoring): the CPU engine dies, the GPU one drops the delta (vllm#51594)",
+}
+"""LoRA targets this engine never enables: an adapter with one is refused, naming the reason,
+and the transformers engine (GFN_ENGINE=transformers) serves it."""
 HARD_BAN = -50.0
 """A mask penalty at or below this (the default is -99) leaves a token a probability under
 1e-21: such an allow-list is served as ``allowed_token_ids``; softer ones as ``logit_bias``."""
@@ -52,7 +58,7 @@ class VllmEngine(Engine):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
         self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
-        self.target_modules = sorted({m for s in specs for m in s.target_modules})
+        self.target_modules = sorted({m for s in specs for m in s.target_modules} - UNSERVABLE_MODULES.keys())
         self.max_loras = max(max_loras, len(loras))
         self._loras: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
@@ -88,6 +94,11 @@ class VllmEngine(Engine):
             raise AdapterRefused(
                 f"cannot load {ref}: {len(self._loras)} adapters are loaded, the most this engine keeps resident "
                 f"(2 x max_loras); unload one (DELETE /adapters/...) or restart with a larger GFN_MAX_LORAS")
+        unservable = sorted(set(lora.target_modules) & UNSERVABLE_MODULES.keys())
+        if unservable:
+            reasons = "; ".join(f"{m}: {UNSERVABLE_MODULES[m]}" for m in unservable)
+            raise AdapterRefused(f"adapter {ref} adapts {unservable}, which the vLLM engine does not serve "
+                                 f"({reasons}); serve it with GFN_ENGINE=transformers")
         missing = sorted(set(lora.target_modules) - set(self.target_modules))
         if missing:
             raise AdapterRefused(
