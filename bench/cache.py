@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ module
 
 import httpx  # noqa: E402
 
-from adapters.home import runs_root  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter, log  # noqa: E402
+from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
 from bench.serve_load import Service  # noqa: E402
 from gfn.local import RedisServer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import Trainer, resolve_base_model  # noqa: E402
+from trainer.loop import resolve_base_model  # noqa: E402
 
 
 def questions(count: int) -> list[str]:
@@ -49,7 +48,7 @@ def main() -> None:
 
     store = bench_store()
     config = load_config("reasoning", [f"steps={args.train_steps}", "evaluate=false"])
-    manifest, _ = cached_adapter(store, config, lambda: Trainer(config, runs_root() / "bench-cache", store).run())
+    manifest, _ = gfn_adapter(store, config)
     redis = RedisServer(Path(tempfile.mkdtemp(prefix="bench-cache-redis-")))
     redis.start()
     os.environ["GFN_REDIS_URL"] = redis.url

@@ -48,7 +48,7 @@ def with_lm_head(train_adapter):
 
 def test_an_lm_head_lora_is_saved_as_factors_only(with_lm_head, demo_model):
     """The adapter holds lm_head's LoRA factors, not a copy of the base's output matrix (which
-    peft adds by default), and they change the log-probs."""
+    peft adds by default), and training moved them off their zero start."""
     from safetensors import safe_open
 
     with safe_open(with_lm_head.path / "adapter_model.safetensors", "pt") as weights:

@@ -110,7 +110,6 @@ class ConstrainedTask(Task):
         """(prompt, sentence) token ids of the training records that have a sentence."""
         return [(self.prompt(r).ids, self.ids(" " + r.sentence)) for r in self.records if r.sentence]
 
-
     def context(self, keywords: Sequence[str]) -> list[int]:
         """The base model's X for these keywords."""
         return self.ids(self.config.reward_template.format(keywords=", ".join(keywords)))

@@ -86,7 +86,6 @@ class InfillTask(Task):
         """(prompt, middle) token ids of the training records that have a middle."""
         return [(self.prompt(r).ids, self.ids(" " + r.middle)) for r in self.records if r.middle]
 
-
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi Y | X) for every prefix, read from the plain story X z1..zi Y."""
         plain = Rollout([self.ids(p.fields["prefix"]) for p in prompts], rollout.tokens, rollout.lengths, rollout.forced)

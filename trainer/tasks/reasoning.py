@@ -164,7 +164,6 @@ class ReasoningTask(Task):
         return fields
 
     # ------------------------------------------------------------ training
-
     def prompt(self, record: ReasoningRecord) -> Prompt:
         return Prompt(key=record.question, ids=self.encode_prompt(question=record.question),
                       fields={"question": record.question, "answer": record.answer})
