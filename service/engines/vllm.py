@@ -6,6 +6,12 @@ matters (REFERENCE.md §5): without them the CPU engine crashes on batched promp
 vLLM silently ignores modules not listed, so an adapter loaded later that needs more rank or
 other modules is refused with a message saying how to restart.
 
+vLLM 0.32's prompt log-probs break once the engine enables a LoRA on ``lm_head``, base-model
+requests included (the CPU engine dies on a batch of them; on GPU an adapter's delta is
+dropped: vllm#51594); sampling and its log-probs stay right. With ``lm_head`` among the
+targets, ``score`` (which reads the base model only) therefore runs on a transformers copy of
+the base model: the base weights' memory once more, so the engine keeps it only when it must.
+
 Sampled log-probs are vLLM's "processed" ones (after the mask, the min-length ban and the
 temperature): the distribution actually sampled from, as the transformers engine reports.
 
@@ -36,15 +42,12 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from adapters.manifest import LoraSpec, VocabMask
 from adapters.store import LoadedAdapter
 from service.engines.base import Engine, GenRequest, GenResult, Sample
+from service.engines.hf import HFEngine
 from service.errors import AdapterRefused
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-UNSERVABLE_MODULES = {
-    "lm_head": "once any LoRA adapts lm_head, vLLM 0.32 fails every prompt log-prob request (the "
-               "service's scoring): the CPU engine dies, the GPU one drops the delta (vllm#51594)",
-}
-"""LoRA targets this engine never enables: an adapter with one is refused, naming the reason,
-and the transformers engine (GFN_ENGINE=transformers) serves it."""
+SCORED_ELSEWHERE = frozenset({"lm_head"})
+"""LoRA targets that break vLLM's prompt log-probs once enabled: with one, scoring runs on transformers."""
 HARD_BAN = -50.0
 """A mask penalty at or below this (the default is -99) leaves a token a probability under
 1e-21: such an allow-list is served as ``allowed_token_ids``; softer ones as ``logit_bias``."""
@@ -53,12 +56,14 @@ HARD_BAN = -50.0
 class VllmEngine(Engine):
     name = "vllm"
 
-    def __init__(self, model_dir: str | Path, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
-                 max_lora_rank: int | None = None, kv_cache_gib: float = 1.0):
+    def __init__(self, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
+                 max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, torch_threads: int | None = None):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
         self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
-        self.target_modules = sorted({m for s in specs for m in s.target_modules} - UNSERVABLE_MODULES.keys())
+        self.target_modules = sorted({m for s in specs for m in s.target_modules})
+        scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
+        self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads) if scored_elsewhere else None
         self.max_loras = max(max_loras, len(loras))
         self._loras: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
@@ -78,8 +83,12 @@ class VllmEngine(Engine):
         self.vocab_size = self.llm.model_config.get_vocab_size()
         self.max_model_len = self.llm.model_config.max_model_len
         self._masks: dict[tuple, tuple[list[int] | None, dict[int, float]]] = {}
+        if self.scorer is not None:
+            await self.scorer.start()
 
     async def stop(self) -> None:
+        if self.scorer is not None:
+            await self.scorer.stop()
         self.llm.shutdown()
         del self.llm  # AsyncLLM.__del__ shuts down again: now, not while the interpreter exits
 
@@ -94,11 +103,6 @@ class VllmEngine(Engine):
             raise AdapterRefused(
                 f"cannot load {ref}: {len(self._loras)} adapters are loaded, the most this engine keeps resident "
                 f"(2 x max_loras); unload one (DELETE /adapters/...) or restart with a larger GFN_MAX_LORAS")
-        unservable = sorted(set(lora.target_modules) & UNSERVABLE_MODULES.keys())
-        if unservable:
-            reasons = "; ".join(f"{m}: {UNSERVABLE_MODULES[m]}" for m in unservable)
-            raise AdapterRefused(f"adapter {ref} adapts {unservable}, which the vLLM engine does not serve "
-                                 f"({reasons}); serve it with GFN_ENGINE=transformers")
         missing = sorted(set(lora.target_modules) - set(self.target_modules))
         if missing:
             raise AdapterRefused(
@@ -208,6 +212,8 @@ class VllmEngine(Engine):
         return out
 
     async def score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        if self.scorer is not None:
+            return await self.scorer.score(contexts, continuations)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         outs = await asyncio.gather(*(self._final(c + x, params, None) for c, x in zip(contexts, continuations)))
