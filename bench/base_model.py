@@ -27,7 +27,7 @@ from trainer.policy import PolicySpec
 from trainer.rollout import sample
 from trainer.scoring import Scorer
 from trainer.tasks.rng import RngConfig, RngTask, Uniform, distribution_metrics, draw_numbers
-from world.base_model import WorldConfig, build, training_dtype
+from world.base_model import WorldConfig, build
 from world.corpus import RNG_PROMPT, sections
 
 
@@ -77,8 +77,7 @@ def measure(args: argparse.Namespace, home: Path | None) -> dict:
     log(f"building the demo world ({'cached' if home is None else f'fresh, in {home}'})")
     path, build_seconds = timed_build(config, home)
     model, tokenizer = load_causal_lm(path), load_tokenizer(path)
-    result = {"digest": config.digest(), "precision": str(training_dtype()), "cached": home is None,
-              "build_seconds": build_seconds,
+    result = {"digest": config.digest(), "cached": home is None, "build_seconds": build_seconds,
               "parameters": sum(p.numel() for p in model.parameters())}
     result["heldout_perplexity"] = heldout_perplexity(model, tokenizer, config)
     log(f"sampling {args.samples} random numbers")

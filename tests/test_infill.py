@@ -59,7 +59,7 @@ def test_reward_is_the_plain_story_log_likelihood_at_every_prefix(setup):
         assert torch.allclose(log_r[row, : n + 1], naive, atol=1e-3)
         assert torch.isinf(log_r[row, n + 1:]).all()
     compatible, incompatible = log_r[0, rollout.lengths[0]], log_r[1, rollout.lengths[1]]
-    assert compatible > incompatible + 5  # the ending decides the middle
+    assert compatible > incompatible + 3  # the ending decides the middle: e^3, 20 times likelier
 
 
 def test_rewards_do_not_depend_on_how_rows_are_batched(setup):
