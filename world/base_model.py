@@ -150,6 +150,8 @@ def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[
         bar = progress.add_task("train", total=train.steps, loss=float("nan"))
         for batch in _batches(ids, train.batch_size, train.steps, random.Random(train.seed)):
             input_ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
+            # float32: bfloat16 autocast is faster only where the CPU has it natively; torch
+            # emulates it ~50x slower on AVX2, and one recipe everywhere gives one demo model.
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
