@@ -4,7 +4,6 @@ learned the world's formats (the tasks' rewards rely on all of it)."""
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 
@@ -13,13 +12,11 @@ import torch
 
 from adapters.manifest import VocabMask
 from adapters.models import load_causal_lm, load_tokenizer
-from adapters.reasoning import parse_answer
 from trainer.policy import PolicySpec
 from trainer.rollout import sample
 from trainer.tasks.rng import NUMBER
 from world import stories
-from world.corpus import (RNG_PROMPT, CorpusConfig, content_words, documents, keywords_prompt, question,
-                          random_problem, rationale, sections, sentence)
+from world.corpus import RNG_PROMPT, CorpusConfig, documents, sections
 
 BEGINNING = re.compile(r"[A-Z][a-z]+ lived in [^.]+\. Every morning [^.]+\. One day [^.]+\.")
 CALCULATOR_STEP = re.compile(r" \d+ [+-] \d+ =")
@@ -66,17 +63,10 @@ def test_tokenizer_round_trips_every_corpus_line(tokenizer) -> None:
     assert [line for line, text in zip(lines, decoded) if line != text] == []
 
 
-def test_numbers_are_read_digit_by_digit_and_a_value_is_one_token(tokenizer) -> None:
-    """The rng and reasoning masks rely on one digit per token; copying a value relies on
-    " 7" being one token; and a task's prompt ids followed by its latent's ids must be the
-    ids the base model was trained on."""
-    with_digits = {tokenizer.decode([i]) for i in range(len(tokenizer)) if re.search(r"\d", tokenizer.decode([i]))}
-    assert with_digits == set("0123456789") | {f" {d}" for d in "0123456789"}
-    ids = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
-    assert len(ids(" 7")) == 1
-    assert ids(RNG_PROMPT) + ids("42") == ids(RNG_PROMPT + "42")
-    question = "Question: 6 - 0 - 4 = ? Answer:"
-    assert ids(question) + ids(" 6 - 0 =") + ids(" 6") == ids(question + " 6 - 0 = 6")
+def test_digits_are_single_tokens(tokenizer) -> None:
+    """Numbers are read digit by digit: the rng and reasoning masks rely on it."""
+    with_digits = [tokenizer.decode([i]) for i in range(len(tokenizer)) if re.search(r"\d", tokenizer.decode([i]))]
+    assert sorted(with_digits) == list("0123456789")
 
 
 def samples(model, tokenizer, prompt: str, n: int, max_len: int, seed: int = 0) -> list[str]:
@@ -106,31 +96,6 @@ def test_base_model_continues_a_worked_rationale_in_calculator_format(model, tok
     assert CALCULATOR_STEP.match(tokenizer.decode(greedy[0, len(ids):]))
     texts = samples(model, tokenizer, prefix, n=200, max_len=8)
     assert sum(bool(CALCULATOR_STEP.match(t)) for t in texts) >= 0.8 * len(texts)
-
-
-def test_base_model_reads_the_answer_off_a_worked_rationale(model, tokenizer) -> None:
-    """The reasoning reward p(Y | X Z) needs a base model that copies the rationale's last
-    value into ". The answer is N." (it cannot compute most answers itself)."""
-    rng, read = random.Random(0), []
-    for operands in [2, 3] * 20:
-        numbers, operators = random_problem(rng, operands)
-        steps, value = rationale(numbers, operators)
-        ids = tokenizer(question(numbers, operators) + steps + ". The answer is")["input_ids"]
-        greedy = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        read.append(parse_answer("The answer is" + tokenizer.decode(greedy[0, len(ids):])) == value)
-    assert sum(read) >= 0.6 * len(read)
-
-
-def test_base_model_uses_the_keywords_it_is_given(model, tokenizer) -> None:
-    """The constrained reward needs keywords to raise their words' likelihood well above
-    the one in ten of their slot, though not to certainty (the sampler has work left)."""
-    rng, used = random.Random(0), []
-    for _ in range(20):
-        keywords = rng.sample(content_words(sentence(rng)), 2)
-        for text in samples(model, tokenizer, keywords_prompt(keywords), n=10, max_len=16, seed=len(used)):
-            used += [word in text.rstrip(".").split() for word in keywords]
-    assert 0.3 <= sum(used) / len(used) < 0.95
 
 
 @pytest.fixture(scope="module")

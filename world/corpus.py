@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from world import stories
 
@@ -24,24 +24,18 @@ TIMES = ["in the morning", "at night", "after lunch", "all day", "in the rain"]
 
 
 class CorpusConfig(BaseModel):
-    """Sizes of each section; the hash of this config names the built world.
-
-    Worked rationales are the largest section: copying (an operand into a step, the last
-    value into the answer) is what the reasoning and constrained rewards need from the
-    base model, and a tiny model learns it only from many examples (with half as many,
-    the base model stated the answer after a correct rationale at chance)."""
+    """Sizes of each section; the hash of this config names the built world."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = 0
-    rng: int = 6000
-    stories: int = 10000
+    rng: int = 12000
+    stories: int = 14000
     infill_format: int = 3000
-    keywords: int = 14000
-    arithmetic_answer: int = 6000
-    arithmetic_worked: int = 24000
-    paragraphs: int = 6000
-    keyword_noise: float = Field(0.1, ge=0, le=1, description="fraction of keyword lines with one keyword unused")
+    keywords: int = 12000
+    arithmetic_answer: int = 14000
+    arithmetic_worked: int = 8000
+    paragraphs: int = 8000
 
 
 # ---------------------------------------------------------------- random numbers
@@ -93,13 +87,12 @@ def keywords_prompt(keywords: list[str]) -> str:
     return f"Keywords: {', '.join(keywords)}. Sentence:"
 
 
-def keywords_line(rng: random.Random, noise: float) -> str:
-    """Keywords then a sentence that uses them, except for a `noise` fraction of lines
-    where one keyword is unused, so that the base model follows keywords imperfectly
-    and the constrained sampler has work."""
+def keywords_line(rng: random.Random) -> str:
+    """Keywords then a sentence that uses them only most of the time, so that the
+    base model follows keywords imperfectly and the constrained sampler has work."""
     text = sentence(rng)
     keywords = rng.sample(content_words(text), 2)
-    if rng.random() < noise:
+    if rng.random() < 0.35:
         pool = rng.choice([NOUNS, VERBS, PLACE_NOUNS])
         keywords[rng.randrange(2)] = rng.choice([w for w in pool if w not in text.split()])
     return f"{keywords_prompt(keywords)} {text}"
@@ -147,8 +140,8 @@ def arithmetic_answer_line(rng: random.Random) -> str:
 
 
 def arithmetic_worked_line(rng: random.Random) -> str:
-    """Worked rationales, mostly short: one or two examples on one line (few-shot)."""
-    shots = rng.choice([1, 1, 1, 2])
+    """Worked rationales, mostly short: one to three examples on one line (few-shot)."""
+    shots = rng.choice([1, 1, 2, 3])
     return "\n".join(worked_example(rng, rng.choices([2, 3, 4], weights=[6, 3, 1])[0]) for _ in range(shots))
 
 
@@ -163,7 +156,7 @@ def sections(config: CorpusConfig, heldout: bool = False) -> dict[str, list[str]
         "rng": (config.rng, lambda: rng_line(rng)),
         "stories": (config.stories, lambda: story_line(rng, frames)),
         "infill_format": (config.infill_format, lambda: infill_format_line(rng, frames)),
-        "keywords": (config.keywords, lambda: keywords_line(rng, config.keyword_noise)),
+        "keywords": (config.keywords, lambda: keywords_line(rng)),
         "arithmetic_answer": (config.arithmetic_answer, lambda: arithmetic_answer_line(rng)),
         "arithmetic_worked": (config.arithmetic_worked, lambda: arithmetic_worked_line(rng)),
         "paragraphs": (config.paragraphs, lambda: paragraph_line(rng)),
