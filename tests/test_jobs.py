@@ -153,12 +153,15 @@ def test_submitted_job_trains_reports_progress_and_announces_its_version(workers
 
 
 def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_version(workers, queue, demo_model):
+    total = 60  # long enough that the job cannot end between the poll that sees step 3 and the kill
     first = workers.start()
-    job_id = queue.submit(load("rng", ["steps=6", f"base_model={demo_model}", *SHORT]))
+    job_id = queue.submit(load("rng", [f"steps={total}", f"base_model={demo_model}", *SHORT]))
     seen: list[JobStatus] = []
     watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 3, 180, seen)
     first.kill()  # SIGKILL: the job's process dies with its worker; checkpoint at step >= 2
     first.wait()
+    killed = queue.status(job_id)
+    assert killed.status == "started", f"the job ended before its worker was killed ({killed.progress}): lengthen it"
 
     workers.start()
     after: list[JobStatus] = []
@@ -166,7 +169,7 @@ def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_versi
     assert done.status == "finished" and done.adapter == "rng@v1"
     assert min(steps(after)) >= 3, f"the job restarted from zero: steps seen after the kill {steps(after)}"
     log = [json.loads(line) for line in (workers.home / "runs" / job_id / "metrics.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in log] == list(range(1, 7))
+    assert [entry["step"] for entry in log] == list(range(1, total + 1))
     store = AdapterStore(workers.home / "adapters")
     assert store.versions("rng") == [1] and store.manifest("rng", 1).job_id == job_id
     assert done.retries_left == RETRIES - 1
