@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
@@ -50,6 +51,33 @@ class VocabMask(_Strict):
         return bias
 
 
+class WordBias(_Strict):
+    """A logit bias on the words a prompt field lists: +4 on a constrained sentence's keywords
+    draws the policy to them, -99 on its words to avoid bans them. It conditions the policy on
+    the prompt where a small model could not learn to copy, and like the mask it is part of the
+    policy: training rollouts, the loss's log-probs and serving add the same bias."""
+
+    field: str
+    bias: float
+
+
+def word_bias(biases: Sequence[WordBias], words: Mapping[str, Sequence[str]], tokenizer: Any,
+              terminator_id: int) -> dict[int, float]:
+    """Token id -> logit bias for a prompt's word lists (field -> words). A word's tokens: the
+    first token of " word" (a sentence's words follow a space; a word of several tokens biases
+    its first), and " Word" where that is one token. The terminator is never biased: every
+    state can stop."""
+    bias: dict[int, float] = {}
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for rule in biases:
+        for word in words.get(rule.field, ()):
+            capital = encode(f" {word[:1].upper()}{word[1:]}")
+            ids = {encode(f" {word}")[0], *(capital if len(capital) == 1 else [])} - {terminator_id}
+            for token in ids:
+                bias[token] = bias.get(token, 0.0) + rule.bias
+    return bias
+
+
 class LoraSpec(_Strict):
     """LoRA hyper-parameters; the service must know target modules to configure its engine."""
 
@@ -80,6 +108,7 @@ class Manifest(_Strict):
     min_len: NonNegativeInt
     max_len: PositiveInt
     mask: VocabMask
+    word_biases: list[WordBias] = []
     base_model: BaseModelRef
     lora: LoraSpec
     training: dict[str, Any]

@@ -5,7 +5,10 @@ the base model, how diverse, and how fast.
     .venv/bin/python bench/constrained.py [--fresh] [--prompts 24] [--samples 32]
 
 Methods (each returns `samples` sentences per keyword set):
-  gfn        the GFlowNet adapter (trainer/configs/constrained.yaml; reused from the bench cache)
+  gfn        the GFlowNet adapter (configs/constrained.yaml; reused from the bench cache), with
+             its policy's word bias (keywords up, avoided words banned)
+  bias       the base model on the keywords prompt with that word bias alone: what the
+             adapter adds to it
   rejection  the base model on the keywords prompt, drawn in batches until enough satisfy
              the constraints (or --max-batches); only accepted sentences are returned
   mask       the base model on the keywords prompt with the banned words' tokens masked
@@ -121,7 +124,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1234)
 
     def gfn_draw(record: ConstrainedRecord, k: int) -> Rollout:
-        return sample(adapted, spec, [task.prompt(record).ids] * k, pad, 1.0, generator)
+        prompt = task.prompt(record)
+        return sample(adapted, spec, [prompt.ids] * k, pad, 1.0, generator, bias=[prompt.bias] * k)
+
+    def bias_draw(record: ConstrainedRecord, k: int) -> Rollout:
+        bias = [task.prompt(record).bias] * k
+        return sample(base, spec, [task.context(record.keywords)] * k, pad, 1.0, generator, bias=bias)
 
     def base_draw(record: ConstrainedRecord, k: int) -> Rollout:
         return sample(base, spec, [task.context(record.keywords)] * k, pad, 1.0, generator)
@@ -131,10 +139,11 @@ def main() -> None:
                             VocabMask(mode="deny", token_ids=banned_tokens(task, record.avoid)))
         return sample(base, masked, [task.context(record.keywords)] * k, pad, 1.0, generator)
 
-    for draw in (gfn_draw, base_draw, mask_draw):  # warm up before timing
+    for draw in (gfn_draw, bias_draw, base_draw, mask_draw):  # warm up before timing
         draw(records[0], 2)
     methods = {
         "gfn": evaluate("gfn", gfn_draw, task, scorer, records, n),
+        "bias": evaluate("bias", bias_draw, task, scorer, records, n),
         "rejection": evaluate("rejection", base_draw, task, scorer, records, n, True, args.max_batches),
         "mask": evaluate("mask", mask_draw, task, scorer, records, n),
     }

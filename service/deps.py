@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from adapters.manifest import word_bias
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -112,14 +113,18 @@ Scoring = Callable[[Sample], tuple[list[int], list[int]]]
 
 
 async def serve_samples(request: Request, state: ServiceState, body: Sampling, task: str,
-                        fields: dict[str, str | None], scoring: Scoring | None = None) -> SamplesResponse:
-    """The flow of a sampling endpoint: caps, adapter (held while in use), prompt, samples, scores."""
+                        fields: dict[str, str | None], scoring: Scoring | None = None,
+                        words: dict[str, list[str]] | None = None) -> SamplesResponse:
+    """The flow of a sampling endpoint: caps, adapter (held while in use), prompt, samples, scores.
+    ``words``: the word lists behind ``fields``, for the adapter's word bias."""
     texts = {k: v for k, v in fields.items() if v}
     check_caps(state.settings, "n", body.n, body.max_tokens, texts)
     with state.registry.use(body.adapter, task) as entry:
         request.state.adapter = entry.manifest.name
         prompt = state.encode(render(entry.manifest, fields))
-        generation = gen_request(entry.manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens)
+        manifest = entry.manifest
+        bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
+        generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)
         return await guarded(request, _samples(request, state, generation, scoring), state.settings.request_timeout_s)
 

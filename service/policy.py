@@ -1,8 +1,9 @@
-"""Serving an adapter the way it was trained: its prompt template, length limits and mask
-(the manifest's serving contract, docs/DESIGN.md)."""
+"""Serving an adapter the way it was trained: its prompt template, length limits, mask and
+word bias (the manifest's serving contract, docs/DESIGN.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from string import Formatter
 
 from adapters.manifest import Manifest
@@ -29,11 +30,12 @@ def render(manifest: Manifest, fields: dict[str, str | None]) -> str:
 
 
 def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: float, seed: int | None,
-                max_tokens: int | None, tool: Tool | None = None) -> GenRequest:
-    """Sampling of the trained policy; ``max_tokens`` (default: max_len) may only cut it shorter."""
+                max_tokens: int | None, tool: Tool | None = None, bias: Mapping[int, float] | None = None) -> GenRequest:
+    """Sampling of the trained policy; ``max_tokens`` (default: max_len) may only cut it shorter;
+    ``bias``: the prompt's word bias (adapters.manifest.word_bias of the manifest's rules)."""
     if max_tokens is not None and not manifest.min_len <= max_tokens <= manifest.max_len:
         raise invalid("max_tokens", f"max_tokens is {max_tokens}; adapter {manifest.ref} samples "
                                     f"{manifest.min_len} to {manifest.max_len} tokens", max_tokens)
     return GenRequest(prompt_ids=prompt_ids, adapter=manifest.ref, terminator_id=manifest.terminator_id,
                       max_tokens=max_tokens or manifest.max_len, min_tokens=manifest.min_len, mask=manifest.mask,
-                      n=n, temperature=temperature, seed=seed, tool=tool)
+                      bias=bias or {}, n=n, temperature=temperature, seed=seed, tool=tool)

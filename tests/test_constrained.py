@@ -11,9 +11,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from adapters.manifest import WordBias, word_bias
 from adapters.models import load_causal_lm, load_tokenizer
 from trainer.jsonl import DataError, load_jsonl
-from trainer.rollout import Rollout
+from trainer.policy import policy_log_probs
+from trainer.rollout import Rollout, sample
 from trainer.scoring import Scorer
 from trainer.tasks.constrained import (
     ConstrainedConfig,
@@ -39,6 +41,40 @@ def test_violations_count_whole_words_case_insensitively():
     assert violations(text, ["cat", "garden"], ["ran"]) == 3
     assert violations("The doghouse stood in the parks.", ["dog", "park"], []) == 2
     assert violations(text, ["in the park"], ["the dog sat"]) == 0  # phrases are word sequences
+
+
+def test_word_bias_marks_each_words_token_and_its_capitalised_one_where_that_is_one_token(setup):
+    task, _ = setup
+    tokenizer, eos = task.tokenizer, task.tokenizer.eos_token_id
+    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    rules = [WordBias(field="keywords", bias=4.0), WordBias(field="avoid", bias=-99.0)]
+    bias = word_bias(rules, {"keywords": ["dog", "the"], "avoid": ["ran"], "other": ["cat"]}, tokenizer, eos)
+    assert len(tokenizer(" Dog", add_special_tokens=False)["input_ids"]) > 1  # so only " dog" is biased
+    assert bias == {first(" dog"): 4.0, first(" the"): 4.0, first(" The"): 4.0, first(" ran"): -99.0}
+    assert word_bias(rules, {"keywords": [tokenizer.eos_token]}, tokenizer, eos).get(eos) is None
+
+
+def test_the_policy_applies_each_prompts_word_bias_in_sampling_and_in_the_loss(setup, demo_model):
+    """The base model says "ran" in a fair share of its sentences; under the policy's word
+    bias it never does, and the keywords come far more often than without it."""
+    task, _ = setup
+    model, eos = load_causal_lm(demo_model), task.tokenizer.eos_token_id
+    record = ConstrainedRecord(keywords=["horse", "kitchen"], avoid=["ran"])
+    prompt, spec, n = task.prompt(record), task.spec(), 64
+    assert task.manifest_fields()["word_biases"] == [{"field": "keywords", "bias": 4.0}, {"field": "avoid", "bias": -99.0}]
+    context = task.context(record.keywords)
+    draws = {with_bias: sample(model, spec, [context] * n, eos, 1.0, torch.Generator().manual_seed(0),
+                               bias=[prompt.bias] * n if with_bias else None) for with_bias in (False, True)}
+    texts = {k: [task.tokenizer.decode(z) for z in rollout.latents()] for k, rollout in draws.items()}
+    uses = {k: sum(violations(t, record.keywords, []) == 0 for t in v) / n for k, v in texts.items()}
+    assert any(" ran" in t for t in texts[False]) and not any(" ran" in t for t in texts[True])
+    assert uses[True] >= uses[False] + 0.3, uses
+
+    rollout = rollout_of(task, context, ["The horse ran in the kitchen."])
+    plain, _ = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, eos)
+    biased, _ = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, eos, [prompt.bias])
+    ran = rollout.tokens[0].tolist().index(task.tokenizer(" ran", add_special_tokens=False)["input_ids"][0])
+    assert biased[0, ran] < plain[0, ran] - 90 and biased[0, 1] > plain[0, 1]  # " horse" is token 1
 
 
 def rollout_of(task: ConstrainedTask, prompt_ids: list[int], sentences: list[str]) -> Rollout:

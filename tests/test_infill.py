@@ -18,6 +18,7 @@ from trainer.jsonl import DataError, load_jsonl
 from trainer.metrics import bleu4, distinct_n, effective_sample_size, total_variation
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
+from trainer.tasks.base import Prompt
 from trainer.tasks.infill import OFF_SUPPORT, InfillConfig, InfillRecord, InfillTask, candidate_index, sample_metrics
 from world import stories
 
@@ -176,4 +177,4 @@ def test_sft_stores_an_adapter_with_the_task_manifest(tmp_path, demo_model):
     assert manifest.terminator_id == fields["terminator_id"] and manifest.max_len == fields["max_len"]
     assert manifest.training["method"] == "sft" and manifest.training["pairs"] == 8
     with pytest.raises(ValueError, match="pair 0"):
-        train_sft(config, AdapterStore(tmp_path), pairs=[([1, 2], [5] * 50)])
+        train_sft(config, AdapterStore(tmp_path), pairs=[(Prompt("p", [1, 2]), [5] * 50)])

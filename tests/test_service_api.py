@@ -66,8 +66,10 @@ def test_every_endpoint_answers(client):
     again = client.post("/infill", json={**INFILL, "n": 3, "seed": 7}).json()
     assert [s["token_ids"] for s in again["samples"]] == [s["token_ids"] for s in body["samples"]]
 
-    constrained = client.post("/generate", json={"keywords": ["cat", "garden"], "avoid": ["dog"], "n": 2}).json()
-    assert constrained["adapter"].startswith("constrained@v") and len(constrained["samples"]) == 2
+    constrained = client.post("/generate", json={"keywords": ["cat", "garden"], "avoid": ["dog"], "n": 32}).json()
+    assert constrained["adapter"].startswith("constrained@v") and len(constrained["samples"]) == 32
+    texts = [s["text"] for s in constrained["samples"]]  # the manifest's word bias: keywords +4, avoided -99
+    assert not any(" dog" in t for t in texts) and sum(" cat" in t for t in texts) >= 16, texts
     numbers = client.post("/generate", json={"adapter": "rng", "n": 16}).json()["samples"]
     assert all(s["text"].isdigit() and 1 <= len(s["token_ids"]) <= 3 for s in numbers)  # the digits-only mask
     sentences = client.post("/generate", json={"adapter": "continuation", "text": "The cat sat.", "n": 4}).json()

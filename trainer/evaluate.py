@@ -34,11 +34,11 @@ class LoadedPolicy:
 
     def sampler(self, generator: torch.Generator, adapter: bool = True):
         """One latent per prompt from the adapter, or from the base model under the same masks."""
-        def draw(prompts: list[list[int]]):
+        def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
             if adapter:
-                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool)
+                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool, bias)
             with self.model.disable_adapter():
-                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool)
+                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool, bias)
         return draw
 
 

@@ -138,7 +138,8 @@ class Trainer:
         """SubTB on a behaviour batch for these prompts, and the mean log-reward and length
         of its on-policy samples."""
         batch, log_r, fresh = self.behaviour_batch(prompts)
-        log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id)
+        log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id,
+                                             batch.bias)
         loss = subtb_loss(self.tempered(log_r, temperature), log_pf, log_pterm, batch.lengths,
                           self.config.subtb_lambda, batch.forced)
         return loss, {"log_reward": log_r[fresh, batch.lengths[fresh]].mean().item(),
@@ -172,7 +173,7 @@ class Trainer:
             on_policy += [True] * n_on + [False] * n_tempered
             replayed += [(prompt, e) for e in entries]
         rollout = sample(self.model, self.spec, [p.ids for p in new_prompts], self.pad_id,
-                         torch.tensor(temperatures), self.generator, self.tool)
+                         torch.tensor(temperatures), self.generator, self.tool, [p.bias for p in new_prompts])
         log_r = self.task.log_rewards(self.scorer, new_prompts, rollout)
         self.floor_short(log_r)
         for prompt, tokens, n_b, forced, row in zip(new_prompts, rollout.tokens, rollout.lengths, rollout.forced, log_r):
@@ -222,7 +223,8 @@ class Trainer:
     # ------------------------------------------------------------------ the result
     def sampler(self, temperature: float = 1.0):
         """Draws one latent per prompt from the trained policy (for evaluation)."""
-        return lambda prompts: sample(self.model, self.spec, prompts, self.pad_id, temperature, self.generator, self.tool)
+        return lambda prompts, bias=None: sample(self.model, self.spec, prompts, self.pad_id, temperature,
+                                                 self.generator, self.tool, bias)
 
     def finish(self, train_seconds: float) -> Manifest:
         out = self.run_dir / "adapter"
@@ -265,5 +267,6 @@ def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_
         tokens=torch.cat([rollout.tokens, tokens]),
         lengths=torch.cat([rollout.lengths, torch.tensor([len(e.tokens) for _, e in replayed])]),
         forced=torch.cat([rollout.forced, forced]),
+        bias=(rollout.bias or [{}] * len(rollout.prompts)) + [p.bias for p, _ in replayed],
     )
     return batch, torch.cat([log_r, rewards])

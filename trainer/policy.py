@@ -1,8 +1,9 @@
 """The policy q(Z | prompt): a causal LM (with or without its LoRA) plus the task's masks.
 
 A state is the prompt plus z1..zi; every state may stop with the terminator. The masks
-(vocabulary penalty, no stop before min_len, must stop at max_len) are part of the
-policy: sampling, the loss's log-probs and serving all apply the same ones.
+(vocabulary penalty, no stop before min_len, must stop at max_len) and a prompt's word
+bias are part of the policy: sampling, the loss's log-probs and serving all apply the
+same ones.
 """
 
 from __future__ import annotations
@@ -63,9 +64,23 @@ def state_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: torch
     return logits[:, width - 1:].float()
 
 
-def masked_log_probs(logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """log q(. | state) of the masked policy; `bias` is PolicySpec.bias for these states."""
-    return torch.log_softmax(logits + bias[: logits.shape[1]], dim=-1)
+def prompt_bias(rows: list[dict[int, float]] | None, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor | float:
+    """Each row's word bias (Prompt.bias) as a [B, vocab] tensor; 0 when no row has one."""
+    if not rows or not any(rows):
+        return 0.0
+    bias = torch.zeros((len(rows), vocab_size), device=device)
+    for row, entries in enumerate(rows):
+        if entries:
+            bias[row, list(entries)] = torch.tensor(list(entries.values()), device=device)
+    return bias
+
+
+def masked_log_probs(logits: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """log q(. | state) of the masked policy; `bias` is PolicySpec.bias for these states,
+    `rows` the prompts' word biases (prompt_bias)."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows[:, None]
+    return torch.log_softmax(logits + bias[: logits.shape[1]] + rows, dim=-1)
 
 
 def transition_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, terminator_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +90,11 @@ def transition_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, terminat
     return log_pf, log_pterm
 
 
-def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs of the masked, untempered policy, with gradients."""
+def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int,
+                     bias: list[dict[int, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of the masked, untempered policy, with gradients; `bias`: each
+    prompt's word bias."""
     logits = state_logits(model, prompts, tokens, pad_id)
-    log_probs = masked_log_probs(logits, spec.bias(logits.shape[-1], logits.device))
+    vocab = logits.shape[-1]
+    log_probs = masked_log_probs(logits, spec.bias(vocab, logits.device), prompt_bias(bias, vocab, logits.device))
     return transition_log_probs(log_probs, tokens, spec.terminator_id)

@@ -71,11 +71,12 @@ class RLTrainer(Trainer):
     def batch_loss(self, prompts: list[Prompt], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
         k = self.config.samples_per_prompt
         batch = [p for p in prompts for _ in range(k)]
-        rollout = sample(self.model, self.spec, [p.ids for p in batch], self.pad_id, 1.0, self.generator, self.tool)
+        rollout = sample(self.model, self.spec, [p.ids for p in batch], self.pad_id, 1.0, self.generator, self.tool,
+                         [p.bias for p in batch])
         log_r = self.floor_short(self.task.log_rewards(self.scorer, batch, rollout))
         final = log_r[torch.arange(len(batch)), rollout.lengths]
         log_q = sequence_log_prob(*policy_log_probs(self.model, self.spec, rollout.prompts, rollout.tokens,
-                                                    self.pad_id), rollout)
+                                                    self.pad_id, rollout.bias), rollout)
         log_base = sequence_log_prob(*self.scorer.latent(rollout, self.spec.terminator_id), rollout)
         kl = log_q.detach() - log_base
         advantages = rloo_advantages((final - self.config.kl_coef * kl).view(len(prompts), k))

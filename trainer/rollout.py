@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.policy import PolicySpec, pack
+from trainer.policy import PolicySpec, pack, prompt_bias
 
 # A tool sees the sample's tokens so far and returns the tokens it writes next (or none).
 Tool = Callable[[list[int]], list[int] | None]
@@ -23,12 +23,14 @@ Tool = Callable[[list[int]], list[int] | None]
 @dataclass
 class Rollout:
     """Sampled latents: tokens [B, max_len] (padding past each length), lengths [B]
-    (tokens before the terminator), forced [B, max_len] (written by the tool)."""
+    (tokens before the terminator), forced [B, max_len] (written by the tool), and the word
+    bias each prompt was sampled with (None: none)."""
 
     prompts: list[list[int]]
     tokens: torch.Tensor
     lengths: torch.Tensor
     forced: torch.Tensor
+    bias: list[dict[int, float]] | None = None
 
     def latents(self) -> list[list[int]]:
         return [self.tokens[b, : int(n)].tolist() for b, n in enumerate(self.lengths)]
@@ -43,9 +45,11 @@ def sample(
     temperatures: torch.Tensor | float = 1.0,
     generator: torch.Generator | None = None,
     tool: Tool | None = None,
+    bias: list[dict[int, float]] | None = None,
 ) -> Rollout:
     """Sample one latent per prompt; `temperatures` (scalar or [B]) tempers the masked
-    logits for exploration, the returned samples carry no log-probs."""
+    logits for exploration, `bias` is each prompt's word bias; the returned samples carry
+    no log-probs."""
     was_training = model.training
     model.eval()
     batch, max_len = len(prompts), spec.max_len
@@ -60,10 +64,11 @@ def sample(
     cache, mask = out.past_key_values, inputs["attention_mask"]
     position = inputs["position_ids"][:, -1]
     logits = out.logits[:, -1].float()
-    bias = spec.bias(logits.shape[-1], logits.device)
+    states = spec.bias(logits.shape[-1], logits.device)
+    rows = prompt_bias(bias, logits.shape[-1], logits.device)
 
     for step in range(max_len + 1):
-        probs = torch.softmax((logits + bias[step]) / temps, dim=-1)
+        probs = torch.softmax((logits + states[step] + rows) / temps, dim=-1)
         choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         for b in range(batch):
             if lengths[b] >= 0:
@@ -85,4 +90,4 @@ def sample(
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     model.train(was_training)
-    return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced)
+    return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced, bias=bias)

@@ -25,9 +25,9 @@ from trainer.loop import resolve_base_model
 from trainer.policy import policy_log_probs
 from trainer.rollout import sample
 from trainer.scoring import Scorer
-from trainer.tasks import AnyTaskConfig, Task, make_task
+from trainer.tasks import AnyTaskConfig, Prompt, Task, make_task
 
-Pair = tuple[list[int], list[int]]  # prompt ids, target ids (without the terminator)
+Pair = tuple[Prompt, list[int]]  # the prompt, target ids (without the terminator)
 
 
 class SFTConfig(BaseModel):
@@ -57,7 +57,8 @@ def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair], pad_id: int)
     tokens = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
     for row, (_, target) in enumerate(batch):
         tokens[row, : len(target)] = torch.tensor(target, dtype=torch.long)
-    log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt for prompt, _ in batch], tokens, pad_id)
+    log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, pad_id,
+                                         [prompt.bias for prompt, _ in batch])
     inside = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     total = torch.where(inside, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths].sum()
     return -total / (lengths + 1).sum()
@@ -97,7 +98,8 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         (out / "training_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         if config.evaluate:
             generator = torch.Generator().manual_seed(config.seed)
-            draw = lambda prompts: sample(model, task.spec(), prompts, pad_id, 1.0, generator, task.tool())  # noqa: E731
+            def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
+                return sample(model, task.spec(), prompts, pad_id, 1.0, generator, task.tool(), bias)
             metrics.update(task.evaluate(draw, Scorer(model, pad_id), out))
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {
@@ -114,7 +116,7 @@ def _check_pairs(pairs: list[Pair], task: Task) -> None:
     if not pairs:
         raise ValueError(f"no (prompt, target) pairs to fine-tune on: the {task.name} data has no targets")
     for index, (prompt, target) in enumerate(pairs):
-        if not prompt:
+        if not prompt.ids:
             raise ValueError(f"pair {index}: the prompt is empty")
         if not task.config.min_len <= len(target) <= task.config.max_len:
             raise ValueError(f"pair {index}: the target has {len(target)} tokens, outside task.min_len.."

@@ -1,15 +1,17 @@
 """The one interface every inference engine implements.
 
 A request names the adapter version (``name@vN``, or None for the base model) and carries
-the policy of its manifest: terminator, length limits and vocabulary mask. Engines sample
-exactly the distribution training used: the latent is the prompt ids followed by sampled ids
-(never re-tokenised), no stop before ``min_tokens``, a forced stop at ``max_tokens``, the
-mask's penalty added to the logits, the temperature applied after the mask.
+the policy of its manifest: terminator, length limits, vocabulary mask and the prompt's word
+bias. Engines sample exactly the distribution training used: the latent is the prompt ids
+followed by sampled ids (never re-tokenised), no stop before ``min_tokens``, a forced stop at
+``max_tokens``, the mask's penalty and the word bias added to the logits, the temperature
+applied after them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -42,6 +44,8 @@ class GenRequest:
     max_tokens: int
     min_tokens: int = 0
     mask: VocabMask = field(default_factory=VocabMask)
+    bias: Mapping[int, float] = field(default_factory=dict)
+    """Token id -> logit bias: the prompt's word bias (adapters.manifest.word_bias)."""
     n: int = 1
     temperature: float = 1.0
     """0 means greedy."""

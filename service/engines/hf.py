@@ -26,7 +26,6 @@ import peft
 import torch
 import torch.nn.functional as F
 
-from adapters.manifest import VocabMask
 from adapters.models import load_causal_lm
 from adapters.store import LoadedAdapter
 from service.engines.base import Engine, GenRequest, GenResult, Sample
@@ -288,11 +287,17 @@ class HFEngine(Engine):
         self.peft.set_adapter(adapters[0])
         return self.peft(**inputs)
 
-    def _bias(self, mask: VocabMask, terminator_id: int) -> torch.Tensor:
-        key = (mask.mode, tuple(mask.token_ids), mask.penalty, terminator_id)
+    def _bias(self, req: GenRequest) -> torch.Tensor:
+        """The request's logit bias: its mask's (cached), plus its word bias."""
+        mask = req.mask
+        key = (mask.mode, tuple(mask.token_ids), mask.penalty, req.terminator_id)
         if key not in self._biases:
-            self._biases[key] = mask.bias(self.vocab_size, terminator_id)
-        return self._biases[key]
+            self._biases[key] = mask.bias(self.vocab_size, req.terminator_id)
+        if not req.bias:
+            return self._biases[key]
+        bias = self._biases[key].clone()
+        bias[list(req.bias)] += torch.tensor(list(req.bias.values()))
+        return bias
 
     @torch.no_grad()
     def _admit(self, works: list[_Work]) -> None:
@@ -313,7 +318,7 @@ class HFEngine(Engine):
             "logits": out.logits[expand, -1].float(),
             "attention": inputs["attention_mask"][expand],
             "position": inputs["position_ids"][expand, -1:],
-            "bias": torch.stack([self._bias(r.mask, r.terminator_id) for r in reqs]),
+            "bias": torch.stack([self._bias(r) for r in reqs]),
             "temperature": torch.tensor([[r.temperature or 1.0] for r in reqs]),
             "greedy": torch.tensor([r.temperature == 0 for r in reqs]),
             "terminator": torch.tensor([r.terminator_id for r in reqs]),

@@ -172,6 +172,8 @@ class VllmEngine(Engine):
         rounds = self._in_rounds(req)
         early = rounds and len(tokens) < req.min_tokens
         allowed, bias = self._mask(req.mask, req.terminator_id)
+        if req.bias:
+            bias = {t: bias.get(t, 0.0) + req.bias.get(t, 0.0) for t in bias.keys() | req.bias.keys()}
         if early:
             bias = {**bias, req.terminator_id: req.mask.penalty}
         stops = sorted(req.tool.triggers) if req.tool is not None else []

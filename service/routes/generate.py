@@ -16,4 +16,5 @@ async def generate(body: GenerateRequest, request: Request, state: State) -> Sam
     fields = {"keywords": None if body.keywords is None else ", ".join(body.keywords),
               "avoid": None if body.avoid is None else ", ".join(body.avoid),
               "text": body.text}
-    return await serve_samples(request, state, body, "constrained", fields)
+    words = {"keywords": body.keywords or [], "avoid": body.avoid or []}
+    return await serve_samples(request, state, body, "constrained", fields, words=words)

@@ -4,31 +4,36 @@ and an evaluation. The trainer knows nothing else about a task."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedTokenizerBase
 
-from adapters.manifest import VocabMask
+from adapters.manifest import VocabMask, WordBias, word_bias
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
 
-# Draws one latent per prompt from a policy (the adapter, or the base model).
-Sampler = Callable[[list[list[int]]], Rollout]
+class Sampler(Protocol):
+    """Draws one latent per prompt from a policy (the adapter, or the base model); `bias` is
+    each prompt's word bias (Prompt.bias) where the task has one."""
+
+    def __call__(self, prompts: list[list[int]], bias: list[dict[int, float]] | None = None) -> Rollout: ...
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One conditioning input: `key` names it in the replay buffer, `fields` fill the template."""
+    """One conditioning input: `key` names it in the replay buffer, `fields` fill the template,
+    `bias` is the policy's logit bias for it (Task.prompt_bias)."""
 
     key: str
     ids: list[int]
     fields: dict[str, Any] = field(default_factory=dict)
+    bias: dict[int, float] = field(default_factory=dict)
 
 
 def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -71,6 +76,12 @@ class Task(ABC):
     def mask(self) -> VocabMask:
         return VocabMask()
 
+    def word_biases(self) -> list[WordBias]:
+        return []
+
+    def prompt_bias(self, words: Mapping[str, Sequence[str]]) -> dict[int, float]:
+        return word_bias(self.word_biases(), words, self.tokenizer, self.terminator_id)
+
     def spec(self) -> PolicySpec:
         return PolicySpec(self.terminator_id, self.config.min_len, self.config.max_len, self.mask())
 
@@ -108,4 +119,5 @@ class Task(ABC):
             "min_len": self.config.min_len,
             "max_len": self.config.max_len,
             "mask": self.mask().model_dump(),
+            "word_biases": [b.model_dump() for b in self.word_biases()],
         }

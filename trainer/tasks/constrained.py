@@ -3,8 +3,15 @@ sampled in proportion to its fluency, p(Z ⊤ | X) · exp(-penalty · violations
 
 X, the base model's context, is the keywords prompt it was trained on
 (world.corpus.keywords_prompt: "Keywords: dog, park. Sentence:"); the policy's prompt also
-names the words to avoid, so the adapter can learn them. A violation is a keyword missing
-from Z or an avoided word present in it, as whole words, case-insensitively.
+names the words to avoid. A violation is a keyword missing from Z or an avoided word
+present in it, as whole words, case-insensitively.
+
+The policy adds a word bias to its logits (adapters.manifest.WordBias): `keyword_bias` on
+the keywords' tokens and `avoid_bias` on the avoided words'. A small model cannot learn to
+copy words from its prompt (the demo model uses a given keyword a fifth of the time, and
+neither a GFlowNet nor an SFT LoRA taught it more), so the policy starts near sentences
+that satisfy the constraints and the adapter learns the rest. The target is unchanged:
+the bias is part of q, in training, the loss and serving alike.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from adapters.manifest import WordBias
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.metrics import distinct_n
 from trainer.plots import bar_chart
@@ -70,6 +78,8 @@ class ConstrainedConfig(TaskConfig):
     prompt_template: str = PROMPT_TEMPLATE
     reward_template: str = REWARD_TEMPLATE
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
+    keyword_bias: float = Field(4.0, description="the policy's logit bias on the keywords' tokens (0: none)")
+    avoid_bias: float = Field(-99.0, description="the policy's logit bias on the avoided words' tokens (0: none)")
     data: RecordsFile = Field(None, description="JSONL of ConstrainedRecord; default: keyword sets of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out keyword sets of the demo world")
@@ -100,15 +110,21 @@ class ConstrainedTask(Task):
     # ------------------------------------------------------------ training
     def prompt(self, record: ConstrainedRecord) -> Prompt:
         fields = {"keywords": ", ".join(record.keywords), "avoid": ", ".join(record.avoid)}
-        return Prompt(key=self.prompt_template.format(**fields), ids=self.encode_prompt(**fields),
-                      fields={"keywords": record.keywords, "avoid": record.avoid})
+        words = {"keywords": record.keywords, "avoid": record.avoid}
+        return Prompt(key=self.prompt_template.format(**fields), ids=self.encode_prompt(**fields), fields=words,
+                      bias=self.prompt_bias(words))
+
+    def word_biases(self) -> list[WordBias]:
+        rules = [WordBias(field="keywords", bias=self.config.keyword_bias),
+                 WordBias(field="avoid", bias=self.config.avoid_bias)]
+        return [rule for rule in rules if rule.bias]
 
     def train_prompts(self) -> list[Prompt]:
         return [self.prompt(r) for r in self.records]
 
-    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
-        """(prompt, sentence) token ids of the training records that have a sentence."""
-        return [(self.prompt(r).ids, self.ids(" " + r.sentence)) for r in self.records if r.sentence]
+    def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
+        """(prompt, sentence ids) of the training records that have a sentence."""
+        return [(self.prompt(r), self.ids(" " + r.sentence)) for r in self.records if r.sentence]
 
     def context(self, keywords: Sequence[str]) -> list[int]:
         """The base model's X for these keywords."""
@@ -140,7 +156,8 @@ class ConstrainedTask(Task):
         texts, rates, loglik, seconds = [], [], [], 0.0
         for record in self.eval_records:
             tick = time.perf_counter()
-            rollout = sample([self.prompt(record).ids] * n)
+            prompt = self.prompt(record)
+            rollout = sample([prompt.ids] * n, [prompt.bias] * n)
             seconds += time.perf_counter() - tick
             texts.append([self.tokenizer.decode(z) for z in rollout.latents()])
             rates.append(sum(violations(t, record.keywords, record.avoid) == 0 for t in texts[-1]) / n)

@@ -82,9 +82,9 @@ class InfillTask(Task):
     def train_prompts(self) -> list[Prompt]:
         return [self.prompt(r) for r in self.records]
 
-    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
-        """(prompt, middle) token ids of the training records that have a middle."""
-        return [(self.prompt(r).ids, self.ids(" " + r.middle)) for r in self.records if r.middle]
+    def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
+        """(prompt, middle ids) of the training records that have a middle."""
+        return [(self.prompt(r), self.ids(" " + r.middle)) for r in self.records if r.middle]
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi Y | X) for every prefix, read from the plain story X z1..zi Y."""

@@ -193,9 +193,9 @@ class ReasoningTask(Task):
         forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])
         return Rollout([p.ids for p in prompts], tokens, torch.tensor([len(z) for z in latents]), forced)
 
-    def sft_pairs(self) -> list[tuple[list[int], list[int]]]:
-        """(question, rationale) token ids of the labelled records."""
-        return [(self.prompt(r).ids, self.ids(r.rationale)) for r in self.labelled]
+    def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
+        """(question prompt, rationale ids) of the labelled records."""
+        return [(self.prompt(r), self.ids(r.rationale)) for r in self.labelled]
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(policy-written z≤i, Y | P X) for every prefix i (module docstring)."""
