@@ -52,7 +52,7 @@ class VocabMask(_Strict):
 
 
 class WordBias(_Strict):
-    """A logit bias on the words a prompt field lists: +6 on a constrained sentence's keywords
+    """A logit bias on the words a prompt field lists: +8 on a constrained sentence's keywords
     draws the policy to them, -99 on its words to avoid bans them. It conditions the policy on
     the prompt where a small model could not learn to copy, and like the mask it is part of the
     policy: training rollouts, the loss's log-probs and serving add the same bias."""

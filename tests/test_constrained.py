@@ -61,7 +61,7 @@ def test_the_policy_applies_each_prompts_word_bias_in_sampling_and_in_the_loss(s
     model, eos = load_causal_lm(demo_model), task.tokenizer.eos_token_id
     record = ConstrainedRecord(keywords=["horse", "kitchen"], avoid=["ran"])
     prompt, spec, n = task.prompt(record), task.spec(), 64
-    assert task.manifest_fields()["word_biases"] == [{"field": "keywords", "bias": 6.0}, {"field": "avoid", "bias": -99.0}]
+    assert task.manifest_fields()["word_biases"] == [{"field": "keywords", "bias": 8.0}, {"field": "avoid", "bias": -99.0}]
     context = task.context(record.keywords)
     draws = {with_bias: sample(model, spec, [context] * n, eos, 1.0, torch.Generator().manual_seed(0),
                                bias=[prompt.bias] * n if with_bias else None) for with_bias in (False, True)}

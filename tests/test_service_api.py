@@ -68,7 +68,7 @@ def test_every_endpoint_answers(client):
 
     constrained = client.post("/generate", json={"keywords": ["cat", "garden"], "avoid": ["dog"], "n": 32}).json()
     assert constrained["adapter"].startswith("constrained@v") and len(constrained["samples"]) == 32
-    texts = [s["text"] for s in constrained["samples"]]  # the manifest's word bias: keywords +6, avoided -99
+    texts = [s["text"] for s in constrained["samples"]]  # the manifest's word bias: keywords +8, avoided -99
     assert not any(" dog" in t for t in texts) and sum(" cat" in t for t in texts) >= 16, texts
     numbers = client.post("/generate", json={"adapter": "rng", "n": 16}).json()["samples"]
     assert all(s["text"].isdigit() and 1 <= len(s["token_ids"]) <= 3 for s in numbers)  # the digits-only mask

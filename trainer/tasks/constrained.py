@@ -78,7 +78,7 @@ class ConstrainedConfig(TaskConfig):
     prompt_template: str = PROMPT_TEMPLATE
     reward_template: str = REWARD_TEMPLATE
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
-    keyword_bias: float = Field(6.0, description="the policy's logit bias on the keywords' tokens (0: none)")
+    keyword_bias: float = Field(8.0, description="the policy's logit bias on the keywords' tokens (0: none)")
     avoid_bias: float = Field(-99.0, description="the policy's logit bias on the avoided words' tokens (0: none)")
     data: RecordsFile = Field(None, description="JSONL of ConstrainedRecord; default: keyword sets of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
