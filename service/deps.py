@@ -120,9 +120,9 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
     texts = {k: v for k, v in fields.items() if v}
     check_caps(state.settings, "n", body.n, body.max_tokens, texts)
     with state.registry.use(body.adapter, task) as entry:
-        request.state.adapter = entry.manifest.name
-        prompt = state.encode(render(entry.manifest, fields))
         manifest = entry.manifest
+        request.state.adapter = manifest.name
+        prompt = state.encode(render(manifest, fields))
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
         generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)
