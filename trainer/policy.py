@@ -64,7 +64,7 @@ def state_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: torch
     return logits[:, width - 1:].float()
 
 
-def prompt_bias(rows: list[dict[int, float]] | None, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor | float:
+def bias_rows(rows: list[dict[int, float]] | None, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor | float:
     """Each row's word bias (Prompt.bias) as a [B, vocab] tensor; 0 when no row has one."""
     if not rows or not any(rows):
         return 0.0
@@ -77,7 +77,7 @@ def prompt_bias(rows: list[dict[int, float]] | None, vocab_size: int, device: to
 
 def masked_log_probs(logits: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | float = 0.0) -> torch.Tensor:
     """log q(. | state) of the masked policy; `bias` is PolicySpec.bias for these states,
-    `rows` the prompts' word biases (prompt_bias)."""
+    `rows` the prompts' word biases (bias_rows)."""
     if isinstance(rows, torch.Tensor):
         rows = rows[:, None]
     return torch.log_softmax(logits + bias[: logits.shape[1]] + rows, dim=-1)
@@ -96,5 +96,5 @@ def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[lis
     prompt's word bias."""
     logits = state_logits(model, prompts, tokens, pad_id)
     vocab = logits.shape[-1]
-    log_probs = masked_log_probs(logits, spec.bias(vocab, logits.device), prompt_bias(bias, vocab, logits.device))
+    log_probs = masked_log_probs(logits, spec.bias(vocab, logits.device), bias_rows(bias, vocab, logits.device))
     return transition_log_probs(log_probs, tokens, spec.terminator_id)

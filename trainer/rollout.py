@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.policy import PolicySpec, pack, prompt_bias
+from trainer.policy import PolicySpec, bias_rows, pack
 
 # A tool sees the sample's tokens so far and returns the tokens it writes next (or none).
 Tool = Callable[[list[int]], list[int] | None]
@@ -65,7 +65,7 @@ def sample(
     position = inputs["position_ids"][:, -1]
     logits = out.logits[:, -1].float()
     states = spec.bias(logits.shape[-1], logits.device)
-    rows = prompt_bias(bias, logits.shape[-1], logits.device)
+    rows = bias_rows(bias, logits.shape[-1], logits.device)
 
     for step in range(max_len + 1):
         probs = torch.softmax((logits + states[step] + rows) / temps, dim=-1)

@@ -18,6 +18,7 @@ from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
 
+
 class Sampler(Protocol):
     """Draws one latent per prompt from a policy (the adapter, or the base model); `bias` is
     each prompt's word bias (Prompt.bias) where the task has one."""
