@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: default: the largest rank present")
     vllm_kv_cache_gib: PositiveFloat = 1.0
+    vllm_block_size: PositiveInt | None = Field(
+        None, description="vLLM: tokens per KV block; default: 32 on CPU (the smallest its attention takes), "
+        "vLLM's own elsewhere. Only full blocks are shared, so n samples of a prompt shorter than a block each "
+        "read the prompt again")
 
     # rationale cache
     cache_size: PositiveInt = Field(4096, description="in-process cache: questions kept")

@@ -48,6 +48,10 @@ from service.errors import AdapterRefused
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SCORED_ELSEWHERE = frozenset({"lm_head"})
 """LoRA targets that break vLLM's prompt log-probs once enabled: with one, scoring runs on transformers."""
+CPU_BLOCK_SIZE = 32
+"""vLLM's CPU attention takes multiples of 32 and defaults to 128; a prompt's KV is shared only by
+whole blocks, so with 128 the n samples of a short prompt (and repeated prompts) each read it anew:
+at 32, 256 /infill requests of n = 4 on the demo model ran 1.8x faster."""
 HARD_BAN = -50.0
 """A mask penalty at or below this (the default is -99) leaves a token a probability under
 1e-21: such an allow-list is served as ``allowed_token_ids``; softer ones as ``logit_bias``."""
@@ -57,9 +61,11 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
-                 max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, torch_threads: int | None = None):
+                 max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, block_size: int | None = None,
+                 torch_threads: int | None = None):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
+        self.block_size = block_size or (CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
         self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
         self.target_modules = sorted({m for s in specs for m in s.target_modules})
         scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
@@ -74,7 +80,7 @@ class VllmEngine(Engine):
             model=str(self.model_dir), dtype="float32", seed=0, enable_lora=True,
             max_loras=self.max_loras, max_cpu_loras=2 * self.max_loras, max_lora_rank=self.max_lora_rank,
             lora_target_modules=self.target_modules, logprobs_mode="processed_logprobs",
-            kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
+            kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), block_size=self.block_size,
             # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps kills the
             # engine ("CPU Generator does not use offset"); whole prompts avoid the split.
             enable_chunked_prefill=not current_platform.is_cpu(),
