@@ -38,9 +38,9 @@ from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  #
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
 from trainer.metrics import effective_sample_size  # noqa: E402
-from trainer.policy import PolicySpec, policy_log_probs  # noqa: E402
+from trainer.policy import PolicySpec  # noqa: E402
 from trainer.rollout import sample  # noqa: E402
-from trainer.scoring import Scorer, prefix_log_likelihood  # noqa: E402
+from trainer.scoring import Scorer  # noqa: E402
 from trainer.sft import SFTConfig, train_sft  # noqa: E402
 from trainer.tasks.infill import InfillRecord, InfillTask, sample_metrics  # noqa: E402
 
@@ -53,14 +53,9 @@ def policy_method(model: torch.nn.Module, task: InfillTask, scorer: Scorer, gene
     spec, pad = task.spec(), task.tokenizer.pad_token_id
 
     def draw(record: InfillRecord, n: int) -> tuple[list[str], torch.Tensor]:
-        prompts = [task.prompt(record).ids] * n
-        rollout = sample(model, spec, prompts, pad, 1.0, generator)
-        with torch.no_grad():
-            log_pf, log_pterm = policy_log_probs(model, spec, prompts, rollout.tokens, pad)
-        rows = torch.arange(n)
-        log_q = prefix_log_likelihood(log_pf)[rows, rollout.lengths] + log_pterm[rows, rollout.lengths]
+        rollout = sample(model, spec, [task.prompt(record).ids] * n, pad, 1.0, generator)
         latents = rollout.latents()
-        log_w = task.log_joint(scorer, record, latents) - log_q
+        log_w = task.log_joint(scorer, record, latents) - rollout.log_q
         return [task.tokenizer.decode(z) for z in latents], log_w
     return draw
 

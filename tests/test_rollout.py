@@ -99,3 +99,20 @@ def test_tool_tokens_are_written_and_flagged(lm):
             assert bool(rollout.forced[b, i]) == (i % 2 == 1)
             if i % 2 == 1:
                 assert rollout.tokens[b, i] == marker
+
+
+def test_a_sample_carries_its_log_q(lm):
+    """The log q a rollout reports is the teacher-forced policy's: its tokens' log-probs and its stop
+    (at max_len too), with tool tokens free."""
+    from trainer.scoring import prefix_log_likelihood
+
+    model, tok = lm
+    marker = tok.convert_tokens_to_ids("=")
+    spec = PolicySpec(tok.eos_token_id, 1, 5, VocabMask())
+    rollout = draw(lm, spec, n=32, tool=lambda so_far: [marker] if so_far[-1] != marker else None)
+    log_pf, log_pterm = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, tok.eos_token_id)
+    log_pf = log_pf.masked_fill(rollout.forced, 0.0)
+    rows = torch.arange(32)
+    expected = prefix_log_likelihood(log_pf)[rows, rollout.lengths] + log_pterm[rows, rollout.lengths]
+    assert (rollout.lengths == 5).any() and (rollout.lengths < 5).any()
+    assert rollout.log_q.tolist() == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-4)

@@ -19,7 +19,7 @@ from world import stories
 from world.corpus import RNG_PROMPT, CorpusConfig, documents, sections
 
 BEGINNING = re.compile(r"[A-Z][a-z]+ lived in [^.]+\. Every morning [^.]+\. One day [^.]+\.")
-CALCULATOR_STEP = re.compile(r" \d+ [+-] \d+ =")
+CALCULATOR_STEP = re.compile(r" -?\d+ [+-] \d+ =")  # a step may start from a negative value
 
 
 @pytest.fixture(scope="module")

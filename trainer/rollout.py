@@ -23,14 +23,16 @@ Tool = Callable[[list[int]], list[int] | None]
 @dataclass
 class Rollout:
     """Sampled latents: tokens [B, max_len] (padding past each length), lengths [B]
-    (tokens before the terminator), forced [B, max_len] (written by the tool), and the word
-    bias each prompt was sampled with (None: none)."""
+    (tokens before the terminator), forced [B, max_len] (written by the tool), the word
+    bias each prompt was sampled with (None: none), and log_q [B]: the log-probability of
+    each latent and its stop under the distribution it was drawn from (None when not sampled)."""
 
     prompts: list[list[int]]
     tokens: torch.Tensor
     lengths: torch.Tensor
     forced: torch.Tensor
     bias: list[dict[int, float]] | None = None
+    log_q: torch.Tensor | None = None
 
     def latents(self) -> list[list[int]]:
         return [self.tokens[b, : int(n)].tolist() for b, n in enumerate(self.lengths)]
@@ -48,8 +50,8 @@ def sample(
     bias: list[dict[int, float]] | None = None,
 ) -> Rollout:
     """Sample one latent per prompt; `temperatures` (scalar or [B]) tempers the masked
-    logits for exploration, `bias` is each prompt's word bias; the returned samples carry
-    no log-probs."""
+    logits for exploration, `bias` is each prompt's word bias. The samples' log q (tool
+    tokens cost nothing) is no-grad: the loss takes its log-probs from a teacher-forced pass."""
     was_training = model.training
     model.eval()
     batch, max_len = len(prompts), spec.max_len
@@ -57,6 +59,7 @@ def sample(
     tokens = torch.full((batch, max_len), pad_id, dtype=torch.long)
     forced = torch.zeros((batch, max_len), dtype=torch.bool)
     lengths = torch.full((batch,), -1, dtype=torch.long)
+    log_q = torch.zeros(batch, dtype=torch.float64)
     pending: list[list[int]] = [[] for _ in range(batch)]
 
     inputs = pack(prompts, tokens[:, :0], pad_id)
@@ -68,16 +71,22 @@ def sample(
     rows = bias_rows(bias, logits.shape[-1], logits.device)
 
     for step in range(max_len + 1):
-        probs = torch.softmax((logits + states[step] + rows) / temps, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tempered = (logits + states[step] + rows) / temps
+        choice = torch.multinomial(torch.softmax(tempered, dim=-1), 1, generator=generator).squeeze(-1)
+        log_probs = torch.log_softmax(tempered, dim=-1)
+        picked = log_probs.gather(1, choice.unsqueeze(-1)).squeeze(-1).tolist()
+        stop = log_probs[:, spec.terminator_id].tolist()
         for b in range(batch):
             if lengths[b] >= 0:
                 continue
             if step == max_len or (not pending[b] and choice[b] == spec.terminator_id):
                 lengths[b] = step
+                log_q[b] += stop[b]
                 continue
             if pending[b]:
                 choice[b], forced[b, step] = pending[b].pop(0), True
+            else:
+                log_q[b] += picked[b]
             tokens[b, step] = choice[b]
             if tool is not None and not forced[b, step]:
                 pending[b] = list(tool(tokens[b, : step + 1].tolist()) or [])
@@ -90,4 +99,4 @@ def sample(
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     model.train(was_training)
-    return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced, bias=bias)
+    return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced, bias=bias, log_q=log_q)
