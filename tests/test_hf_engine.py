@@ -1,0 +1,70 @@
+"""The transformers engine's continuous batch: requests that join a running batch (other prompt
+lengths, other adapters), rows that finish and leave it, and caches that outgrow their slab all
+sample exactly the policy: each sample's log q is the teacher-forced log-probability of its tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import peft
+import pytest
+import torch
+
+from adapters.models import load_causal_lm, load_tokenizer
+from adapters.store import AdapterStore
+from tests.service_world import save_adapter, task_fields
+
+
+def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
+    from service.engines.base import GenRequest
+    from service.engines.hf import HFEngine
+
+    tok = load_tokenizer(demo_model)
+    store = AdapterStore(tmp_path / "adapters")
+    manifest = save_adapter(store, "rng", demo_model, task_fields(tok)["rng"], seed=0, scale=1.0)
+    loaded = store.load(manifest.name, manifest.version)
+    short = tok("The dog", add_special_tokens=False)["input_ids"]
+    long = tok("Anna lived in a big city. Every morning she walked to the market.", add_special_tokens=False)["input_ids"]
+
+    def request(prompt: list[int], adapter: str | None, seed: int, min_tokens: int) -> GenRequest:
+        return GenRequest(prompt, adapter, tok.eos_token_id, max_tokens=48, min_tokens=min_tokens, n=3, seed=seed)
+
+    sizes: list[int] = []
+
+    async def serve():
+        engine = HFEngine(demo_model, tok.pad_token_id, batch_max_size=24, batch_wait_ms=0, on_batch=sizes.append)
+        await engine.start()
+        try:
+            await engine.add_adapter(loaded)
+            first = [request(short, manifest.ref, 1, 40), request(short, None, 2, 40)]  # 40+ steps: outgrows a slab
+            running = asyncio.gather(*(engine.generate([r]) for r in first))
+            await asyncio.sleep(0.05)
+            later = [request(long, None, 3, 0), request(long, manifest.ref, 4, 0), request(short, manifest.ref, 5, 0)]
+            joined = await asyncio.gather(*(engine.generate([r]) for r in later))
+            return list(zip(first + later, [r for out in (await running) + joined for r in out]))
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(serve())
+    assert max(sizes) > 6  # later requests joined the first ones' batch
+    model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), loaded.path).eval()
+
+    def log_q(req: GenRequest, tokens: list[int], stopped: bool) -> float:
+        """Teacher-forced: the model's log-probs of the latent and its stop, the stop penalised
+        before min_tokens as the engine's policy does."""
+        targets = tokens + ([tok.eos_token_id] if stopped else [])
+        ids = torch.tensor([req.prompt_ids + targets])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(req.prompt_ids) - 1:-1].float()
+        logits[: req.min_tokens, tok.eos_token_id] += req.mask.penalty
+        return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).sum())
+
+    for req, result in results:
+        for sample in result.samples:
+            assert len(sample.token_ids) >= req.min_tokens
+            if req.adapter is None:
+                with model.disable_adapter():
+                    expected = log_q(req, sample.token_ids, sample.stopped)
+            else:
+                expected = log_q(req, sample.token_ids, sample.stopped)
+            assert sample.log_q == pytest.approx(expected, rel=1e-3)
