@@ -231,7 +231,7 @@ def up(
     from world.base_model import build
 
     model = build()
-    ensure_demo_adapters()
+    ensure_demo_adapters(model)
     redis, worker = RedisServer(gfn_home() / "redis", persist=True), None
     try:
         redis.start()

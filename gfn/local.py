@@ -72,18 +72,23 @@ class RedisServer:
             self.process = None
 
 
-def ensure_demo_adapters(names: tuple[str, ...] = DEMO_ADAPTERS) -> None:
-    """Train each demo adapter that the store does not hold yet (default configs)."""
+def ensure_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS) -> None:
+    """Train each demo adapter that the store does not hold for this demo model yet (default
+    configs). A rebuilt demo world is another base model: its adapters train anew, in run
+    directories of their own (an older model's checkpoint is never resumed onto it)."""
+    from adapters.fingerprint import fingerprint
     from adapters.home import runs_root, store_root
     from adapters.store import AdapterStore
     from trainer.config import load_config
     from trainer.loop import Trainer
 
+    base = fingerprint(model_dir)
     store = AdapterStore(store_root())
+    held = {m.name for m in store.list() if m.base_model.fingerprint == base}
     for name in names:
-        if name not in store.names():
+        if name not in held:
             print(f"training the demo adapter {name!r} (once; it is cached in the store)", flush=True)
-            Trainer(load_config(name), runs_root() / name, store).run()
+            Trainer(load_config(name), runs_root() / f"{name}-{base[:12]}", store).run()
 
 
 def start_worker(redis_url: str) -> subprocess.Popen:
