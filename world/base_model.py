@@ -27,7 +27,7 @@ from adapters.home import gfn_home
 from world.corpus import CorpusConfig, documents
 from world.tokenizer import save_tokenizer, train_tokenizer
 
-BUILD_VERSION = 3  # bump when the build code changes what it produces
+BUILD_VERSION = 2  # bump when the build code changes what it produces
 
 
 class ModelConfig(BaseModel):
@@ -36,7 +36,7 @@ class ModelConfig(BaseModel):
     hidden_size: int = 256
     layers: int = 4
     heads: int = 4
-    intermediate_size: int = 640
+    intermediate_size: int = 768
     max_positions: int = 512
     vocab_size: int = 1024
 
@@ -44,7 +44,7 @@ class ModelConfig(BaseModel):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = 1700
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -118,16 +118,15 @@ def _batches(ids: list[list[int]], batch_size: int, steps: int, rng: random.Rand
             yield [ids[i] for i in chunk]
 
 
-def _collate(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and labels (-100 on padding). No attention mask is needed: under causal
-    attention no token sees the padding after it, and the padding's own predictions carry no
-    label, so attention takes its fast causal path."""
+def _collate(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in batch)
     input_ids = torch.full((len(batch), width), pad)
-    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, x in enumerate(batch):
-        input_ids[row, :len(x)] = labels[row, :len(x)] = torch.tensor(x)
-    return input_ids, labels
+        input_ids[row, :len(x)] = torch.tensor(x)
+        mask[row, :len(x)] = 1
+    labels = input_ids.masked_fill(mask == 0, -100)
+    return input_ids, mask, labels
 
 
 def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[str], quiet: bool) -> LlamaForCausalLM:
@@ -136,7 +135,7 @@ def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[
     eos = tokenizer.eos_token_id
     ids = [x + [eos] for x in tokenizer(lines)["input_ids"]]
     train = config.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def schedule(step: int) -> float:
         if step < train.warmup:
@@ -150,10 +149,10 @@ def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[
     with Progress(*columns, disable=quiet) as progress:
         bar = progress.add_task("train", total=train.steps, loss=float("nan"))
         for batch in _batches(ids, train.batch_size, train.steps, random.Random(train.seed)):
-            input_ids, labels = _collate(batch, tokenizer.pad_token_id)
+            input_ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
             # float32: bfloat16 autocast is faster only where the CPU has it natively; torch
             # emulates it ~50x slower on AVX2, and one recipe everywhere gives one demo model.
-            loss = model(input_ids=input_ids, labels=labels).loss
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -30,8 +30,8 @@ class CorpusConfig(BaseModel):
 
     seed: int = 0
     rng: int = 12000
-    stories: int = 10000
-    infill_format: int = 7000
+    stories: int = 14000
+    infill_format: int = 3000
     keywords: int = 12000
     arithmetic_answer: int = 14000
     arithmetic_worked: int = 8000
