@@ -44,15 +44,15 @@ from world.stories import all_frames  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def workload(count: int, n: int) -> list[dict]:
-    """Fixed /infill bodies: beginnings and endings of the demo world's stories, seeded."""
+def workload(count: int, n: int, adapter: str) -> list[dict]:
+    """Fixed /infill bodies for ``adapter``: beginnings and endings of the demo world's stories, seeded."""
     rng = random.Random(0)
     frames = all_frames()
     bodies = []
     for i in range(count):
         frame = rng.choice(frames)
         bodies.append({"prefix": frame.beginning, "suffix": frame.ending(rng.randrange(len(frame.events()))),
-                       "adapter": "infill", "n": n, "seed": i})
+                       "adapter": adapter, "n": n, "seed": i})
     return bodies
 
 
@@ -221,7 +221,7 @@ def main() -> None:
 
     model_dir = build(quiet=True)
     store, manifest = infill_adapter(args.train_steps)
-    bodies = workload(args.requests, args.n)
+    bodies = workload(args.requests, args.n, manifest.name)
     engines = {engine: measure(engine, store, model_dir, manifest.ref, bodies, args.concurrency, args.sequential)
                for engine in args.engines}
     goals = {engine: {"throughput_vs_raw": r["throughput_rps"] >= 0.8 * r["raw_rps"],
