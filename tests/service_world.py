@@ -54,6 +54,17 @@ def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[s
     return manifest
 
 
+def policy_log_q(model: Any, prompt: list[int], tokens: list[int], stopped: bool, eos: int,
+                 min_tokens: int = 0, penalty: float = -99.0) -> float:
+    """Teacher-forced log q of a sample as an engine draws it: its tokens' log-probs and its stop,
+    the stop penalised before ``min_tokens`` (the policy's early-stop rule)."""
+    targets = tokens + ([eos] if stopped else [])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + targets])).logits[0, len(prompt) - 1:-1].float()
+    logits[:min_tokens, eos] += penalty
+    return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).sum())
+
+
 def make_store(root: Path, model_dir: Path) -> AdapterStore:
     """An adapter of every task (rng, infill, constrained, reasoning, continuation), version 1 each."""
     store = AdapterStore(root)

@@ -12,7 +12,7 @@ import torch
 
 from adapters.models import load_causal_lm, load_tokenizer
 from adapters.store import AdapterStore
-from tests.service_world import save_adapter, task_fields
+from tests.service_world import policy_log_q, save_adapter, task_fields
 
 
 def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
@@ -49,22 +49,16 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
     assert max(sizes) > 6  # later requests joined the first ones' batch
     model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), loaded.path).eval()
 
-    def log_q(req: GenRequest, tokens: list[int], stopped: bool) -> float:
-        """Teacher-forced: the model's log-probs of the latent and its stop, the stop penalised
-        before min_tokens as the engine's policy does."""
-        targets = tokens + ([tok.eos_token_id] if stopped else [])
-        ids = torch.tensor([req.prompt_ids + targets])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(req.prompt_ids) - 1:-1].float()
-        logits[: req.min_tokens, tok.eos_token_id] += req.mask.penalty
-        return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).sum())
+    def log_q(req: GenRequest, sample) -> float:
+        return policy_log_q(model, req.prompt_ids, sample.token_ids, sample.stopped, tok.eos_token_id,
+                            req.min_tokens, req.mask.penalty)
 
     for req, result in results:
         for sample in result.samples:
             assert len(sample.token_ids) >= req.min_tokens
             if req.adapter is None:
                 with model.disable_adapter():
-                    expected = log_q(req, sample.token_ids, sample.stopped)
+                    expected = log_q(req, sample)
             else:
-                expected = log_q(req, sample.token_ids, sample.stopped)
+                expected = log_q(req, sample)
             assert sample.log_q == pytest.approx(expected, rel=1e-3)

@@ -12,7 +12,7 @@ import torch
 from adapters.models import load_causal_lm, load_tokenizer
 from adapters.store import AdapterStore
 from service.engines.vllm_cpu_lora import add_lora, bgmv_expand, bgmv_expand_slice, bgmv_shrink
-from tests.service_world import save_adapter, task_fields
+from tests.service_world import policy_log_q, save_adapter, task_fields
 
 
 def per_row(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -89,10 +89,7 @@ def test_base_requests_beside_a_full_set_of_adapters_are_served_by_the_base_mode
     model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), loaded.path).eval()
 
     def log_prob(sample) -> float:
-        ids = torch.tensor([prompt + sample.token_ids + ([tok.eos_token_id] if sample.stopped else [])])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-        return float(logp.gather(-1, ids[0, 1:, None])[len(prompt) - 1:].sum())
+        return policy_log_q(model, prompt, sample.token_ids, sample.stopped, tok.eos_token_id)
 
     adapted = [log_prob(s) for uses, s in drawn if uses]
     with model.disable_adapter():

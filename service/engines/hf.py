@@ -112,10 +112,10 @@ class _Slab(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        new = key_states.shape[2]
-        if self._width(new) != self.keys.shape[2]:
-            room = self._width(new) - self.used
-            self.keys, self.values = (_aligned([t[:, :, :self.used]], self.used, room) for t in (self.keys, self.values))
+        new, width = key_states.shape[2], self._width(key_states.shape[2])
+        if width != self.keys.shape[2]:
+            self.keys, self.values = (_aligned([t[:, :, :self.used]], self.used, width - self.used)
+                                      for t in (self.keys, self.values))
         self.keys[:, :, self.used:self.used + new] = key_states
         self.values[:, :, self.used:self.used + new] = value_states
         self.used += new
@@ -455,12 +455,9 @@ def _resolve(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before the positions, up to ``width``: of a mask [rows, L] or a cache [rows, heads, L, dim]."""
-    missing = width - tensor.shape[1 if tensor.dim() == 2 else 2]
-    if missing == 0:
-        return tensor
-    return F.pad(tensor, (missing, 0) if tensor.dim() == 2 else (0, 0, missing, 0))
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the positions of a mask [rows, L], up to ``width`` (caches: _aligned)."""
+    return F.pad(mask, (width - mask.shape[1], 0))
 
 
 def _keep_freed_memory() -> None:
