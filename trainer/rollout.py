@@ -62,11 +62,13 @@ def sample(
     log_q = torch.zeros(batch, dtype=torch.float64)
     pending: list[list[int]] = [[] for _ in range(batch)]
 
-    inputs = pack(prompts, tokens[:, :0], pad_id)
+    distinct, rows_of = _distinct(prompts)
+    inputs = pack(distinct, tokens[: len(distinct), :0], pad_id)
     out = model(**inputs, use_cache=True)
-    cache, mask = out.past_key_values, inputs["attention_mask"]
-    position = inputs["position_ids"][:, -1]
-    logits = out.logits[:, -1].float()
+    cache, mask = out.past_key_values, inputs["attention_mask"][rows_of]
+    cache.batch_select_indices(rows_of)
+    position = inputs["position_ids"][rows_of, -1]
+    logits = out.logits[rows_of, -1].float()
     states = spec.bias(logits.shape[-1], logits.device)
     rows = bias_rows(bias, logits.shape[-1], logits.device)
 
@@ -100,3 +102,11 @@ def sample(
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     model.train(was_training)
     return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced, bias=bias, log_q=log_q)
+
+
+def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct prompts and, per row, the index of its prompt among them: a prompt
+    drawn n times (n samples of one question) is read once and its KV cache copied."""
+    index: dict[tuple[int, ...], int] = {}
+    rows_of = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], torch.tensor(rows_of, dtype=torch.long)
