@@ -109,6 +109,8 @@ class Manifest(_Strict):
     max_len: PositiveInt
     mask: VocabMask
     word_biases: list[WordBias] = []
+    stop_after: list[NonNegativeInt] = Field([], description="token ids after which the terminator is allowed; "
+                                                              "empty: after any token")
     base_model: BaseModelRef
     lora: LoraSpec
     training: dict[str, Any]

@@ -37,5 +37,6 @@ def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: 
         raise invalid("max_tokens", f"max_tokens is {max_tokens}; adapter {manifest.ref} samples "
                                     f"{manifest.min_len} to {manifest.max_len} tokens", max_tokens)
     return GenRequest(prompt_ids=prompt_ids, adapter=manifest.ref, terminator_id=manifest.terminator_id,
-                      max_tokens=max_tokens or manifest.max_len, min_tokens=manifest.min_len, mask=manifest.mask,
+                      max_tokens=max_tokens or manifest.max_len, min_tokens=manifest.min_len,
+                      stop_after=frozenset(manifest.stop_after), mask=manifest.mask,
                       bias=bias or {}, n=n, temperature=temperature, seed=seed, tool=tool)

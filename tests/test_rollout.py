@@ -119,3 +119,30 @@ def test_a_sample_carries_its_log_q(lm):
     expected = prefix_log_likelihood(log_pf)[rows, rollout.lengths] + log_pterm[rows, rollout.lengths]
     assert (rollout.lengths == 5).any() and (rollout.lengths < 5).any()
     assert rollout.log_q.tolist() == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-4)
+
+
+def test_stop_after_bars_every_other_state_from_min_len_to_max_len():
+    spec = PolicySpec(terminator_id=0, min_len=1, max_len=4, mask=VocabMask(), stop_after=frozenset({7}))
+    tokens = torch.tensor([[5, 7, 5, 7], [7, 7, 5, 5]])
+    # state 0 is before min_len (barred by the length rule instead); state 4 must stop
+    assert spec.barred(tokens).tolist() == [[False, True, False, True, False], [False, False, False, True, False]]
+    assert not PolicySpec(0, 1, 4, VocabMask()).barred(tokens).any()
+
+
+def test_a_policy_that_may_stop_only_after_given_tokens(lm):
+    """After the random-number prompt the base model would stop after any number; allowed to stop
+    only after a 7, samples end in 7 (or at max_len), and their log q is the teacher-forced
+    policy's under the same rule: sampling and the loss agree."""
+    from trainer.scoring import prefix_log_likelihood
+
+    model, tok = lm
+    seven = tok.convert_tokens_to_ids("7")
+    spec = PolicySpec(tok.eos_token_id, 0, 6, VocabMask(), frozenset({seven}))
+    rollout = draw(lm, spec, n=128)
+    latents = rollout.latents()
+    assert all(len(z) == 6 or z[-1] == seven for z in latents)
+    assert sum(len(z) < 6 for z in latents) > 16
+    log_pf, log_pterm = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, tok.eos_token_id)
+    rows = torch.arange(128)
+    expected = prefix_log_likelihood(log_pf)[rows, rollout.lengths] + log_pterm[rows, rollout.lengths]
+    assert rollout.log_q.tolist() == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-4)

@@ -9,11 +9,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import peft
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 from service_world import Server, make_store, save_adapter, task_fields
 
-from adapters.models import load_tokenizer
+from adapters.models import load_causal_lm, load_tokenizer
 from service.app import create_app
 from service.engines.base import GenRequest
 from service.settings import Settings
@@ -216,6 +218,34 @@ def _assert_same_law(hf_samples, vllm_samples) -> None:
         for sequence, count in Counter(seq for seq, _ in samples).most_common(5):
             p = math.exp(log_q[name][sequence])
             assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 0.01, (name, sequence, count / n, p)
+
+
+def test_engines_agree_on_a_policy_that_may_stop_only_after_given_tokens(hf, vllm, store, demo_model):
+    """A stop rule (rounds in vLLM, a per-row penalty in transformers): after the random-number
+    prompt the policy would stop after any number; allowed only after a 7, every stopped sample
+    ends in 7, both engines draw the same law, and its log q is the policy's under the rule."""
+    manifest = hf.state.registry.entries["rng@v1"].manifest
+    tokenizer = load_tokenizer(demo_model)
+    prompt = tokenizer(manifest.prompt_template, add_special_tokens=False)["input_ids"]
+    seven = tokenizer.convert_tokens_to_ids("7")
+    requests = [GenRequest(prompt, manifest.ref, manifest.terminator_id, manifest.max_len, manifest.min_len,
+                           manifest.mask, n=64, seed=100 * i, stop_after=frozenset({seven})) for i in range(16)]
+    results = {name: [s for r in server.call(server.state.engine.generate(requests)) for s in r.samples]
+               for name, server in (("hf", hf), ("vllm", vllm))}
+    for samples in results.values():
+        assert all(s.token_ids[-1] == seven for s in samples if s.stopped)
+        assert sum(s.stopped for s in samples) > 48
+    _assert_same_law(*([(tuple(s.token_ids), s.log_q) for s in results[name]] for name in ("hf", "vllm")))
+    from trainer.policy import PolicySpec, policy_log_probs
+
+    model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), store.load("rng", 1).path).eval()
+    spec = PolicySpec(manifest.terminator_id, manifest.min_len, manifest.max_len, manifest.mask, frozenset({seven}))
+    for sample in results["vllm"][:16]:
+        length = len(sample.token_ids)
+        with torch.no_grad():
+            log_pf, log_pterm = policy_log_probs(model, spec, [prompt], torch.tensor([sample.token_ids]),
+                                                 manifest.terminator_id)
+        assert sample.log_q == pytest.approx(float(log_pf.sum() + log_pterm[0, length]), rel=1e-3)
 
 
 def test_engines_score_alike(hf, vllm, demo_model):

@@ -108,3 +108,32 @@ def test_a_run_stores_a_complete_adapter(train_adapter):
     assert {"adapter_config.json", "adapter_model.safetensors", "loss.png", "training_log.jsonl"} <= files
     assert loaded.manifest.task == "rng" and loaded.manifest.mask.mode == "allow"
     assert loaded.manifest.base_model.fingerprint.startswith("sha256:")
+
+
+def test_states_barred_from_stopping_get_the_floor_and_their_flow_is_the_policys(tmp_path, demo_model):
+    """With stop_after, a state that may not stop gets the log-reward floor (the stop penalty plus
+    barred_flow_offset), so in log F = log R - log P(⊤) the penalty cancels: the flow is the offset
+    minus the policy's unmasked stop logit against the other tokens' (log p / (1 - p), p the
+    unmasked stop probability). States after "." keep the task's reward."""
+    from trainer.policy import PolicySpec, policy_log_probs
+
+    config = load_config("infill", [f"base_model={demo_model}", "evaluate=false", "task.stop_after=['.']",
+                                    "barred_flow_offset=-20", "behaviour.replay=0", "behaviour.on_policy=0.75"])
+    trainer = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+    batch, log_r, _ = trainer.behaviour_batch(trainer.prompts[:2])
+    spec = trainer.spec
+    barred = spec.barred(batch.tokens)
+    width = batch.tokens.shape[1] + 1
+    states = torch.arange(width)[None, :] <= batch.lengths[:, None]
+    assert (barred & states).any() and (~barred & states & (torch.arange(width) > 0)).any()
+    floor = spec.mask.penalty + config.barred_flow_offset
+    assert (log_r[barred & states] == floor).all()
+    assert (log_r[~barred & states] > floor + 10).all()
+    with torch.no_grad():
+        _, log_pterm = policy_log_probs(trainer.model, spec, batch.prompts, batch.tokens, trainer.pad_id)
+        unbarred = PolicySpec(spec.terminator_id, spec.min_len, spec.max_len, spec.mask)
+        _, raw_pterm = policy_log_probs(trainer.model, unbarred, batch.prompts, batch.tokens, trainer.pad_id)
+    flow = (log_r - log_pterm)[barred & states]
+    raw = raw_pterm[barred & states].double()
+    expected = config.barred_flow_offset - raw + torch.log1p(-raw.exp())
+    assert flow.tolist() == pytest.approx(expected.tolist(), abs=1e-3)

@@ -75,6 +75,11 @@ class TrainConfig(_Strict):
     prompts_per_step: PositiveInt = 1
     samples_per_prompt: PositiveInt = 64
     subtb_lambda: float = Field(1.0, gt=0)
+    barred_flow_offset: float = Field(0.0, description=(
+        "states that may not stop (before min_len, away from stop_after) have no reward; their log-flow is "
+        "this minus the policy's log-probability of stopping there had it been allowed. A start near the "
+        "task's log-rewards keeps early training stable: the base model puts that stop at e^-10 to e^-20 "
+        "mid-sentence, so -20 starts those flows near e^-10 to e^0"))
     seed: int = 0
     lora: LoraSpec = LoraSpec()
     optim: OptimConfig = OptimConfig()

@@ -140,22 +140,25 @@ class Trainer:
         batch, log_r, fresh = self.behaviour_batch(prompts)
         log_pf, log_pterm = policy_log_probs(self.model, self.spec, batch.prompts, batch.tokens, self.pad_id,
                                              batch.bias)
-        loss = subtb_loss(self.tempered(log_r, temperature), log_pf, log_pterm, batch.lengths,
+        loss = subtb_loss(self.tempered(log_r, batch.tokens, temperature), log_pf, log_pterm, batch.lengths,
                           self.config.subtb_lambda, batch.forced)
         return loss, {"log_reward": log_r[fresh, batch.lengths[fresh]].mean().item(),
                       "length": batch.lengths[fresh].float().mean().item()}
 
-    def floor_short(self, log_r: torch.Tensor) -> torch.Tensor:
-        """Stopping before min_len gets the log-reward floor (REFERENCE.md §2): the policy's
-        stop penalty there, so that the two cancel in every residual."""
-        log_r[:, : self.spec.min_len] = self.spec.mask.penalty
-        return log_r
+    def floor_barred(self, log_r: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Stopping where the policy may not (before min_len, away from stop_after) gets the
+        log-reward floor (REFERENCE.md §2): the policy's stop penalty there, so that the two
+        cancel in every residual and those states' flows are the policy's own to learn, plus
+        barred_flow_offset, so that they start near the rewards."""
+        barred = self.spec.barred(tokens)[:, : log_r.shape[1]]
+        barred[:, : self.spec.min_len] = True
+        return log_r.masked_fill_(barred, self.spec.mask.penalty + self.config.barred_flow_offset)
 
-    def tempered(self, log_r: torch.Tensor, temperature: float) -> torch.Tensor:
-        """log R / T, with the min_len floor left untempered: the policy's stop penalty it
-        mirrors is not tempered either, so dividing it would leave a residual of
-        penalty * (1/T - 1) on every sub-trajectory that starts before min_len."""
-        return self.floor_short(log_r / temperature)
+    def tempered(self, log_r: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log R / T, with the floor left untempered: the policy's stop penalty it mirrors is
+        not tempered either, so dividing it would leave a residual of penalty * (1/T - 1) on
+        every sub-trajectory that starts at a barred state."""
+        return self.floor_barred(log_r / temperature, tokens)
 
     def behaviour_batch(self, prompts: list[Prompt]) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """New samples (on-policy at T=1 and tempered with T ~ U[low, high]) plus replayed
@@ -175,7 +178,7 @@ class Trainer:
         rollout = sample(self.model, self.spec, [p.ids for p in new_prompts], self.pad_id,
                          torch.tensor(temperatures), self.generator, self.tool, [p.bias for p in new_prompts])
         log_r = self.task.log_rewards(self.scorer, new_prompts, rollout)
-        self.floor_short(log_r)
+        self.floor_barred(log_r, rollout.tokens)
         for prompt, tokens, n_b, forced, row in zip(new_prompts, rollout.tokens, rollout.lengths, rollout.forced, log_r):
             self.replay.add(prompt.key, tokens[:n_b].tolist(), row[: n_b + 1], forced[:n_b].tolist())
         batch, log_r = _append_replayed(rollout, log_r, replayed, self.pad_id)

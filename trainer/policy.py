@@ -1,14 +1,15 @@
 """The policy q(Z | prompt): a causal LM (with or without its LoRA) plus the task's masks.
 
-A state is the prompt plus z1..zi; every state may stop with the terminator. The masks
-(vocabulary penalty, no stop before min_len, must stop at max_len) and a prompt's word
-bias are part of the policy: sampling, the loss's log-probs and serving all apply the
-same ones.
+A state is the prompt plus z1..zi; every state may stop with the terminator, unless the
+task lets it stop only after certain tokens (`stop_after`, e.g. a sentence end). The masks
+(vocabulary penalty, no stop before min_len or away from `stop_after`, must stop at max_len)
+and a prompt's word bias are part of the policy: sampling, the loss's log-probs and serving
+all apply the same ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,7 @@ class PolicySpec:
     min_len: int
     max_len: int
     mask: VocabMask
+    stop_after: frozenset[int] = field(default_factory=frozenset)  # empty: stop after any token
 
     def bias(self, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Logit bias for every state index 0..max_len: [max_len + 1, vocab]."""
@@ -34,6 +36,24 @@ class PolicySpec:
         bias[self.max_len] = MUST_STOP_PENALTY
         bias[self.max_len, self.terminator_id] = 0.0
         return bias
+
+    def barred(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Which states 0..L of each row `stop_after` bars from stopping ([B, L + 1], bool):
+        from min_len (before it, `bias` bars them already) to max_len (which must stop), those
+        whose last token is not in it."""
+        batch, width = tokens.shape
+        if not self.stop_after:
+            return torch.zeros((batch, width + 1), dtype=torch.bool, device=tokens.device)
+        allowed = torch.isin(tokens, torch.tensor(sorted(self.stop_after), device=tokens.device))
+        barred = torch.cat([torch.ones((batch, 1), dtype=torch.bool, device=tokens.device), ~allowed], dim=1)
+        barred[:, : self.min_len] = False
+        barred[:, self.max_len:] = False
+        return barred
+
+    def stop_penalty(self, barred: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """The logit bias that bars those states' stop: `barred` [...] -> [..., vocab]."""
+        one_hot = torch.nn.functional.one_hot(torch.tensor(self.terminator_id, device=barred.device), vocab_size)
+        return one_hot * barred[..., None] * self.mask.penalty
 
 
 def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
@@ -96,5 +116,6 @@ def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[lis
     prompt's word bias."""
     logits = state_logits(model, prompts, tokens, pad_id)
     vocab = logits.shape[-1]
+    logits = logits + spec.stop_penalty(spec.barred(tokens), vocab)
     log_probs = masked_log_probs(logits, spec.bias(vocab, logits.device), bias_rows(bias, vocab, logits.device))
     return transition_log_probs(log_probs, tokens, spec.terminator_id)

@@ -73,7 +73,7 @@ class RLTrainer(Trainer):
         batch = [p for p in prompts for _ in range(k)]
         rollout = sample(self.model, self.spec, [p.ids for p in batch], self.pad_id, 1.0, self.generator, self.tool,
                          [p.bias for p in batch])
-        log_r = self.floor_short(self.task.log_rewards(self.scorer, batch, rollout))
+        log_r = self.floor_barred(self.task.log_rewards(self.scorer, batch, rollout), rollout.tokens)
         final = log_r[torch.arange(len(batch)), rollout.lengths]
         log_q = sequence_log_prob(*policy_log_probs(self.model, self.spec, rollout.prompts, rollout.tokens,
                                                     self.pad_id, rollout.bias), rollout)

@@ -73,7 +73,8 @@ def sample(
     rows = bias_rows(bias, logits.shape[-1], logits.device)
 
     for step in range(max_len + 1):
-        tempered = (logits + states[step] + rows) / temps
+        barred = spec.stop_penalty(spec.barred(tokens[:, :step])[:, step], logits.shape[-1])
+        tempered = (logits + states[step] + rows + barred) / temps
         choice = torch.multinomial(torch.softmax(tempered, dim=-1), 1, generator=generator).squeeze(-1)
         log_probs = torch.log_softmax(tempered, dim=-1)
         picked = log_probs.gather(1, choice.unsqueeze(-1)).squeeze(-1).tolist()

@@ -51,6 +51,8 @@ class GenRequest:
     """0 means greedy."""
     seed: int | None = None
     tool: Tool | None = None
+    stop_after: frozenset[int] = frozenset()
+    """The terminator may come only right after one of these tokens (empty: after any)."""
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ class _Row:
     stopped: bool = False
     done: bool = False
 
+    def may_stop(self) -> bool:
+        """The policy's stop rules: not before min_tokens, and only after a stop_after token."""
+        after = self.req.stop_after
+        return len(self.tokens) >= self.req.min_tokens and (not after or bool(self.tokens) and self.tokens[-1] in after)
+
     def advance(self, choice: int, log_prob: float) -> bool:
         """Take this step's sampled token (or the tool's); True once the sample is complete."""
         if len(self.tokens) == self.req.max_tokens:
@@ -381,7 +386,6 @@ class HFEngine(Engine):
             "greedy": torch.tensor([r.temperature == 0 for r in reqs]),
             "terminator": torch.tensor([r.terminator_id for r in reqs]),
             "early_stop_penalty": torch.tensor([r.mask.penalty for r in reqs]),
-            "min_tokens": torch.tensor([r.min_tokens for r in reqs]),
         })
 
     @torch.no_grad()
@@ -391,10 +395,9 @@ class HFEngine(Engine):
         the batch has finished; then they leave it (which copies the cache)."""
         batch, state = self._batch, self._batch.state
         rows = batch.rows
-        length = torch.tensor([len(row.tokens) for row in rows])
+        barred = torch.tensor([not row.may_stop() for row in rows])
         logits = state["logits"] + state["bias"]
-        logits[torch.arange(len(rows)), state["terminator"]] += torch.where(
-            length < state["min_tokens"], state["early_stop_penalty"], 0.0)
+        logits[torch.arange(len(rows)), state["terminator"]] += torch.where(barred, state["early_stop_penalty"], 0.0)
         log_probs = torch.log_softmax(logits / state["temperature"], dim=-1)
         uniform = torch.stack([torch.rand(self.vocab_size, generator=row.generator) for row in rows])
         picked = torch.where(state["greedy"], logits.argmax(-1), (log_probs - torch.log(-torch.log(uniform))).argmax(-1))

@@ -17,9 +17,11 @@ temperature): the distribution actually sampled from, as the transformers engine
 
 vLLM's ``min_tokens`` bans every stop token (eos and stop ids alike), which is the training
 policy only when the terminator is eos and nothing else stops a request. Otherwise (a tool
-whose trigger tokens must stop generation, or another terminator) a sample is drawn in rounds:
-up to ``min_tokens`` with the terminator penalised through ``logit_bias``, then on; a trigger
-ends a round, the tool's tokens are appended, and the next round continues from prompt + latent.
+whose trigger tokens must stop generation, another terminator, or a policy that may stop only
+after certain tokens) a sample is drawn in rounds, each continuing from prompt + latent: while
+the policy may not stop, the terminator is penalised through ``logit_bias`` and a round runs
+to ``min_tokens`` or to a ``stop_after`` token; where it may stop only now, a round is one
+token; a trigger ends a round and the tool's tokens are appended.
 """
 
 from __future__ import annotations
@@ -163,31 +165,45 @@ class VllmEngine(Engine):
             triggered = out.finish_reason == "stop" and req.tool is not None and bool(ids) and ids[-1] in req.tool.triggers
             if triggered:
                 tokens += (req.tool(tokens) or [])[: req.max_tokens - len(tokens)]
-            at_min = self._in_rounds(req) and out.finish_reason == "length" and len(tokens) == req.min_tokens
-            if len(tokens) >= req.max_tokens or not (triggered or at_min):
+            # a round cut short by a rule (length limit, stop_after token) goes on in the next
+            ruled = self._in_rounds(req) and (out.finish_reason == "length"
+                                              or out.finish_reason == "stop" and bool(ids) and ids[-1] in req.stop_after)
+            if len(tokens) >= req.max_tokens or not (triggered or ruled):
                 return Sample(tokens, log_q, False)
             round_ += 1
             seed = None if req.seed is None else req.seed + round_ * req.n + index
             out = (await self._round(req, tokens, 1, seed)).outputs[0]
 
     def _in_rounds(self, req: GenRequest) -> bool:
-        return req.tool is not None or (req.min_tokens > 0 and req.terminator_id != self.eos_id)
+        return (req.tool is not None or bool(req.stop_after)
+                or (req.min_tokens > 0 and req.terminator_id != self.eos_id))
 
     async def _round(self, req: GenRequest, tokens: list[int], n: int, seed: int | None) -> RequestOutput:
-        """Continue ``prompt + tokens``: to min_tokens first when in rounds, else to max_tokens."""
+        """Continue ``prompt + tokens`` (module docstring): in rounds, with the terminator barred
+        to min_tokens or the next stop_after token, or one token where it may stop only now;
+        otherwise to max_tokens."""
         rounds = self._in_rounds(req)
         early = rounds and len(tokens) < req.min_tokens
+        barred = rounds and (early or bool(req.stop_after) and (not tokens or tokens[-1] not in req.stop_after))
         allowed, bias = self._mask(req.mask, req.terminator_id)
         if req.bias:
             bias = {t: bias.get(t, 0.0) + req.bias.get(t, 0.0) for t in bias.keys() | req.bias.keys()}
-        if early:
+        if barred:
             bias = {**bias, req.terminator_id: req.mask.penalty}
         stops = sorted(req.tool.triggers) if req.tool is not None else []
+        if barred:
+            stops += sorted(req.stop_after)
         if req.terminator_id != self.eos_id:
             stops.append(req.terminator_id)
+        if early:
+            limit = req.min_tokens
+        elif req.stop_after and not barred:  # it may stop only now: one token, then the rules again
+            limit = len(tokens) + 1
+        else:
+            limit = req.max_tokens
         params = SamplingParams(
             n=n, seed=seed, temperature=req.temperature,
-            max_tokens=(req.min_tokens if early else req.max_tokens) - len(tokens),
+            max_tokens=min(limit, req.max_tokens) - len(tokens),
             min_tokens=0 if rounds else req.min_tokens,
             stop_token_ids=stops, ignore_eos=req.terminator_id != self.eos_id,
             allowed_token_ids=allowed, logit_bias=bias or None,

@@ -80,11 +80,15 @@ class Task(ABC):
     def word_biases(self) -> list[WordBias]:
         return []
 
+    def stop_after(self) -> frozenset[int]:
+        """The tokens after which the policy may stop; empty: after any."""
+        return frozenset()
+
     def prompt_bias(self, words: Mapping[str, Sequence[str]]) -> dict[int, float]:
         return word_bias(self.word_biases(), words, self.tokenizer, self.terminator_id)
 
     def spec(self) -> PolicySpec:
-        return PolicySpec(self.terminator_id, self.config.min_len, self.config.max_len, self.mask())
+        return PolicySpec(self.terminator_id, self.config.min_len, self.config.max_len, self.mask(), self.stop_after())
 
     def tool(self) -> Tool | None:
         return None
@@ -121,4 +125,5 @@ class Task(ABC):
             "max_len": self.config.max_len,
             "mask": self.mask().model_dump(),
             "word_biases": [b.model_dump() for b in self.word_biases()],
+            "stop_after": sorted(self.stop_after()),
         }
