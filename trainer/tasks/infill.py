@@ -54,7 +54,8 @@ class InfillConfig(TaskConfig):
     the ending ("She told a police The police thanked her") gets a reward some e^-20 below the
     whole one, so a policy allowed to stop there must learn stop probabilities of e^-20 to e^-30
     at every such state, and a stop logit short of that skews the flows through it and with them
-    the choice of event (on the demo world: TV 0.24 to the exact posterior; with the rule, 0.16).
+    the choice of event (on the demo world: TV 0.24 to the exact posterior; with the rule,
+    0.16-0.20 over two seeds).
     Barred states' flows are learned instead (TrainConfig.barred_flow_offset)."""
 
     name: Literal["infill"] = "infill"
