@@ -54,6 +54,12 @@ class GenRequest:
     stop_after: frozenset[int] = frozenset()
     """The terminator may come only right after one of these tokens (empty: after any)."""
 
+    def may_stop(self, tokens: list[int]) -> bool:
+        """The policy's stop rules after the latent ``tokens``: not before min_tokens, and only
+        right after a stop_after token (trainer.policy.PolicySpec.barred)."""
+        after = self.stop_after
+        return len(tokens) >= self.min_tokens and (not after or bool(tokens) and tokens[-1] in after)
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -71,11 +71,6 @@ class _Row:
     stopped: bool = False
     done: bool = False
 
-    def may_stop(self) -> bool:
-        """The policy's stop rules: not before min_tokens, and only after a stop_after token."""
-        after = self.req.stop_after
-        return len(self.tokens) >= self.req.min_tokens and (not after or bool(self.tokens) and self.tokens[-1] in after)
-
     def advance(self, choice: int, log_prob: float) -> bool:
         """Take this step's sampled token (or the tool's); True once the sample is complete."""
         if len(self.tokens) == self.req.max_tokens:
@@ -395,7 +390,7 @@ class HFEngine(Engine):
         the batch has finished; then they leave it (which copies the cache)."""
         batch, state = self._batch, self._batch.state
         rows = batch.rows
-        barred = torch.tensor([not row.may_stop() for row in rows])
+        barred = torch.tensor([not row.req.may_stop(row.tokens) for row in rows])
         logits = state["logits"] + state["bias"]
         logits[torch.arange(len(rows)), state["terminator"]] += torch.where(barred, state["early_stop_penalty"], 0.0)
         log_probs = torch.log_softmax(logits / state["temperature"], dim=-1)

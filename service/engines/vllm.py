@@ -184,7 +184,7 @@ class VllmEngine(Engine):
         otherwise to max_tokens."""
         rounds = self._in_rounds(req)
         early = rounds and len(tokens) < req.min_tokens
-        barred = rounds and (early or bool(req.stop_after) and (not tokens or tokens[-1] not in req.stop_after))
+        barred = rounds and not req.may_stop(tokens)
         allowed, bias = self._mask(req.mask, req.terminator_id)
         if req.bias:
             bias = {t: bias.get(t, 0.0) + req.bias.get(t, 0.0) for t in bias.keys() | req.bias.keys()}
