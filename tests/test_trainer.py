@@ -16,11 +16,12 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from adapters.store import AdapterStore
-from trainer.config import load_config
+from trainer.config import OptimConfig, load_config
 from trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["steps=10", "checkpoint_every=2", "samples_per_prompt=16", "task.eval_samples=200"]
+# a decaying rate, so that resuming must restore the schedule too
+SHORT = ["steps=10", "checkpoint_every=2", "samples_per_prompt=16", "task.eval_samples=200", "optim.final_lr_ratio=0.5"]
 
 
 def test_unknown_config_key_is_an_error_naming_it():
@@ -36,6 +37,15 @@ def test_overrides_are_typed_and_nested():
     config = load_config("rng", ["optim.lr=0.01", "task.target={kind: binomial, n: 20, p: 0.3}"])
     assert config.optim.lr == 0.01
     assert config.task.target.kind == "binomial" and config.task.target.n == 20
+
+
+def test_lr_warms_up_then_decays_to_its_final_ratio():
+    optim = OptimConfig(lr=1e-3, warmup_steps=4, final_lr_ratio=0.1)
+    factors = [optim.factor(step, 20) for step in range(20)]
+    assert factors[:5] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] == pytest.approx(0.1)
+    assert {OptimConfig(warmup_steps=0).factor(step, 20) for step in range(20)} == {1.0}
 
 
 def _cli_train(run_dir: Path, store: Path, demo_model: Path) -> subprocess.Popen:

@@ -7,6 +7,7 @@ thing.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ class OptimConfig(_Strict):
     weight_decay: float = 0.0
     grad_clip: float = Field(1.0, gt=0)
     accumulate: PositiveInt = 1
+    final_lr_ratio: float = Field(1.0, gt=0, le=1, description=(
+        "after warmup the rate follows a cosine from lr to lr times this at the last step (1: constant); "
+        "a decay lets the flows fitted late settle instead of being chased at the full rate"))
+
+    def factor(self, step: int, total: int) -> float:
+        """The multiple of lr at `step` (0-based) of `total`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total - 1 - self.warmup_steps)
+        return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class BehaviourConfig(_Strict):

@@ -77,8 +77,7 @@ class Trainer:
         self.prompts = self.task.train_prompts()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        warmup = config.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.optim.factor(s, config.steps))
         self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)

@@ -27,7 +27,7 @@ from adapters.home import gfn_home
 from world.corpus import CorpusConfig, documents
 from world.tokenizer import save_tokenizer, train_tokenizer
 
-BUILD_VERSION = 2  # bump when the build code changes what it produces
+BUILD_VERSION = 3  # bump when the build code changes what it produces
 
 
 class ModelConfig(BaseModel):
@@ -118,15 +118,16 @@ def _batches(ids: list[list[int]], batch_size: int, steps: int, rng: random.Rand
             yield [ids[i] for i in chunk]
 
 
-def _collate(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels (-100 on padding). No attention mask is needed: under causal
+    attention no token sees the padding after it, and the padding's own predictions carry no
+    label, so attention takes its fast causal path."""
     width = max(len(x) for x in batch)
     input_ids = torch.full((len(batch), width), pad)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100)
     for row, x in enumerate(batch):
-        input_ids[row, :len(x)] = torch.tensor(x)
-        mask[row, :len(x)] = 1
-    labels = input_ids.masked_fill(mask == 0, -100)
-    return input_ids, mask, labels
+        input_ids[row, :len(x)] = labels[row, :len(x)] = torch.tensor(x)
+    return input_ids, labels
 
 
 def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[str], quiet: bool) -> LlamaForCausalLM:
@@ -149,10 +150,10 @@ def _train(config: WorldConfig, tokenizer: PreTrainedTokenizerFast, lines: list[
     with Progress(*columns, disable=quiet) as progress:
         bar = progress.add_task("train", total=train.steps, loss=float("nan"))
         for batch in _batches(ids, train.batch_size, train.steps, random.Random(train.seed)):
-            input_ids, mask, labels = _collate(batch, tokenizer.pad_token_id)
+            input_ids, labels = _collate(batch, tokenizer.pad_token_id)
             # float32: bfloat16 autocast is faster only where the CPU has it natively; torch
             # emulates it ~50x slower on AVX2, and one recipe everywhere gives one demo model.
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss = model(input_ids=input_ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -31,11 +31,11 @@ class CorpusConfig(BaseModel):
     seed: int = 0
     rng: int = 12000
     stories: int = 14000
-    infill_format: int = 3000
+    infill_format: int = 9000
     keywords: int = 12000
-    arithmetic_answer: int = 14000
+    arithmetic_answer: int = 12000
     arithmetic_worked: int = 8000
-    paragraphs: int = 8000
+    paragraphs: int = 6000
 
 
 # ---------------------------------------------------------------- random numbers

@@ -1,10 +1,11 @@
 """The story world: five-sentence stories whose fourth sentence decides the fifth.
 
 A frame (s1 s2 s3) names a person, a place, a habit and a found object. The fourth
-sentence is one of a fixed set of events whose prior depends on the object; the fifth
-sentence is the event's outcome, shared by two or three events. So p(s4 | s1..s3) is
-spread over every event while p(s4 | s1..s3, s5) is confined to one outcome's events:
-the exact infilling posterior is known and non-trivial.
+sentence is one of forty events whose prior depends on the object; the fifth is the event's
+outcome, which exactly two events lead to. So p(s4 | s1..s3) is spread over all forty events
+while p(s4 | s1..s3, s5) is confined to two, in a ratio the frame decides: the exact
+infilling posterior is known, sharp and not trivial, and a sampler of the prior finds an
+ending's events about one time in twenty.
 """
 
 from __future__ import annotations
@@ -29,23 +30,35 @@ HABITS = [
 ]
 OBJECTS = ["an old key", "a gold ring", "a broken clock", "a strange map", "a red kite", "a small box"]
 
-# outcome (s5) -> the events (s4) that lead to it
+# outcome (s5) -> the two events (s4) that lead to it
 OUTCOMES: dict[str, list[str]] = {
-    "{Name} was very happy that day.": [
-        "{Pron} showed it to {pos} friends.", "{Pron} gave it to {pos} mother.",
-        "{Pron} kept it in a safe place.",
-    ],
+    "{Name} was very happy that day.": ["{Pron} showed it to {pos} friends.", "{Pron} gave it to {pos} mother."],
     "{Name} cried all night.": ["{Pron} lost it in the river.", "{Pron} dropped it and it broke."],
-    "The police thanked {name} for the help.": [
-        "{Pron} took it to the police.", "{Pron} told a police officer about it.",
-    ],
-    "With the money {pron} bought a new bike.": [
-        "{Pron} sold it at the market.", "{Pron} sold it to an old man.",
-    ],
+    "The police thanked {name} for the help.": ["{Pron} took it to the police.",
+                                                 "{Pron} told a police officer about it."],
+    "With the money {pron} bought a new bike.": ["{Pron} sold it at the market.", "{Pron} sold it to an old man."],
     "Nobody ever found it again.": ["{Pron} hid it under {pos} bed.", "{Pron} buried it in the garden."],
+    "The teacher said it was very old.": ["{Pron} brought it to school.", "{Pron} showed it to {pos} teacher."],
+    "The dog ran away with it.": ["{Pron} left it on the grass.", "{Pron} threw it to the dog."],
+    "Now it hangs on the wall of {pos} room.": ["{Pron} cleaned it with a cloth.", "{Pron} painted it blue."],
+    "The next day it was gone.": ["{Pron} forgot it on the bus.", "{Pron} left it at the station."],
+    "The museum put it in a glass box.": ["{Pron} gave it to the museum.", "{Pron} wrote a letter to the museum."],
+    "{Pron} was late for dinner.": ["{Pron} looked at it for hours.", "{Pron} played with it until dark."],
+    "It was worth a lot of gold.": ["{Pron} asked a wise man about it.", "{Pron} took it to a shop in town."],
+    "The cat slept on it every night.": ["{Pron} put it in a basket.", "{Pron} kept it by the fire."],
+    "{Pos} brother wanted it too.": ["{Pron} showed it to {pos} brother.", "{Pron} played with it at home."],
+    "The rain washed it away.": ["{Pron} left it outside.", "{Pron} put it on the roof."],
+    "A bird took it to its nest.": ["{Pron} put it on a high wall.", "{Pron} left it in a tree."],
+    "The old woman smiled and said thank you.": ["{Pron} gave it to an old woman.",
+                                                  "{Pron} found its owner in the village."],
+    "{Name} never showed it to anyone.": ["{Pron} kept it in a safe place.", "{Pron} locked it in a drawer."],
+    "The fire burned it to ashes.": ["{Pron} dropped it in the fire.", "{Pron} put it near the stove."],
+    "Everyone in the town knew {name}.": ["{Pron} told the whole town about it.", "{Pron} wrote about it in the paper."],
 }
 EVENTS = [(event, outcome) for outcome, events in OUTCOMES.items() for event in events]
-_BASE_WEIGHTS = [8, 4, 1, 5, 2, 3, 1, 6, 2, 4, 1]
+_BASE_WEIGHTS = [3, 1, 2, 2, 1, 3, 4, 1, 2, 1, 1, 2, 3, 2, 2, 3, 1, 1, 3, 3,
+                 4, 2, 2, 4, 1, 4, 3, 1, 2, 2, 1, 3, 2, 1, 1, 2, 3, 2, 2, 3]
+_SHIFT = 7  # the prior rotates by this many events per object: each object pairs other weights
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,7 @@ class Frame:
 
     def _slots(self) -> dict[str, str]:
         name, pron, pos = PEOPLE[self.person]
-        return {"Name": name, "name": name, "Pron": pron.capitalize(), "pron": pron, "pos": pos}
+        return {"Name": name, "name": name, "Pron": pron.capitalize(), "pron": pron, "pos": pos, "Pos": pos.capitalize()}
 
     @property
     def beginning(self) -> str:
@@ -76,8 +89,8 @@ class Frame:
 
     def prior(self) -> list[float]:
         """p(s4 | s1..s3) of the world: the base weights rotated by the object."""
-        shift = 3 * self.obj
-        weights = _BASE_WEIGHTS[shift % len(_BASE_WEIGHTS):] + _BASE_WEIGHTS[:shift % len(_BASE_WEIGHTS)]
+        shift = _SHIFT * self.obj % len(_BASE_WEIGHTS)
+        weights = _BASE_WEIGHTS[shift:] + _BASE_WEIGHTS[:shift]
         total = sum(weights)
         return [w / total for w in weights]
 
