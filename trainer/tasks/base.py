@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
@@ -53,6 +53,8 @@ class TaskConfig(BaseModel):
     name: str
     min_len: int = 1
     max_len: int = 20
+    stop_after: list[str] = Field([], description="one-token texts after which the sample may end, e.g. ['.'] for "
+                                                  "whole sentences; empty: after any token")
 
 
 class Task(ABC):
@@ -82,7 +84,7 @@ class Task(ABC):
 
     def stop_after(self) -> frozenset[int]:
         """The tokens after which the policy may stop; empty: after any."""
-        return frozenset()
+        return frozenset(single_token(self.tokenizer, text) for text in self.config.stop_after)
 
     def prompt_bias(self, words: Mapping[str, Sequence[str]]) -> dict[int, float]:
         return word_bias(self.word_biases(), words, self.tokenizer, self.terminator_id)

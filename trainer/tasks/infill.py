@@ -24,7 +24,7 @@ from trainer.metrics import bleu4, distinct_n, total_variation
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig, single_token
+from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
 from world import stories
 
 PROMPT_TEMPLATE = "Beginning: {prefix}\nEnding: {suffix}\nMiddle:"
@@ -50,13 +50,13 @@ RecordsFile = data_file(InfillRecord)
 class InfillConfig(TaskConfig):
     """min_len 0: an empty middle may be sampled but its reward, p(X Y), is tiny.
 
-    stop_after ['.'] lets the middle end only after a full stop. A partial sentence followed by
-    the ending ("She told a police The police thanked her") gets a reward some e^-20 below the
-    whole one, so a policy allowed to stop there must learn stop probabilities of e^-20 to e^-30
-    at every such state, and a stop logit short of that skews the flows through it and with them
-    the choice of event (on the demo world: TV 0.24 to the exact posterior; with the rule,
-    0.16-0.20 over two seeds).
-    Barred states' flows are learned instead (TrainConfig.barred_flow_offset)."""
+    The bundled config sets stop_after ['.'], so the middle ends only after a full stop. A partial
+    sentence followed by the ending ("She told a police The police thanked her") gets a reward
+    some e^-20 below the whole one, so a policy allowed to stop there must learn stop
+    probabilities of e^-20 to e^-30 at every such state, and a stop logit short of that skews the
+    flows through it and with them the choice of event (on the v2 demo world: TV 0.24 to the exact
+    posterior; with the rule, 0.16-0.20 over two seeds). Barred states' flows are learned
+    instead (TrainConfig.barred_flow_offset)."""
 
     name: Literal["infill"] = "infill"
     min_len: int = 0
@@ -64,8 +64,6 @@ class InfillConfig(TaskConfig):
     data: RecordsFile = Field(None, description="JSONL of InfillRecord; default: stories of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or the demo world's held-out frames")
-    stop_after: list[str] = Field([], description="one-token texts after which the middle may end, e.g. ['.'] for "
-                                                  "whole sentences; empty: after any token")
     demo_stories: PositiveInt = 400
     eval_prompts: PositiveInt = 24
     eval_samples: PositiveInt = 128
@@ -80,9 +78,6 @@ class InfillTask(Task):
     def __init__(self, config: InfillConfig, tokenizer):
         super().__init__(config, tokenizer)
         self.records, self.eval_records = split_records(config)
-
-    def stop_after(self) -> frozenset[int]:
-        return frozenset(single_token(self.tokenizer, text) for text in self.config.stop_after)
 
     # ------------------------------------------------------------ training
     def prompt(self, record: InfillRecord) -> Prompt:
