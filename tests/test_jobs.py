@@ -125,7 +125,8 @@ def test_submitted_job_trains_reports_progress_and_announces_its_version(workers
     workers.start(metrics_port=port)
     announcements = Redis.from_url(redis_server.url).pubsub()
     announcements.subscribe(CHANNEL)
-    submit = CliRunner().invoke(app, ["jobs", "submit", "rng", "--redis-url", redis_server.url, "--set", "steps=4",
+    # enough steps that a 0.3 s poll sees one mid-run on a fast machine (4 finished between polls)
+    submit = CliRunner().invoke(app, ["jobs", "submit", "rng", "--redis-url", redis_server.url, "--set", "steps=20",
                                       *(f"--set={s}" for s in SHORT), f"--set=base_model={demo_model}"])
     assert submit.exit_code == 0, submit.output
     job_id = submit.output.strip()
@@ -135,12 +136,12 @@ def test_submitted_job_trains_reports_progress_and_announces_its_version(workers
     scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     samples = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
     assert samples["gfn:worker_job_step"].labels == {"adapter": "rng"} and samples["gfn:worker_job_step"].value >= 1
-    assert samples["gfn:worker_job_steps"].value == 4 and samples["gfn:jobs_running"].value == 1
+    assert samples["gfn:worker_job_steps"].value == 20 and samples["gfn:jobs_running"].value == 1
 
     done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180, seen)
     assert done.status == "finished" and done.adapter == "rng@v1" and done.error is None
-    assert done.progress.step == done.progress.total == 4 and done.progress.eta == 0
-    assert any(0 < step < 4 for step in steps(seen)), "no progress was readable along the way"
+    assert done.progress.step == done.progress.total == 20 and done.progress.eta == 0
+    assert any(0 < step < 20 for step in steps(seen)), "no progress was readable along the way"
     assert AdapterStore(workers.home / "adapters").manifest("rng", 1).job_id == job_id
     assert [j.id for j in queue.list()] == [job_id]
 
