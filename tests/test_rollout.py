@@ -3,6 +3,8 @@ are those of the distribution that was sampled."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -104,15 +106,22 @@ def test_tool_tokens_are_written_and_flagged(lm):
 def test_a_sample_carries_its_log_q(lm):
     """The log q a rollout reports is the teacher-forced policy's: its tokens' log-probs and its stop
     (at max_len too), with tool tokens free. Prompts of two lengths, each drawn many times and
-    interleaved: a repeated prompt is read once and its cache copied to each of its rows."""
+    interleaved: a repeated prompt is read once and its cache copied to each of its rows. The
+    terminator is the token this model samples most there (whichever it is on this machine's build), so
+    that some rows stop early and others run to max_len."""
     from trainer.scoring import prefix_log_likelihood
 
     model, tok = lm
     marker = tok.convert_tokens_to_ids("=")
-    spec = PolicySpec(tok.eos_token_id, 1, 5, VocabMask())
     prompts = [tok(p)["input_ids"] for p in (PROMPT, "Anna lived in a big city.")] * 16
-    rollout = sample(model, spec, prompts, tok.eos_token_id, 1.0, torch.Generator().manual_seed(0),
-                     lambda so_far: [marker] if so_far[-1] != marker else None)
+
+    def draw(terminator: int):
+        return sample(model, PolicySpec(terminator, 1, 5, VocabMask()), prompts, tok.eos_token_id, 1.0,
+                      torch.Generator().manual_seed(0), lambda so_far: [marker] if so_far[-1] != marker else None)
+
+    sampled = Counter(t for z in draw(tok.eos_token_id).latents() for t in z if t != marker)
+    spec = PolicySpec(sampled.most_common(1)[0][0], 1, 5, VocabMask())
+    rollout = draw(spec.terminator_id)
     log_pf, log_pterm = policy_log_probs(model, spec, rollout.prompts, rollout.tokens, tok.eos_token_id)
     log_pf = log_pf.masked_fill(rollout.forced, 0.0)
     rows = torch.arange(32)
