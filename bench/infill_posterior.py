@@ -14,8 +14,9 @@ Importance weights are w = p(X Z Y) / q(Z) (for prior proposals w ∝ p(Y | X Z)
 (Σw)²/Σw² per record, summed, over the seconds spent sampling and weighting. Adapters are
 merged into their base weights for sampling, as a server would run them.
 
-Last stdout line: {"train_seconds", "methods": {name: {tv, ess_per_second, bleu4,
-distinct2, off_support, seconds}}, "goals": {...}}. Goals: gfn.tv <= 0.15 while
+Last stdout line: {"train_seconds", "exact_sample_tv", "methods": {name: {tv,
+ess_per_second, bleu4, distinct2, off_support, seconds}}, "goals": {...}}; exact_sample_tv
+is the TV that n draws from the exact posterior itself score (sampling noise alone). Goals: gfn.tv <= 0.15 while
 prior.tv >= 0.5; gfn.ess_per_second >= 10 x importance.ess_per_second.
 """
 
@@ -37,7 +38,7 @@ from adapters.models import load_causal_lm  # noqa: E402
 from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
-from trainer.metrics import effective_sample_size  # noqa: E402
+from trainer.metrics import effective_sample_size, total_variation  # noqa: E402
 from trainer.policy import PolicySpec  # noqa: E402
 from trainer.rollout import sample  # noqa: E402
 from trainer.scoring import Scorer  # noqa: E402
@@ -104,6 +105,15 @@ def run(method: Method, records: list[InfillRecord], n: int, posteriors: list[li
     return metrics, seconds
 
 
+def exact_sample_tv(posteriors: list[list[float]], n: int, generator: torch.Generator, repeats: int = 20) -> float:
+    """The mean TV of n draws from the exact posterior itself: the part of any method's TV
+    that is sampling noise at this n (a perfect sampler scores this, not 0)."""
+    tvs = [total_variation(torch.multinomial(torch.tensor(p), n, replacement=True, generator=generator).tolist(),
+                           dict(enumerate(p)))
+           for p in posteriors for _ in range(repeats)]
+    return sum(tvs) / len(tvs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fresh", action="store_true", help="train the adapters anew instead of reusing them")
@@ -154,6 +164,7 @@ def main() -> None:
         "cached": gfn_cached,
         "prompts": len(records),
         "samples": n,
+        "exact_sample_tv": round(exact_sample_tv(posteriors, n, generator), 4),
         "torch_threads": torch.get_num_threads(),
         "methods": methods_out,
         "goals": {
