@@ -16,8 +16,9 @@ merged into their base weights for sampling, as a server would run them.
 
 Last stdout line: {"train_seconds", "exact_sample_tv", "methods": {name: {tv,
 ess_per_second, bleu4, distinct2, off_support, seconds}}, "goals": {...}}; exact_sample_tv
-is the TV that n draws from the exact posterior itself score (sampling noise alone). Goals: gfn.tv <= 0.15 while
-prior.tv >= 0.5; gfn.ess_per_second >= 10 x importance.ess_per_second.
+is the TV that n draws from the exact posterior itself score (sampling noise alone).
+Goals: gfn.tv <= 0.15 while prior.tv >= 0.5; gfn.ess_per_second >= 10 x
+importance.ess_per_second.
 """
 
 from __future__ import annotations

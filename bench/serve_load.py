@@ -5,7 +5,7 @@ infilling adapter, a fixed workload of /infill requests from concurrent clients,
                                          [--concurrency 64] [--sequential 16] [--train-steps 10]
 
 The adapter is the newest stored infill adapter on the demo base model (the user's store, then
-the bench store), else one trained now with trainer/configs/infill.yaml for --train-steps steps.
+the bench store), else one trained now with configs/infill.yaml for --train-steps steps.
 Per engine:
   throughput_rps, p50_ms, p99_ms, errors   the workload over HTTP, ``--concurrency`` clients
   raw_rps                                  the same requests handed to the engine directly, all
