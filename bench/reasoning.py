@@ -13,7 +13,9 @@ Methods, each reading N rationales per question and taking the majority vote
   direct   the base model's one greedy answer after "Question: ... Answer: The answer is"
 Diagnostics say what the base model's posterior can reward: `base_reads_answer`, how often
 it states the right answer after the correct rationale; `posterior_prefers_full`, how often
-log R of the correct rationale exceeds that of its own first step.
+log R of the correct rationale exceeds that of its own first step; `operand_log_prob`, the
+mean log-probability it gives each operand it writes in the correct rationale (copied from
+the question or from the previous step), against `chance_log_prob` = log(1/10).
 
 Last stdout line: {"train_seconds", "accuracy": {method: {"3", "4", "5"}},
 "accuracy_weighted", "rationale_accuracy", "diagnostics", "goals"}. Goals: gfn beats sft by
@@ -24,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -66,12 +70,16 @@ def diagnostics(task: ReasoningTask, scorer: Scorer) -> dict[str, float]:
     prompts = [task.prompt(r) for r in records]
     rollout = task.teacher_rollout(prompts, worked)
     log_r = task.log_rewards(scorer, prompts, rollout)
+    in_context = replace(rollout, prompts=[task.ids(task.format.context(r.question, "")) for r in records])
+    token_lp, _ = scorer.latent(in_context, task.terminator_id)
+    digits = torch.tensor([[task.tokenizer.decode([t]).strip().isdigit() for t in row] for row in rollout.tokens.tolist()])
     prefers = []
     for b, n in enumerate(rollout.lengths.tolist()):
         forced = rollout.forced[b, :n].tolist()
         first_value_end = next(k for k in range(1, n) if forced[k - 1] and not forced[k])
         prefers.append(bool(log_r[b, n] > log_r[b, first_value_end]))
-    return {"base_reads_answer": sum(read) / len(read), "posterior_prefers_full": sum(prefers) / len(prefers)}
+    return {"base_reads_answer": sum(read) / len(read), "posterior_prefers_full": sum(prefers) / len(prefers),
+            "operand_log_prob": token_lp[rollout.written() & digits].mean().item(), "chance_log_prob": -math.log(10)}
 
 
 def worked_rationale(question: str) -> str:

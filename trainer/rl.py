@@ -53,9 +53,8 @@ def load_rl_config(source: str | Path | dict, overrides: Overrides = ()) -> RLCo
 
 def sequence_log_prob(log_pf: torch.Tensor, log_pterm: torch.Tensor, rollout: Rollout) -> torch.Tensor:
     """log q(z1..zn ⊤) of each sample from per-state log-probs, tool-written tokens excluded: [B]."""
-    written = (torch.arange(rollout.tokens.shape[1])[None, :] < rollout.lengths[:, None]) & ~rollout.forced
     rows = torch.arange(len(rollout.lengths))
-    return torch.where(written, log_pf, 0.0).sum(1) + log_pterm[rows, rollout.lengths]
+    return torch.where(rollout.written(), log_pf, 0.0).sum(1) + log_pterm[rows, rollout.lengths]
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ class Rollout:
     def latents(self) -> list[list[int]]:
         return [self.tokens[b, : int(n)].tolist() for b, n in enumerate(self.lengths)]
 
+    def written(self) -> torch.Tensor:
+        """[B, max_len]: the tokens the policy wrote (inside each latent, not the tool's)."""
+        return (torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]) & ~self.forced
+
 
 @torch.no_grad()
 def sample(

@@ -203,8 +203,7 @@ class ReasoningTask(Task):
                        rollout.tokens, rollout.lengths, rollout.forced)
         answers = [self.ids(self.format.answer_text(p.fields["answer"])) for p in prompts]
         prefix, suffix = scorer.prefixes_and_suffix(read, answers)
-        written = (torch.arange(rollout.tokens.shape[1])[None, :] < rollout.lengths[:, None]) & ~rollout.forced
-        own = torch.where(written, prefix.diff(dim=1), 0.0).cumsum(dim=1)
+        own = torch.where(rollout.written(), prefix.diff(dim=1), 0.0).cumsum(dim=1)
         return torch.cat([torch.zeros_like(own[:, :1]), own], dim=1) + suffix
 
     # ------------------------------------------------------------ evaluation
