@@ -30,7 +30,6 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,8 +69,7 @@ def diagnostics(task: ReasoningTask, scorer: Scorer) -> dict[str, float]:
     prompts = [task.prompt(r) for r in records]
     rollout = task.teacher_rollout(prompts, worked)
     log_r = task.log_rewards(scorer, prompts, rollout)
-    in_context = replace(rollout, prompts=[task.ids(task.format.context(r.question, "")) for r in records])
-    token_lp, _ = scorer.latent(in_context, task.terminator_id)
+    token_lp, _ = scorer.latent(task.as_read(prompts, rollout), task.terminator_id)
     digits = torch.tensor([[task.tokenizer.decode([t]).strip().isdigit() for t in row] for row in rollout.tokens.tolist()])
     prefers = []
     for b, n in enumerate(rollout.lengths.tolist()):

@@ -199,12 +199,14 @@ class ReasoningTask(Task):
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(policy-written z≤i, Y | P X) for every prefix i (module docstring)."""
-        read = Rollout([self.ids(self.format.context(p.fields["question"], "")) for p in prompts],
-                       rollout.tokens, rollout.lengths, rollout.forced)
         answers = [self.ids(self.format.answer_text(p.fields["answer"])) for p in prompts]
-        prefix, suffix = scorer.prefixes_and_suffix(read, answers)
+        prefix, suffix = scorer.prefixes_and_suffix(self.as_read(prompts, rollout), answers)
         own = torch.where(rollout.written(), prefix.diff(dim=1), 0.0).cumsum(dim=1)
         return torch.cat([torch.zeros_like(own[:, :1]), own], dim=1) + suffix
+
+    def as_read(self, prompts: list[Prompt], rollout: Rollout) -> Rollout:
+        """The rollout as the reward reads it: after the few-shot prefix and the question."""
+        return replace(rollout, prompts=[self.ids(self.format.context(p.fields["question"], "")) for p in prompts])
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
