@@ -2,7 +2,8 @@
 
 Layout::
 
-    <root>/<name>/v<N>/            peft files, extras (plots, metrics) and manifest.json
+    <root>/<name>/v<N>/            peft files, extras (plots, metrics), manifest.json (with
+                                   every other file's sha256) and manifest.sha256 (its own)
     <root>/<name>/.lock            flock held by every writer of <name>
     <root>/<name>/.last_version    highest version ever allocated
     <root>/.tmp/<name>~<hex>/      staging and deletion; leftovers of a crash
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -36,6 +38,7 @@ from adapters.manifest import Manifest
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _STORE_FIELDS = frozenset({"name", "version", "created_at", "job_id", "files"})
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
@@ -101,7 +104,9 @@ class AdapterStore:
                 shutil.copytree(src, staging)
                 files = {rel: sha256_file(path) for rel, path in _files(staging).items()}
                 manifest = manifest.model_copy(update={"files": files})
-                (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+                data = manifest.model_dump_json(indent=2).encode()
+                (staging / MANIFEST).write_bytes(data)
+                (staging / MANIFEST_DIGEST).write_text(hashlib.sha256(data).hexdigest())
                 for path in [*staging.rglob("*"), staging]:
                     fsync_path(path)
                 write_atomic(name_dir / _LAST_VERSION, str(version).encode())
@@ -121,7 +126,7 @@ class AdapterStore:
         ``base_fingerprint``, the adapter must have been trained on that exact base model.
         """
         path = self._locate(name, version)
-        manifest = _read_manifest(path)
+        manifest = _read_manifest(path, verify=True)
         trained_on = manifest.base_model
         if base_fingerprint is not None and base_fingerprint != trained_on.fingerprint:
             raise BaseModelMismatch(
@@ -209,9 +214,13 @@ class AdapterStore:
         return max([allocated, *self.versions(name_dir.name)]) + 1
 
     def _find_job(self, name: str, job_id: str) -> Manifest | None:
-        """The version a job already saved, if any."""
+        """The version a job already saved, if any. A damaged version is skipped: it must not
+        fail every later save of its name (at worst the job saves once more)."""
         for version in self.versions(name):
-            manifest = self.manifest(name, version)
+            try:
+                manifest = self.manifest(name, version)
+            except AdapterCorrupt:
+                continue
             if manifest.job_id == job_id:
                 return manifest
         return None
@@ -243,19 +252,26 @@ def _check_source(src: Path, manifest_fields: dict[str, Any]) -> None:
 
 
 def _files(version_dir: Path) -> dict[str, Path]:
-    """Every file of a version by relative POSIX path, its manifest excluded."""
+    """Every file of a version by relative POSIX path, its manifest and digest excluded."""
+    own = {version_dir / MANIFEST, version_dir / MANIFEST_DIGEST}
     return {
         path.relative_to(version_dir).as_posix(): path
         for path in sorted(version_dir.rglob("*"))
-        if path.is_file() and path != version_dir / MANIFEST
+        if path.is_file() and path not in own
     }
 
 
-def _read_manifest(path: Path) -> Manifest:
-    """Parse ``<path>/manifest.json`` and check it describes the directory it sits in."""
+def _read_manifest(path: Path, verify: bool = False) -> Manifest:
+    """Parse ``<path>/manifest.json`` and check it describes the directory it sits in; with
+    ``verify``, also that it is byte for byte the manifest that was saved (a changed field
+    that still parses, such as a mask or the base model's fingerprint, is caught too)."""
     ref = f"{path.parent.name}@{path.name}"
     try:
-        manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+        data = (path / MANIFEST).read_bytes()
+        if verify and hashlib.sha256(data).hexdigest() != (path / MANIFEST_DIGEST).read_text().strip():
+            raise AdapterCorrupt(f"adapter {ref}: {path / MANIFEST} changed since it was saved "
+                                 f"(its sha256 is not the one in {MANIFEST_DIGEST}); save the adapter again")
+        manifest = Manifest.model_validate_json(data)
     except (OSError, ValidationError) as e:
         raise AdapterCorrupt(f"adapter {ref}: cannot read {path / MANIFEST}: {e}") from e
     if manifest.ref != ref:

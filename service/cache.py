@@ -1,7 +1,8 @@
 """The rationale cache: pools of sampled rationales per adapter version, question and sampling settings.
 
 A pool only grows: a request for n rationales takes the first n, and the caller samples and
-appends what is missing. The key holds the adapter version, so versions never mix. Pools live
+appends what is missing, but only onto the pool it saw: two requests that both found the pool
+short sample the same seeds, and only the first one's rationales join it. The key holds the adapter version, so versions never mix. Pools live
 in Redis (a list per key, with an expiry) when a URL is configured, so that service processes
 share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
 cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers.
@@ -23,6 +24,13 @@ from service.metrics import Metrics
 log = logging.getLogger("gfn.service.cache")
 REDIS_TIMEOUT_S = 0.5
 """Per Redis call: a dead Redis costs a request at most this much."""
+_APPEND = """
+if redis.call('LLEN', KEYS[1]) ~= tonumber(ARGV[1]) then return 0 end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 class RationaleCache:
@@ -32,6 +40,7 @@ class RationaleCache:
         self._memory: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._redis = (aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                                socket_connect_timeout=REDIS_TIMEOUT_S) if redis_url else None)
+        self._append = self._redis.register_script(_APPEND) if self._redis else None
 
     @staticmethod
     def key(adapter_ref: str, question: str, sampling: dict[str, Any]) -> str:
@@ -55,22 +64,21 @@ class RationaleCache:
             self.metrics.cache_hits.labels(adapter).inc()
         return pool
 
-    async def add(self, key: str, items: list[dict[str, Any]]) -> None:
-        """Append to a pool (kept to ``max_pool`` items)."""
+    async def add(self, key: str, items: list[dict[str, Any]], after: int) -> None:
+        """Append to a pool that still holds ``after`` items, what ``take`` gave (kept to
+        ``max_pool`` items); else leave it: another request has grown it meanwhile."""
         if not items:
             return
         if self._redis is None:
-            self._memory[key] = (self._memory.get(key, []) + items)[: self.max_pool]
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.size:
-                self._memory.popitem(last=False)
+            pool = self._memory.get(key, [])
+            if len(pool) == after:
+                self._memory[key] = (pool + items)[: self.max_pool]
+                self._memory.move_to_end(key)
+                while len(self._memory) > self.size:
+                    self._memory.popitem(last=False)
             return
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, *(json.dumps(item) for item in items))
-                pipe.ltrim(key, 0, self.max_pool - 1)
-                pipe.expire(key, self.ttl_s)
-                await pipe.execute()
+            await self._append(keys=[key], args=[after, self.max_pool, self.ttl_s, *map(json.dumps, items)])
         except (RedisError, OSError) as error:
             self._bypass("write", error)
 

@@ -6,9 +6,11 @@ and what to do. Every response to a failure is JSON ``{"detail": ...}``.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -44,13 +46,27 @@ _STATUS: dict[type[Exception], int] = {
 }
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may echo the client's input, and a lone surrogate
+    in it (valid JSON, "\\ud800") cannot be encoded as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _invalid)
     for error, status in _STATUS.items():
         app.add_exception_handler(error, _handler(status))
 
 
+async def _invalid(request: Request, error: RequestValidationError) -> ErrorResponse:
+    """FastAPI's own 422 body, encoded safely."""
+    return ErrorResponse({"detail": jsonable_encoder(error.errors())}, status_code=422)
+
+
 def _handler(status: int):
-    async def handle(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=status)
+    async def handle(request: Request, error: Exception) -> ErrorResponse:
+        return ErrorResponse({"detail": str(error)}, status_code=status)
 
     return handle

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -45,10 +46,13 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
     result = await state.sample(request, generation)
     texts = [state.decode(s.token_ids) for s in result.samples]
     answer_format = AnswerFormat(manifest.task_config["answer_prompt"], manifest.task_config.get("reward_prefix") or "")
-    prompts = [question] * len(texts)
-    answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, _blocking(_completer(state)))
-    weights = await asyncio.to_thread(answer_log_probs, prompts, texts, answers, answer_format,
-                                      _blocking(_scorer(state)))
+    prompts, bridge = [question] * len(texts), _Bridge()
+    try:
+        answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, bridge(_completer(state)))
+        weights = await asyncio.to_thread(answer_log_probs, prompts, texts, answers, answer_format,
+                                          bridge(_scorer(state)))
+    finally:  # on a timeout or a disconnect, stop the engine work the worker thread waits on
+        bridge.close()
     return [{"text": text, "steps": [{"expression": e, "value": v} for e, v in steps(text)], "answer": answer,
              "log_q": sample.log_q, "log_p_answer": weight if answer is not None else None}
             for text, sample, answer, weight in zip(texts, result.samples, answers, weights)]
@@ -68,8 +72,32 @@ def _scorer(state: ServiceState) -> Callable[[list[str], list[str]], Awaitable[l
     return score
 
 
-def _blocking(function: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """adapters.reasoning calls the base model synchronously: from a worker thread, run the
-    engine call on the event loop and wait for it."""
-    loop = asyncio.get_running_loop()
-    return lambda *args: asyncio.run_coroutine_threadsafe(function(*args), loop).result()
+class _Bridge:
+    """adapters.reasoning calls the base model synchronously: from a worker thread, each call
+    runs on the event loop and the thread waits for it. Closing the bridge cancels the calls
+    in flight (their engine requests are aborted) and refuses new ones, so a request that
+    ended leaves no work behind."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.running: set[Future] = set()
+        self.closed = False
+
+    def __call__(self, function: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if self.closed:
+                raise asyncio.CancelledError
+            future = asyncio.run_coroutine_threadsafe(function(*args), self.loop)
+            self.running.add(future)
+            if self.closed:  # closed between the check and the add
+                future.cancel()
+            try:
+                return future.result()
+            finally:
+                self.running.discard(future)
+        return call
+
+    def close(self) -> None:
+        self.closed = True
+        for future in list(self.running):
+            future.cancel()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.engines.base import Sample
 
@@ -13,12 +13,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MIN_TEMPERATURE = 0.01
+"""Below it float32 logits overflow to NaN (vLLM clamps there too)."""
+Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=10, description="1 samples the trained posterior")]
+Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
+"""One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
+
+
 class Sampling(_Body):
     adapter: str | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
                                                   "default: the endpoint's task adapter")
     n: int = Field(1, ge=1, description="samples; at most the service's max_n")
     max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
-    temperature: float = Field(1.0, gt=0, le=10, description="1 samples the trained posterior")
+    temperature: Temperature = 1.0
     seed: int | None = Field(None, ge=0, le=2**62, description="sample i uses seed + i: reproducible samples")
 
 
@@ -29,19 +36,20 @@ class InfillRequest(Sampling):
 
 
 class GenerateRequest(Sampling):
-    keywords: list[str] | None = Field(None, description="words the text should include (constrained adapters)",
-                                       examples=[["cat", "garden"]])
-    avoid: list[str] | None = Field(None, description="words the text should avoid (constrained adapters)")
+    keywords: list[Word] | None = Field(None, min_length=1, description="words the text should include "
+                                        "(constrained adapters)", examples=[["cat", "garden"]])
+    avoid: list[Word] | None = Field(None, min_length=1, description="words the text should avoid (constrained adapters)")
     text: str | None = Field(None, description="text to continue (continuation adapters)")
 
 
 class ReasonRequest(_Body):
-    question: str = Field(description="'Question: 6 - 0 - 4 = ? Answer:' or just '6 - 0 - 4'", examples=["6 - 0 - 4 - 8"])
+    question: str = Field(max_length=200, description="'Question: 6 - 0 - 4 = ? Answer:' or just '6 - 0 - 4'",
+                          examples=["6 - 0 - 4 - 8"])
     adapter: str | None = Field(None, description="default: the reasoning adapter")
     n_rationales: int = Field(10, ge=1, description="rationales sampled (or taken from the cache)")
     aggregate: Literal["vote", "weighted"] = Field("vote", description="majority, or weighted by log p(Y | X Z)")
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0, le=10)
+    temperature: Temperature = 1.0
     seed: int | None = Field(None, ge=0, le=2**62)
 
 

@@ -114,6 +114,7 @@ def test_rationale_cache_returns_the_same_number(client):
     ({**INFILL, "max_tokens": 21}, "max_tokens"),
     ({**INFILL, "nonsense": 1}, "nonsense"),
     ({**INFILL, "prefix": "x" * 5000}, "prefix"),
+    ({**INFILL, "temperature": 1e-300}, "temperature"),  # would turn float32 logits into NaN
 ])
 def test_bad_infill_gets_422_naming_the_field(client, body, field):
     response = client.post("/infill", json=body)
@@ -133,6 +134,14 @@ def test_bad_requests_get_clear_errors(client):
     assert client.post("/adapters", json={"name": "absent"}).status_code == 404
     assert client.delete("/adapters/absent/1").status_code == 404
     assert client.post("/infill", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    surrogate = client.post("/infill", content=b'{"prefix": "a\\ud800", "suffix": "b"}',
+                            headers={"content-type": "application/json"})  # valid JSON, not valid UTF-8
+    assert surrogate.status_code == 422 and "prefix" in surrogate.json()["detail"][0]["loc"]
+    for keywords in ([], [""], ["cat, dog"]):
+        bad = client.post("/generate", json={"keywords": keywords})
+        assert bad.status_code == 422 and "keywords" in bad.json()["detail"][0]["loc"], keywords
+    spaces = client.post("/reason", json={"question": "1 + 1" + " " * 4000 + "x"})  # once a regex's cubic backtracking
+    assert spaces.status_code == 422 and "question" in spaces.json()["detail"][0]["loc"]
 
 
 def test_key_is_required_except_on_probes(hf):

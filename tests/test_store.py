@@ -131,6 +131,22 @@ def test_unreadable_manifest_is_refused(store: AdapterStore, src: Path) -> None:
         store.load("rng")
 
 
+def test_a_changed_manifest_that_still_parses_is_refused(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    manifest_path = store.root / "rng" / "v1" / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace(BASE_FP, "sha256:" + "b" * 64))
+    store.manifest("rng")  # listings still read it
+    with pytest.raises(AdapterCorrupt, match="manifest.json changed since it was saved"):
+        store.load("rng", base_fingerprint="sha256:" + "b" * 64)
+
+
+def test_a_damaged_version_does_not_block_a_jobs_save(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields(), job_id="job-1")
+    (store.root / "rng" / "v1" / "manifest.json").write_text("{torn")
+    assert store.save("rng", src, fields(), job_id="job-2").version == 2
+    assert store.save("rng", src, fields(), job_id="job-2").version == 2  # still idempotent
+
+
 def test_other_base_model_is_refused(store: AdapterStore, src: Path) -> None:
     store.save("rng", src, fields())
     other = "sha256:" + "b" * 64

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from adapters.store import AdapterStore
 from trainer.config import OptimConfig, load_config
-from trainer.loop import Trainer
+from trainer.loop import RunInUse, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 # a decaying rate, so that resuming must restore the schedule too
@@ -99,6 +99,16 @@ def test_resuming_with_another_config_is_refused(tmp_path, demo_model):
     other = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=3", "evaluate=false"])
     with pytest.raises(ValueError, match="another config"):
         Trainer(other, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+
+
+def test_a_run_directory_trains_one_run_at_a_time(tmp_path, demo_model):
+    """A job re-queued while its first attempt still trains (Redis was away) must not train beside it."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])
+    first = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+    with pytest.raises(RunInUse, match="another process"):
+        Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+    first.run()
+    Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)  # released when it ended
 
 
 def test_stopping_early_checkpoints_and_stores_nothing(tmp_path, demo_model):

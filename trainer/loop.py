@@ -3,19 +3,21 @@ checkpoints that make a killed run resume and end as if it had never stopped."""
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
-import os
 import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import peft
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from adapters._fs import write_atomic
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import load_causal_lm, load_tokenizer, save_lora
@@ -30,6 +32,10 @@ from trainer.scoring import Scorer
 from trainer.tasks import Prompt, make_task
 
 CHECKPOINT = "checkpoint.pt"
+
+
+class RunInUse(RuntimeError):
+    """Another process is training in this run directory."""
 
 
 def resolve_base_model(name: str) -> str:
@@ -82,13 +88,20 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim = _claim(self.run_dir)
         if (self.run_dir / CHECKPOINT).exists():
             self._restore()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Manifest | None:
         """Train to `steps` and store the adapter; None when stopped early (after saving
-        a checkpoint), so the same run can resume later."""
+        a checkpoint), so the same run can resume later. Releases the run directory."""
+        try:
+            return self._run()
+        finally:
+            self._claim.close()
+
+    def _run(self) -> Manifest | None:
         start = time.time() - sum(h["seconds"] for h in self.history)
         total = self.config.steps
         columns = [TextColumn(f"{self.config.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -186,7 +199,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> None:
-        """Everything the next steps depend on, written atomically."""
+        """Everything the next steps depend on, written atomically and durably."""
         state = {
             "step": self.step,
             "config": self.config.model_dump(),
@@ -199,9 +212,9 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
-        tmp = self.run_dir / f"{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomic(self.run_dir / CHECKPOINT, buffer.getvalue())
 
     def _restore(self) -> None:
         state = torch.load(self.run_dir / CHECKPOINT, weights_only=False)
@@ -248,6 +261,19 @@ class Trainer:
             "metrics": metrics,
         }
         return self.store.save(self.config.name, out, fields, job_id=self.job_id)
+
+
+def _claim(run_dir: Path) -> IO[str]:
+    """An exclusive lock on the run directory, held until the run ends (or its process dies).
+    RQ re-queues a job whose heartbeats stopped while Redis was away; the first attempt may
+    still be training, and two in one directory would tear its checkpoint and adapter."""
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunInUse(f"{run_dir} is being trained by another process; wait for it, or use another run directory") from None
+    return handle
 
 
 def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:

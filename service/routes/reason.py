@@ -42,7 +42,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
             check_context(state, {"question": question}, len(prompt) + reading, generation.max_tokens)
             fresh = await guarded(request, sample_rationales(state, request, manifest, question, generation),
                                   state.settings.request_timeout_s)
-            await state.cache.add(key, fresh)
+            await state.cache.add(key, fresh, after=cached)
             pool += fresh
     weights = [r["log_p_answer"] or 0.0 for r in pool]  # unread answers have none; aggregate skips them
     result = aggregate([r["answer"] for r in pool], weights, body.aggregate)

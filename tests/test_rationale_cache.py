@@ -1,0 +1,75 @@
+"""The rationale cache's pools under concurrent requests (in process and in a real Redis), and
+the bridge that lets adapters.reasoning call the engine: work for a request that ended stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.cache import RationaleCache
+from service.metrics import Metrics
+from service.reasoning import _Bridge
+
+
+def _rationales(tag: str, n: int) -> list[dict]:
+    return [{"text": f"{tag}{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_a_pool_grows_only_from_what_was_seen(backend, request):
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+
+    async def scenario() -> list[str]:
+        cache = RationaleCache(Metrics(), url)
+        first, second = await cache.take("k", 3, "a"), await cache.take("k", 3, "a")
+        assert first == second == []
+        await cache.add("k", _rationales("a", 3), after=len(first))  # both found the pool empty and
+        await cache.add("k", _rationales("b", 3), after=len(second))  # drew the same seeds: one pool
+        await cache.add("k", _rationales("c", 2), after=0)  # a failed read saw nothing: not appended
+        grown = await cache.take("k", 5, "a")
+        await cache.add("k", _rationales("d", 2), after=len(grown))  # seeds 3, 4 continue the pool
+        pool = await cache.take("k", 10, "a")
+        await cache.close()
+        return [r["text"] for r in pool]
+
+    assert asyncio.run(scenario()) == ["a0", "a1", "a2", "d0", "d1"]
+
+
+def test_closing_the_bridge_cancels_the_engine_call_a_thread_waits_on():
+    async def scenario() -> tuple[bool, type]:
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def engine_call() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        bridge = _Bridge()
+        thread = asyncio.ensure_future(asyncio.to_thread(bridge(engine_call)))
+        await started.wait()
+        bridge.close()  # what a timed-out or abandoned request does
+        await asyncio.wait_for(cancelled.wait(), 5)
+        with pytest.raises(BaseException) as error:
+            await asyncio.wait_for(thread, 5)  # the thread is released, not left waiting
+        return cancelled.is_set(), error.type
+
+    cancelled, error = asyncio.run(scenario())
+    assert cancelled and error.__name__ == "CancelledError"
+
+
+def test_a_closed_bridge_refuses_new_calls():
+    async def scenario() -> None:
+        bridge = _Bridge()
+        bridge.close()
+
+        async def engine_call() -> int:
+            return 1
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.to_thread(bridge(engine_call))
+
+    asyncio.run(scenario())
