@@ -116,7 +116,8 @@ class Manifest(_Strict):
     training: dict[str, Any]
     metrics: dict[str, Any]
     created_at: str = Field(description="ISO 8601, UTC")
-    job_id: str | None = None
+    job_id: str | None = Field(None, description="the training job (or CLI run) that saved it: a retried or "
+                                                 "re-run one gets this version back instead of a second one")
     files: dict[str, str] = Field(description="relative POSIX path -> sha256 hex, not manifest.json")
 
     @property

@@ -39,7 +39,8 @@ from adapters.manifest import Manifest
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
-REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+WEIGHTS = "adapter_model.safetensors"
+REQUIRED_FILES = ("adapter_config.json", WEIGHTS)
 _STORE_FIELDS = frozenset({"name", "version", "created_at", "job_id", "files"})
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
 _LAST_VERSION = ".last_version"

@@ -19,6 +19,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from adapters.manifest import Manifest
+from adapters.store import WEIGHTS
 from service.metrics import Metrics
 
 log = logging.getLogger("gfn.service.cache")
@@ -43,8 +45,9 @@ class RationaleCache:
         self._append = self._redis.register_script(_APPEND) if self._redis else None
 
     @staticmethod
-    def key(adapter_ref: str, question: str, sampling: dict[str, Any]) -> str:
-        blob = json.dumps([adapter_ref, question, sampling], sort_keys=True)
+    def key(manifest: Manifest, question: str, sampling: dict[str, Any]) -> str:
+        """By ref and weights: services with different stores may share one Redis."""
+        blob = json.dumps([manifest.ref, manifest.files[WEIGHTS], question, sampling], sort_keys=True)
         return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()
 
     async def take(self, key: str, n: int, adapter: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,6 +110,26 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, demo_model):
         Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
     first.run()
     Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)  # released when it ended
+
+
+def test_resuming_on_other_base_weights_is_refused(tmp_path, demo_model):
+    base = tmp_path / "base"
+    shutil.copytree(demo_model, base)
+    config = load_config("rng", SHORT + [f"base_model={base}", "evaluate=false"])
+    assert Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True, should_stop=lambda: True).run() is None
+    settings = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**settings, "rope_theta": 20000.0}))  # same path, another model
+    with pytest.raises(ValueError, match="another base model"):
+        Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+
+
+def test_running_a_finished_run_again_stores_no_second_version(tmp_path, demo_model):
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])
+    store = AdapterStore(tmp_path / "store")
+    first = Trainer(config, tmp_path / "run", store, quiet=True).run()
+    again = Trainer(config, tmp_path / "run", store, quiet=True).run()  # e.g. the command run twice
+    assert again.version == first.version == 1 and store.versions("rng") == [1]
+    assert Trainer(config, tmp_path / "other", store, quiet=True).run().version == 2  # a new run is a new version
 
 
 def test_stopping_early_checkpoints_and_stores_nothing(tmp_path, demo_model):

@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -39,12 +40,16 @@ class RunInUse(RuntimeError):
 
 
 def resolve_base_model(name: str) -> str:
-    """'demo' names the demo world's base model (built on first use); anything else is
-    a model directory or hub id, loaded the same way."""
+    """A local model directory for `name`: 'demo' is the demo world's base model (built on
+    first use), a directory is itself, anything else a hub id, fetched or found in the hub
+    cache, so that loading and the base-model fingerprint read the same files."""
     if name == "demo":
         from world.base_model import build
         return str(build())
-    return name
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name)
 
 
 class Trainer:
@@ -60,7 +65,8 @@ class Trainer:
         should_stop: Callable[[], bool] | None = None,
         quiet: bool = False,
     ):
-        self.config, self.run_dir, self.store, self.job_id = config, Path(run_dir), store, job_id
+        self.config, self.run_dir, self.store = config, Path(run_dir), store
+        self.run_id = job_id or uuid.uuid4().hex  # what the store knows this run's save by; kept on resume
         self.on_progress, self.should_stop, self.quiet = on_progress, should_stop, quiet
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -71,6 +77,7 @@ class Trainer:
         config = self.config
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
+        self.base_fingerprint = fingerprint(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         lora = config.lora
@@ -203,6 +210,8 @@ class Trainer:
         state = {
             "step": self.step,
             "config": self.config.model_dump(),
+            "base_fingerprint": self.base_fingerprint,
+            "run_id": self.run_id,
             "adapter": peft.get_peft_model_state_dict(self.model, save_embedding_layers=False),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -220,6 +229,10 @@ class Trainer:
         state = torch.load(self.run_dir / CHECKPOINT, weights_only=False)
         if state["config"] != self.config.model_dump():
             raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
+        if state["base_fingerprint"] != self.base_fingerprint:
+            raise ValueError(f"{self.run_dir} holds a run on another base model ({state['base_fingerprint']}, "
+                             f"now {self.base_fingerprint}); use another run directory or --fresh")
+        self.run_id = state["run_id"]
         peft.set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -255,12 +268,12 @@ class Trainer:
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {
             **self.task.manifest_fields(),
-            "base_model": {"path": str(self.model_dir), "fingerprint": fingerprint(self.model_dir)},
+            "base_model": {"path": str(self.model_dir), "fingerprint": self.base_fingerprint},
             "lora": self.config.lora.model_dump(),
             "training": {"method": self.method, "config": self.config.model_dump(), "steps": self.step},
             "metrics": metrics,
         }
-        return self.store.save(self.config.name, out, fields, job_id=self.job_id)
+        return self.store.save(self.config.name, out, fields, job_id=self.run_id)
 
 
 def _claim(run_dir: Path) -> IO[str]:

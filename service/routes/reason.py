@@ -30,7 +30,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
         request.state.adapter = manifest.name
         if manifest.task != "reasoning" or "answer_prompt" not in config:
             raise invalid("adapter", f"adapter {manifest.ref} (task {manifest.task}) is not a reasoning adapter")
-        key = RationaleCache.key(manifest.ref, question, body.model_dump(include={"temperature", "max_tokens", "seed"}))
+        key = RationaleCache.key(manifest, question, body.model_dump(include={"temperature", "max_tokens", "seed"}))
         pool = await state.cache.take(key, n, manifest.name)
         cached = len(pool)
         if cached < n:
