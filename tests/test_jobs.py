@@ -199,5 +199,5 @@ def test_failing_job_ends_failed_after_its_retries_with_its_error(workers, queue
     job_id = queue.submit(load("rng", ["base_model=/nonexistent/base-model", *SHORT]), retries=1)
     done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180)
     assert done.status == "failed" and done.retries_left == 0
-    assert "OSError" in done.error and "/nonexistent/base-model" in done.error
+    assert "FileNotFoundError" in done.error and "/nonexistent/base-model does not exist" in done.error
     assert queue.list()[0].error == done.error

@@ -135,6 +135,25 @@ def test_reward_is_log_p_of_written_tokens_and_answer(task: ReasoningTask, world
     assert delta.item() == pytest.approx((y[0] - y[1]).item(), abs=1e-3)
 
 
+def test_sft_learns_only_what_the_policy_writes(task: ReasoningTask, world) -> None:
+    """The SFT baseline's loss leaves out the calculator's tokens (probability one under the
+    policy), as the objective does: the mean over written tokens and the stop."""
+    from trainer.policy import policy_log_probs
+    from trainer.sft import sft_loss
+
+    _, model, _ = world
+    pairs = task.sft_pairs()[:3]
+    rollout = task.teacher_rollout([p for p, _ in pairs], [task.tokenizer.decode(z) for _, z in pairs])
+    assert rollout.forced.any()
+    with torch.no_grad():
+        loss = sft_loss(model, task, pairs, task.tokenizer.pad_token_id)
+        log_pf, log_pterm = policy_log_probs(model, task.spec(), rollout.prompts, rollout.tokens,
+                                             task.tokenizer.pad_token_id)
+    written = rollout.written()
+    expected = -(log_pf[written].sum() + log_pterm[torch.arange(3), rollout.lengths].sum()) / (written.sum() + 3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_final_value_reads_the_calculators_last_value() -> None:
     assert final_value(" 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6") == -6
     assert final_value(" 9 + 9 = 18") == 18

@@ -41,6 +41,14 @@ def test_reward_is_the_target_probability_of_canonical_numbers_else_the_floor(to
     assert task(tokenizer, floor_log_reward=-12.0).log_reward(ids("05")) == -12.0
 
 
+def test_targets_whose_tail_underflows_get_the_floor(tokenizer):
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    skewed = task(tokenizer, target={"kind": "binomial", "n": 120, "p": 0.001})
+    assert 0.0 in skewed.pmf.values() and skewed.log_reward(ids("110")) == -10.0  # log(0) once raised
+    wide = RngConfig(target={"kind": "binomial", "n": 2000, "p": 0.5}, max_len=4).target.pmf()  # comb(2000, k) p^k overflowed
+    assert math.isclose(sum(wide.values()), 1.0) and max(wide, key=wide.get) == 1000
+
+
 def test_a_digits_only_task_masks_every_non_digit_token(tokenizer):
     mask = task(tokenizer).mask()
     assert mask.mode == "allow"

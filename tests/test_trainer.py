@@ -132,6 +132,16 @@ def test_running_a_finished_run_again_stores_no_second_version(tmp_path, demo_mo
     assert Trainer(config, tmp_path / "other", store, quiet=True).run().version == 2  # a new run is a new version
 
 
+def test_training_runs_without_dropout(tmp_path, demo_model):
+    """Rewards and the loss's log-probs are those of the network that samples (REFERENCE.md §2)."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])
+    trainer = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+    trainer.train_step()
+    assert not any(module.training for module in trainer.model.modules())
+    with pytest.raises(ValidationError, match="dropout"):
+        load_config("rng", SHORT + ["lora.dropout=0.1"])
+
+
 def test_stopping_early_checkpoints_and_stores_nothing(tmp_path, demo_model):
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "evaluate=false"])
     calls = iter(range(100))

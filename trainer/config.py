@@ -105,6 +105,14 @@ class TrainConfig(_Strict):
     def _valid_name(cls, name: str) -> str:
         return check_name(name)
 
+    @field_validator("lora")
+    @classmethod
+    def _no_dropout(cls, lora: LoraSpec) -> LoraSpec:
+        if lora.dropout:
+            raise ValueError("lora.dropout must be 0: training runs in eval mode, on the log-probabilities "
+                             "the sampler draws from (dropout would make every reward and residual noisy)")
+        return lora
+
 
 def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) -> TrainConfig:
     """A config from a YAML path (or a bundled config's name, e.g. 'rng') or a dict, with

@@ -46,8 +46,11 @@ def resolve_base_model(name: str) -> str:
     if name == "demo":
         from world.base_model import build
         return str(build())
-    if Path(name).is_dir():
-        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
+        raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
     from huggingface_hub import snapshot_download
     return snapshot_download(name)
 
@@ -84,6 +87,10 @@ class Trainer:
         self.model = peft.get_peft_model(load_causal_lm(self.model_dir), peft.LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         ))
+        # Eval mode throughout (gradients flow all the same): rewards and the loss's log-probs
+        # must be those of the network that samples and serves; under dropout, log R would be
+        # noise kept in the replay buffer and E[r²] would fit a noisy residual's mean.
+        self.model.eval()
         self.task = make_task(config.task, self.tokenizer)
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)
@@ -139,7 +146,6 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         config = self.config
         temperature = config.reward_temperature.at(self.step)
-        self.model.train()
         parts = []
         for _ in range(config.optim.accumulate):
             prompts = [self.rng.choice(self.prompts) for _ in range(config.prompts_per_step)]
@@ -263,7 +269,6 @@ class Trainer:
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
         metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]}
         if self.config.evaluate:
-            self.model.eval()
             metrics.update(self.task.evaluate(self.sampler(), self.scorer, out))
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {

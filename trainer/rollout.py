@@ -20,6 +20,19 @@ from trainer.policy import PolicySpec, bias_rows, pack
 Tool = Callable[[list[int]], list[int] | None]
 
 
+def tool_forced(tool: Tool | None, latent: list[int]) -> list[bool]:
+    """Which tokens of a given latent the tool writes, flagged where sampling with it would
+    have: a teacher-forced latent (labelled data, SFT targets) reads like a sampled one."""
+    forced, k = [False] * len(latent), 0
+    while tool is not None and k < len(latent):
+        written = tool(latent[: k + 1])
+        if written and latent[k + 1: k + 1 + len(written)] == written:
+            forced[k + 1: k + 1 + len(written)] = [True] * len(written)
+            k += len(written)
+        k += 1
+    return forced
+
+
 @dataclass
 class Rollout:
     """Sampled latents: tokens [B, max_len] (padding past each length), lengths [B]

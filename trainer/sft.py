@@ -23,7 +23,7 @@ from adapters.models import load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore, check_name
 from trainer.loop import resolve_base_model
 from trainer.policy import policy_log_probs
-from trainer.rollout import sample
+from trainer.rollout import sample, tool_forced
 from trainer.scoring import Scorer
 from trainer.tasks import AnyTaskConfig, Prompt, Task, make_task
 
@@ -51,17 +51,20 @@ class SFTConfig(BaseModel):
 
 
 def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair], pad_id: int) -> torch.Tensor:
-    """Mean negative log-likelihood per token (terminator included) of the targets under
-    the masked policy."""
-    lengths = torch.tensor([len(target) for _, target in batch])
+    """Mean negative log-likelihood per token the policy writes (terminator included) of the
+    targets under the masked policy; a tool's tokens have probability one there, so they
+    are left out, as the objective leaves them out."""
+    lengths, tool = torch.tensor([len(target) for _, target in batch]), task.tool()
     tokens = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+    forced = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, (_, target) in enumerate(batch):
         tokens[row, : len(target)] = torch.tensor(target, dtype=torch.long)
+        forced[row, : len(target)] = torch.tensor(tool_forced(tool, target), dtype=torch.bool)
     log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, pad_id,
                                          [prompt.bias for prompt, _ in batch])
-    inside = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    total = torch.where(inside, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths].sum()
-    return -total / (lengths + 1).sum()
+    written = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]) & ~forced
+    total = torch.where(written, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths].sum()
+    return -total / (written.sum() + len(batch))
 
 
 def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None = None,

@@ -34,7 +34,7 @@ from adapters.manifest import VocabMask
 from adapters.reasoning import AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
-from trainer.rollout import Rollout, Tool
+from trainer.rollout import Rollout, Tool, tool_forced
 from trainer.scoring import Scorer
 from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
@@ -178,16 +178,8 @@ class ReasoningTask(Task):
     def teacher_rollout(self, prompts: list[Prompt], rationales: list[str]) -> Rollout:
         """Given rationales as a rollout, the calculator's values flagged `forced` exactly
         where sampling with the tool would have written them."""
-        tool, latents, flags = self.tool(), [self.ids(z) for z in rationales], []
-        for tokens in latents:
-            forced, k = [False] * len(tokens), 0
-            while k < len(tokens):
-                written = tool(tokens[: k + 1])
-                if written and tokens[k + 1: k + 1 + len(written)] == written:
-                    forced[k + 1: k + 1 + len(written)] = [True] * len(written)
-                    k += len(written)
-                k += 1
-            flags.append(forced)
+        latents = [self.ids(z) for z in rationales]
+        flags = [tool_forced(self.tool(), z) for z in latents]
         width, pad = max(map(len, latents)), self.tokenizer.pad_token_id
         tokens = torch.tensor([z + [pad] * (width - len(z)) for z in latents])
         forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])

@@ -49,7 +49,10 @@ class Binomial(_Target):
     p: float = Field(0.5, gt=0, lt=1)
 
     def pmf(self) -> dict[int, float]:
-        return {k: math.comb(self.n, k) * self.p**k * (1 - self.p) ** (self.n - k) for k in range(self.n + 1)}
+        """In log space: comb(n, k) p^k overflows a float for large n."""
+        log_p, log_q = math.log(self.p), math.log1p(-self.p)
+        return {k: math.exp(math.lgamma(self.n + 1) - math.lgamma(k + 1) - math.lgamma(self.n - k + 1)
+                            + k * log_p + (self.n - k) * log_q) for k in range(self.n + 1)}
 
 
 class Poisson(_Target):
@@ -124,9 +127,8 @@ class RngTask(Task):
         """log target(k) for a number k in the support, never below the floor: a target's
         far tail (a binomial's reaches e^-119) must not rank under invalid strings, and
         rewards that small would only blow up the residuals for mass that is ~0 anyway."""
-        value = self.number(tokens)
-        floor = self.config.floor_log_reward
-        return max(math.log(self.pmf[value]), floor) if value in self.pmf else floor
+        mass, floor = self.pmf.get(self.number(tokens), 0.0), self.config.floor_log_reward
+        return max(math.log(mass), floor) if mass > 0 else floor  # a far tail may underflow to 0
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         out = torch.full((len(prompts), rollout.tokens.shape[1] + 1), self.config.floor_log_reward)
