@@ -116,6 +116,7 @@ class AdapterStore:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             fsync_path(name_dir)
+            fsync_path(self.root)  # the name's directory itself, new on a name's first save
         return manifest
 
     def load(

@@ -21,6 +21,11 @@ class AdapterRefused(Exception):
     """The engine cannot serve this adapter (rank or modules beyond its configuration, load failure)."""
 
 
+class AdapterBusy(AdapterRefused):
+    """Refused for now (the version is being unloaded, the engine holds its most adapters):
+    the same load may succeed later."""
+
+
 class AdapterUnavailable(Exception):
     """The adapter named in a request is not loaded (or is being unloaded)."""
 

@@ -20,7 +20,7 @@ from adapters.errors import InvalidAdapterName
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore, check_name
 from service.engines.base import Engine, GenRequest
-from service.errors import AdapterRefused, AdapterUnavailable
+from service.errors import AdapterBusy, AdapterRefused, AdapterUnavailable
 from service.metrics import Metrics
 
 _REF_RE = re.compile(r"(?P<name>[^@]+)(?:@v(?P<version>[1-9][0-9]*))?")
@@ -42,6 +42,7 @@ class Registry:
     def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, metrics: Metrics):
         self.store, self.engine, self.base_fingerprint, self.metrics = store, engine, base_fingerprint, metrics
         self.entries: dict[str, Entry] = {}
+        self.unloaded: set[str] = set()  # refs an operator unloaded: the watcher leaves them out
         self._lock = asyncio.Lock()  # one engine change at a time
         self._retiring: set[asyncio.Task] = set()
 
@@ -98,9 +99,10 @@ class Registry:
             started = time.perf_counter()
             adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint)
             manifest = adapter.manifest
+            self.unloaded.discard(manifest.ref)  # asked for again
             entry = self.entries.get(manifest.ref)
             if entry is not None and entry.retiring:
-                raise AdapterRefused(f"adapter {manifest.ref} is being unloaded; load it again when that is done")
+                raise AdapterBusy(f"adapter {manifest.ref} is being unloaded; load it again when that is done")
             if entry is not None:
                 entry.pinned |= pin
                 return entry
@@ -128,10 +130,12 @@ class Registry:
             max_tokens=1, mask=manifest.mask)])
 
     async def unload(self, ref: str) -> None:
-        """Retire a version and return once it has left the engine (after its in-flight requests)."""
+        """Retire a version and return once it has left the engine (after its in-flight requests);
+        the watcher does not load it again (a POST /adapters naming it does)."""
         entry = self.entries.get(ref)
         if entry is None:
             raise AdapterUnavailable(f"adapter {ref!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'}")
+        self.unloaded.add(ref)
         await self._retire(entry)
 
     async def _retire(self, entry: Entry) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.errors import AdapterError
 from adapters.store import AdapterStore
 from jobs import CHANNEL, LATEST, NewVersion
-from service.errors import AdapterRefused
+from service.errors import AdapterBusy, AdapterRefused
 from service.registry import Registry
 
 log = logging.getLogger("gfn.service")
@@ -39,15 +40,20 @@ class AdapterWatcher:
 
     async def offer(self, name: str, version: int) -> None:
         """Load `name@v{version}` when it is newer than what `name` routes to."""
-        routed = self.registry.routed(name)
-        if (routed is not None and routed.manifest.version >= version) or (name, version) in self.refused:
+        routed, ref = self.registry.routed(name), f"{name}@v{version}"
+        if ((routed is not None and routed.manifest.version >= version) or (name, version) in self.refused
+                or ref in self.registry.unloaded):
             return
         try:
             await self.registry.load(name, version)
-            log.info("adapter version live", extra={"adapter": f"{name}@v{version}"})
+            log.info("adapter version live", extra={"adapter": ref})
+        except AdapterBusy as error:  # offered again by the next poll
+            log.info("new adapter version deferred", extra={"adapter": ref, "reason": str(error)})
         except (AdapterError, AdapterRefused) as error:
             self.refused.add((name, version))
-            log.warning("new adapter version refused", extra={"adapter": f"{name}@v{version}", "reason": str(error)})
+            log.warning("new adapter version refused", extra={"adapter": ref, "reason": str(error)})
+        except Exception:  # e.g. the version deleted while it was checked: the watch goes on
+            log.exception("new adapter version failed to load", extra={"adapter": ref})
 
     async def _poll(self) -> None:
         while True:
@@ -71,7 +77,11 @@ class AdapterWatcher:
                         await self.offer(name.decode(), int(version))
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            new = NewVersion.model_validate_json(message["data"])
+                            try:
+                                new = NewVersion.model_validate_json(message["data"])
+                            except ValidationError:
+                                log.warning("malformed announcement ignored", extra={"message": repr(message["data"])[:200]})
+                                continue
                             await self.offer(new.name, new.version)
             except (RedisError, OSError):
                 await asyncio.sleep(2)

@@ -292,3 +292,23 @@ def test_engines_agree_with_a_tool(hf, vllm, demo_model):
     for samples in drawn.values():  # every 5 sampled before the end is followed by the tool's 0
         assert all(seq[i + 1] == tool.zero for seq, _ in samples for i in range(len(seq) - 1) if seq[i] == tool.five)
     _assert_same_law(drawn["hf"], drawn["vllm"])
+
+
+def test_seeded_samples_grow_in_steps_and_share_no_noise(hf, vllm, demo_model):
+    """Sample i of a seeded request is drawn as sample 0 of seed + i would be, through every
+    tool round: a cached pool topped up from seed + cached equals one drawn at once (vLLM's
+    later rounds once took seeds from seed + round * n, which also fell on other requests')."""
+    manifest = hf.state.registry.entries["rng@v1"].manifest
+    prompt = load_tokenizer(demo_model)(manifest.prompt_template, add_special_tokens=False)["input_ids"]
+    tool = Echo(load_tokenizer(demo_model))
+
+    def draw(server, n: int, seed: int) -> list[tuple[int, ...]]:
+        request = GenRequest(prompt, manifest.ref, manifest.terminator_id, 6, manifest.min_len,  # room after the tool
+                             manifest.mask, n=n, seed=seed, tool=tool)
+        return [tuple(s.token_ids) for s in server.call(server.state.engine.generate([request]))[0].samples]
+
+    for server in (hf, vllm):
+        at_once = draw(server, 16, 7)
+        assert at_once[:8] + draw(server, 8, 15) == at_once
+        assert sum(tool.five in seq[:-1] for seq in at_once) >= 2  # some samples went on after a tool round
+        assert [draw(server, 1, 7 + i)[0] for i in range(4)] == at_once[:4]

@@ -110,3 +110,17 @@ def test_without_redis_jobs_answer_503_and_inference_serves(home, demo_model):
         assert client.post("/generate", json=RNG).status_code == 200
         refused = client.post("/jobs", json={"task": "rng"})
         assert refused.status_code == 503 and "GFN_REDIS_URL" in refused.json()["detail"]
+
+
+def test_the_store_watch_leaves_an_unloaded_version_out_and_goes_on(home, demo_model):
+    """An operator's unload holds (the poll does not load the version back); a newer version
+    still goes live; naming the unloaded one in POST /adapters brings it back."""
+    store = AdapterStore(home / "adapters")
+    with _server(home, demo_model, None) as server, server.client() as client:
+        assert client.delete("/adapters/rng/1").json() == {"unloaded": "rng@v1"}
+        time.sleep(3)  # three polls
+        assert client.get("/adapters").json()["loaded"] == []
+        save_adapter(store, "rng", demo_model, task_fields(load_tokenizer(demo_model))["rng"], seed=1)
+        _wait(lambda: client.post("/generate", json=RNG).json().get("adapter") == "rng@v2", 30, "rng@v2 to serve")
+        assert client.post("/adapters", json={"name": "rng", "version": 1}).status_code == 201
+        assert {a["ref"] for a in client.get("/adapters").json()["loaded"]} == {"rng@v1", "rng@v2"}

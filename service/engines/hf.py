@@ -206,7 +206,7 @@ class HFEngine(Engine):
         await asyncio.to_thread(self._thread.join)
         while not self._inbox.empty():
             self._hold(self._inbox.get())
-        for work in self._held:
+        for work in [*self._held, *(row.work for row in self._batch.rows)]:  # queued or mid-generation
             work.future.cancel()
 
     async def add_adapter(self, adapter: LoadedAdapter) -> None:

@@ -27,6 +27,7 @@ token; a trigger ends a round and the tool's tokens are appended.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import uuid
 from pathlib import Path
@@ -45,7 +46,7 @@ from adapters.manifest import LoraSpec, VocabMask
 from adapters.store import LoadedAdapter
 from service.engines.base import Engine, GenRequest, GenResult, Sample
 from service.engines.hf import HFEngine
-from service.errors import AdapterRefused
+from service.errors import AdapterBusy, AdapterRefused
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SCORED_ELSEWHERE = frozenset({"lm_head"})
@@ -86,6 +87,9 @@ class VllmEngine(Engine):
             # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps kills the
             # engine ("CPU Generator does not use offset"); whole prompts avoid the split.
             enable_chunked_prefill=not current_platform.is_cpu(),
+            # not the model's generation_config.json: its extra eos ids (Llama 3, Qwen 2) would end
+            # samples the policy (and the transformers engine) lets go on
+            generation_config="vllm",
         )
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._load.logger])
         self.vocab_size = self.llm.model_config.get_vocab_size()
@@ -108,7 +112,7 @@ class VllmEngine(Engine):
                 f"adapter {ref} has LoRA rank {lora.r}, above the engine's max_lora_rank {self.max_lora_rank} "
                 f"(set at start from the adapters present); restart with GFN_MAX_LORA_RANK={lora.r}")
         if len(self._loras) >= 2 * self.max_loras:
-            raise AdapterRefused(
+            raise AdapterBusy(
                 f"cannot load {ref}: {len(self._loras)} adapters are loaded, the most this engine keeps resident "
                 f"(2 x max_loras); unload one (DELETE /adapters/...) or restart with a larger GFN_MAX_LORAS")
         missing = sorted(set(lora.target_modules) - set(self.target_modules))
@@ -171,7 +175,7 @@ class VllmEngine(Engine):
             if len(tokens) >= req.max_tokens or not (triggered or ruled):
                 return Sample(tokens, log_q, False)
             round_ += 1
-            seed = None if req.seed is None else req.seed + round_ * req.n + index
+            seed = None if req.seed is None else round_seed(req.seed + index, round_)
             out = (await self._round(req, tokens, 1, seed)).outputs[0]
 
     def _in_rounds(self, req: GenRequest) -> bool:
@@ -250,6 +254,15 @@ def _vllm_rank(rank: int) -> int:
     if not fits:
         raise ValueError(f"LoRA rank {rank} is above the largest rank vLLM serves ({VLLM_RANKS[-1]})")
     return fits[0]
+
+
+def round_seed(sample_seed: int, round_: int) -> int:
+    """The seed of a sample's later round (vLLM seeds sample i of the first round with seed + i).
+    A function of the sample's own seed and the round alone, so that a pool topped up from
+    seed + cached draws what one drawn at once would; hashed into 63 bits, so that it meets
+    no request's small consecutive sample seeds (two requests' samples must not share noise)."""
+    digest = hashlib.blake2b(f"{sample_seed}:{round_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 class _SchedulerLoad:
