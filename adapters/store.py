@@ -80,7 +80,8 @@ class AdapterStore:
 
         ``manifest_fields`` are all manifest fields except those the store owns (name, version,
         created_at, job_id, files). With a ``job_id`` the call is idempotent: a retried job gets
-        the version it already saved instead of a second one.
+        the version it already saved instead of a second one. A name keeps one task: the
+        service routes a task's requests by name, and another task's version would take them.
         """
         check_name(name)
         src = Path(src_dir)
@@ -88,6 +89,10 @@ class AdapterStore:
         with self._lock(name) as name_dir:
             if job_id is not None and (saved := self._find_job(name, job_id)) is not None:
                 return saved
+            held = self.task_of(name)
+            if held is not None and held != manifest_fields.get("task"):
+                raise ValueError(f"adapter name {name!r} holds {held} adapters, not {manifest_fields.get('task')}: "
+                                 "a name keeps one task; pick another name")
             self._clean_staging(name)
             version = self._next_version(name_dir)
             manifest = Manifest.model_validate(
@@ -142,6 +147,15 @@ class AdapterStore:
     def manifest(self, name: str, version: int | None = None) -> Manifest:
         """Manifest of a version (latest if None) without checksums: cheap, for listings."""
         return _read_manifest(self._locate(name, version))
+
+    def task_of(self, name: str) -> str | None:
+        """The task of a name's newest readable version; None for a name not stored yet."""
+        for version in reversed(self.versions(name)):
+            try:
+                return self.manifest(name, version).task
+            except AdapterCorrupt:
+                continue
+        return None
 
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name`` in increasing order; empty if there are none."""

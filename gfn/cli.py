@@ -62,7 +62,7 @@ def train(
 
     from adapters.store import AdapterStore
     from trainer.config import load_config
-    from trainer.loop import Trainer
+    from trainer.loop import RunInUse, Trainer
 
     try:
         cfg = load_config(config, set_ or [])
@@ -71,7 +71,11 @@ def train(
     run_dir = run_dir or runs_root() / cfg.name
     if fresh:
         shutil.rmtree(run_dir, ignore_errors=True)
-    manifest = Trainer(cfg, run_dir, AdapterStore(store or store_root())).run()
+    try:  # a missing base model, a run dir in use or holding another run
+        trainer = Trainer(cfg, run_dir, AdapterStore(store or store_root()))
+    except (RunInUse, ValueError, OSError) as error:
+        _fail(str(error))
+    manifest = trainer.run()
     console.print(f"saved {manifest.ref}: {json.dumps(manifest.metrics)}")
 
 
@@ -223,13 +227,20 @@ def up(
     """Run the whole system locally: the demo world and adapters (built once), a
     redis-server on loopback, one training worker and the service. Ctrl-C stops it all."""
     import uvicorn
+    from pydantic import ValidationError
 
     from adapters.home import gfn_home
-    from gfn.local import RedisServer, ensure_demo_adapters, start_worker, stop_process
+    from gfn.local import RedisServer, ensure_demo_adapters, port_in_use, start_worker, stop_process
     from service.app import create_app
     from service.settings import Settings
     from world.base_model import build
 
+    try:  # bad options (or GFN_* variables) fail before anything starts
+        Settings(engine=engine, host=host, port=port)
+    except ValidationError as error:
+        _fail(str(error))
+    if (reason := port_in_use(host, port)) is not None:
+        _fail(f"cannot serve on {host}:{port}: {reason}; pass another --port")
     model = build()
     ensure_demo_adapters(model)
     redis, worker = RedisServer(gfn_home() / "redis", persist=True), None

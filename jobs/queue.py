@@ -94,7 +94,7 @@ class JobQueue:
     def list(self, limit: int = 20) -> builtins.list[JobStatus]:
         """The `limit` most recently queued jobs that are still kept, newest first."""
         q = self.queue
-        ids = set(q.get_job_ids(0, limit - 1))
+        ids = set(q.get_job_ids(max(0, q.count - limit), limit))  # the newest queued: the list's tail
         for registry in (q.started_job_registry, q.finished_job_registry, q.failed_job_registry,
                          q.canceled_job_registry, q.scheduled_job_registry, q.deferred_job_registry):
             ids.update(registry.get_job_ids(0, limit - 1, desc=True))

@@ -115,9 +115,18 @@ def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue,
     assert any(e.startswith("optim.lerning_rate: unknown field") for e in refused.value.errors)
     with pytest.raises(ConfigError, match="task.name: must be one of"):
         load("rng", {"task.name": "nope"})
+    for oversized in ("steps=1000000000000", "samples_per_prompt=1000000000", "lora.dropout=0.1"):
+        with pytest.raises(ConfigError, match=oversized.partition("=")[0]):  # at submit, not three failures later
+            queue.submit(config_data("rng", [oversized]))
     result = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", "steps=-1", "--redis-url", redis_server.url])
     assert result.exit_code == 2 and "steps: must be > 0" in result.output
     assert queue.queue.count == 0 and queue.list() == []
+
+
+def test_the_list_shows_the_newest_queued_jobs(queue: JobQueue):
+    ids = [queue.submit(config_data("rng", [f"seed={k}"])) for k in range(3)]  # no worker: they stay queued
+    assert [j.id for j in queue.list(limit=1)] == ids[-1:]
+    assert [j.id for j in queue.list(limit=2)] == ids[:0:-1]
 
 
 def test_submitted_job_trains_reports_progress_and_announces_its_version(workers, queue, redis_server, demo_model):

@@ -86,6 +86,10 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
         assert bad.status_code == 422 and "task.target" in bad.text
         unknown = client.post("/jobs", json={"task": "poetry"})
         assert unknown.status_code == 422 and "task" in unknown.text
+        taken = client.post("/jobs", json={"task": "infill", "overrides": {"name": "rng"}})  # rng@v1 is an rng adapter
+        assert taken.status_code == 422 and "keeps one task" in taken.text
+        elsewhere = client.post("/jobs", json={"task": "rng", "overrides": {"base_model": "/other/model"}})
+        assert elsewhere.status_code == 422 and "overrides" in elsewhere.text and str(demo_model) in elsewhere.text
         assert client.get("/jobs/no-such-job").status_code == 404
 
 

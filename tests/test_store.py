@@ -140,6 +140,13 @@ def test_a_changed_manifest_that_still_parses_is_refused(store: AdapterStore, sr
         store.load("rng", base_fingerprint="sha256:" + "b" * 64)
 
 
+def test_a_name_keeps_one_task(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())
+    with pytest.raises(ValueError, match="keeps one task"):
+        store.save("rng", src, fields(task="infill"))
+    assert store.versions("rng") == [1] and store.task_of("rng") == "rng" and store.task_of("new") is None
+
+
 def test_a_damaged_version_does_not_block_a_jobs_save(store: AdapterStore, src: Path) -> None:
     store.save("rng", src, fields(), job_id="job-1")
     (store.root / "rng" / "v1" / "manifest.json").write_text("{torn")

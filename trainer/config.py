@@ -74,17 +74,23 @@ class RewardTemperature(_Strict):
 
 
 class ReplayConfig(_Strict):
-    capacity: PositiveInt = 32
+    capacity: PositiveInt = Field(32, le=4096)
     dedup_distance: int = Field(1, ge=0)
+
+
+class TrainLora(LoraSpec):
+    dropout: float = Field(0.0, ge=0, le=0, description="0: training runs in eval mode, on the log-probabilities "
+                           "the sampler draws from (dropout would make every reward and residual noisy)")
 
 
 class TrainConfig(_Strict):
     name: str = Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})
     base_model: str = Field("demo", description="a model directory, a hub id, or 'demo' (the demo world)")
     task: AnyTaskConfig
-    steps: PositiveInt = 200
-    prompts_per_step: PositiveInt = 1
-    samples_per_prompt: PositiveInt = 64
+    # Caps a job's size, so a typo cannot hold a worker for days or run it out of memory
+    steps: PositiveInt = Field(200, le=1_000_000)
+    prompts_per_step: PositiveInt = Field(1, le=1024)
+    samples_per_prompt: PositiveInt = Field(64, le=4096)
     subtb_lambda: float = Field(1.0, gt=0)
     barred_flow_offset: float = Field(0.0, description=(
         "states that may not stop (before min_len, away from stop_after) have no reward; their log-flow is "
@@ -92,7 +98,7 @@ class TrainConfig(_Strict):
         "task's log-rewards keeps early training stable: the base model puts that stop at e^-10 to e^-20 "
         "mid-sentence, so -20 starts those flows near e^-10 to e^0"))
     seed: int = 0
-    lora: LoraSpec = LoraSpec()
+    lora: TrainLora = TrainLora()
     optim: OptimConfig = OptimConfig()
     behaviour: BehaviourConfig = BehaviourConfig()
     reward_temperature: RewardTemperature = RewardTemperature()
@@ -104,14 +110,6 @@ class TrainConfig(_Strict):
     @classmethod
     def _valid_name(cls, name: str) -> str:
         return check_name(name)
-
-    @field_validator("lora")
-    @classmethod
-    def _no_dropout(cls, lora: LoraSpec) -> LoraSpec:
-        if lora.dropout:
-            raise ValueError("lora.dropout must be 0: training runs in eval mode, on the log-probabilities "
-                             "the sampler draws from (dropout would make every reward and residual noisy)")
-        return lora
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) -> TrainConfig:

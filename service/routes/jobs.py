@@ -61,6 +61,15 @@ def submit_job(body: JobSubmit, state: State) -> JobStatus:
     if data.get("task", {}).get("name") != body.task:
         raise invalid("task", f"config {name!r} trains task {data.get('task', {}).get('name')!r}, not {body.task!r}",
                       body.task)
+    held = state.registry.store.task_of(data["name"])
+    if held is not None and held != body.task:
+        raise invalid("overrides", f"adapter name {data['name']!r} holds {held} adapters: a name keeps one task; "
+                      "set another 'name'", body.overrides)
+    if data.get("base_model", "demo") != state.base_model:
+        if "base_model" in body.overrides:
+            raise invalid("overrides", f"this service serves base model {state.base_model}; a job for it trains on "
+                          f"that one, not {data['base_model']}", body.overrides)
+        data["base_model"] = state.base_model  # what the service serves, not the bundled configs' demo
     job_id = _call(queue.submit, data)
     return _call(queue.status, job_id)
 

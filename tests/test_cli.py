@@ -1,0 +1,27 @@
+"""The command line refuses bad input with a message and exit code 2, before it starts anything."""
+
+from __future__ import annotations
+
+import socket
+
+from typer.testing import CliRunner
+
+from gfn.cli import app
+
+
+def test_up_refuses_a_bad_engine_and_a_taken_port():
+    bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"])
+    assert bad.exit_code == 2 and "engine" in bad.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(app, ["up", "--port", str(port)])
+    said = " ".join(busy.output.split())  # rich wraps lines
+    assert busy.exit_code == 2 and f"127.0.0.1:{port}" in said and "--port" in said
+
+
+def test_train_names_a_missing_base_model(tmp_path):
+    missing = CliRunner().invoke(app, ["train", "rng", "--set", f"base_model={tmp_path / 'nope'}",
+                                       "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store")])
+    assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split()), missing.output
