@@ -2,9 +2,10 @@
 
 A pool only grows: a request for n rationales takes the first n, and the caller samples and
 appends what is missing, but only onto the pool it saw: two requests that both found the pool
-short sample the same seeds, and only the first one's rationales join it. The key holds the adapter version, so versions never mix. Pools live
-in Redis (a list per key, with an expiry) when a URL is configured, so that service processes
-share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
+short sample the same seeds, and only the first one's rationales join it. The key holds the
+adapter version and its weights' sha256, so versions (and stores sharing one Redis) never mix.
+Pools live in Redis (a list per key, with an expiry) when a URL is configured, so that service
+processes share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
 cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers.
 """
 

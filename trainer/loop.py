@@ -235,10 +235,11 @@ class Trainer:
         state = torch.load(self.run_dir / CHECKPOINT, weights_only=False)
         if state["config"] != self.config.model_dump():
             raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
-        if state["base_fingerprint"] != self.base_fingerprint:
+        # .get: checkpoints written before these were recorded still resume
+        if state.get("base_fingerprint", self.base_fingerprint) != self.base_fingerprint:
             raise ValueError(f"{self.run_dir} holds a run on another base model ({state['base_fingerprint']}, "
                              f"now {self.base_fingerprint}); use another run directory or --fresh")
-        self.run_id = state["run_id"]
+        self.run_id = state.get("run_id", self.run_id)
         peft.set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

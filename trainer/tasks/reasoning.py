@@ -178,8 +178,8 @@ class ReasoningTask(Task):
     def teacher_rollout(self, prompts: list[Prompt], rationales: list[str]) -> Rollout:
         """Given rationales as a rollout, the calculator's values flagged `forced` exactly
         where sampling with the tool would have written them."""
-        latents = [self.ids(z) for z in rationales]
-        flags = [tool_forced(self.tool(), z) for z in latents]
+        tool, latents = self.tool(), [self.ids(z) for z in rationales]
+        flags = [tool_forced(tool, z) for z in latents]
         width, pad = max(map(len, latents)), self.tokenizer.pad_token_id
         tokens = torch.tensor([z + [pad] * (width - len(z)) for z in latents])
         forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])
