@@ -25,7 +25,7 @@ log = logging.getLogger("gfn.service")
 class AdapterWatcher:
     def __init__(self, registry: Registry, store: AdapterStore, redis_url: str | None, poll_s: float):
         self.registry, self.store, self.redis_url, self.poll_s = registry, store, redis_url, poll_s
-        self.refused: set[tuple[str, int]] = set()  # versions that failed to load: not retried
+        self.refused: set[str] = set()  # refs that failed to load for good: not retried
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -41,8 +41,7 @@ class AdapterWatcher:
     async def offer(self, name: str, version: int) -> None:
         """Load `name@v{version}` when it is newer than what `name` routes to."""
         routed, ref = self.registry.routed(name), f"{name}@v{version}"
-        if ((routed is not None and routed.manifest.version >= version) or (name, version) in self.refused
-                or ref in self.registry.unloaded):
+        if (routed is not None and routed.manifest.version >= version) or ref in self.refused or ref in self.registry.unloaded:
             return
         try:
             await self.registry.load(name, version)
@@ -50,7 +49,7 @@ class AdapterWatcher:
         except AdapterBusy as error:  # offered again by the next poll
             log.info("new adapter version deferred", extra={"adapter": ref, "reason": str(error)})
         except (AdapterError, AdapterRefused) as error:
-            self.refused.add((name, version))
+            self.refused.add(ref)
             log.warning("new adapter version refused", extra={"adapter": ref, "reason": str(error)})
         except Exception:  # e.g. the version deleted while it was checked: the watch goes on
             log.exception("new adapter version failed to load", extra={"adapter": ref})

@@ -294,7 +294,7 @@ def test_engines_agree_with_a_tool(hf, vllm, demo_model):
     _assert_same_law(drawn["hf"], drawn["vllm"])
 
 
-def test_seeded_samples_grow_in_steps_and_share_no_noise(hf, vllm, demo_model):
+def test_seeded_samples_grow_in_steps_through_tool_rounds(hf, vllm, demo_model):
     """Sample i of a seeded request is drawn as sample 0 of seed + i would be, through every
     tool round: a cached pool topped up from seed + cached equals one drawn at once (vLLM's
     later rounds once took seeds from seed + round * n, which also fell on other requests')."""
