@@ -63,7 +63,9 @@ def _compute(config: Path, weights: list[Path]) -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("GFN_CACHE_DIR") or Path.home() / ".cache" / "gfn")
+    if os.environ.get("GFN_CACHE_DIR"):
+        return Path(os.environ["GFN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gfn"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:

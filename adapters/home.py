@@ -1,7 +1,7 @@
 """Where the project keeps its files: GFN_HOME, else ./.gfn (the repo root under make).
 
     <home>/models/    built base models (the demo world)
-    <home>/adapters/  the adapter store
+    <home>/adapters/  the adapter store (GFN_STORE moves it, for trainer, worker and service alike)
     <home>/runs/      training runs: checkpoints and logs
 """
 
@@ -16,7 +16,8 @@ def gfn_home() -> Path:
 
 
 def store_root() -> Path:
-    return gfn_home() / "adapters"
+    store = os.environ.get("GFN_STORE")
+    return Path(store).resolve() if store else gfn_home() / "adapters"
 
 
 def runs_root() -> Path:

@@ -10,13 +10,16 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from adapters.home import runs_root, store_root
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 demo = typer.Typer(no_args_is_help=True, help="The demo world: corpus, tokenizer and base model.")
@@ -191,23 +194,31 @@ def configs_schema() -> None:
     console.print(f"wrote {SCHEMA}")
 
 
-@app.command()
-def serve(
-    engine: Annotated[Optional[str], typer.Option(help="vllm, transformers or auto (default: GFN_ENGINE, else auto)")] = None,
-    host: Annotated[Optional[str], typer.Option(help="default: GFN_HOST, else 127.0.0.1")] = None,
-    port: Annotated[Optional[int], typer.Option(help="default: GFN_PORT, else 8000")] = None,
-) -> None:
-    """Serve the stored adapters over HTTP; every other setting comes from GFN_* variables (service/settings.py)."""
-    import uvicorn
+EngineOption = Annotated[Optional[str], typer.Option(help="vllm, transformers or auto (default: GFN_ENGINE, else auto)")]
+HostOption = Annotated[Optional[str], typer.Option(help="default: GFN_HOST, else 127.0.0.1")]
+PortOption = Annotated[Optional[int], typer.Option(help="default: GFN_PORT, else 8000")]
+
+
+def _settings(**options: Any) -> Settings:
+    """The service settings: GFN_* variables, overridden by the options given."""
     from pydantic import ValidationError
 
-    from service.app import create_app
     from service.settings import Settings
 
     try:
-        settings = Settings(**{k: v for k, v in {"engine": engine, "host": host, "port": port}.items() if v is not None})
+        return Settings(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as error:
         _fail(str(error))
+
+
+@app.command()
+def serve(engine: EngineOption = None, host: HostOption = None, port: PortOption = None) -> None:
+    """Serve the stored adapters over HTTP; every other setting comes from GFN_* variables (service/settings.py)."""
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(engine=engine, host=host, port=port)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
@@ -219,26 +230,18 @@ EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
 
 
 @app.command()
-def up(
-    engine: Annotated[str, typer.Option(help="vllm, transformers or auto")] = "auto",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-) -> None:
+def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = None) -> None:
     """Run the whole system locally: the demo world and adapters (built once), a
     redis-server on loopback, one training worker and the service. Ctrl-C stops it all."""
     import uvicorn
-    from pydantic import ValidationError
 
     from adapters.home import gfn_home
     from gfn.local import RedisServer, ensure_demo_adapters, port_in_use, start_worker, stop_process
     from service.app import create_app
-    from service.settings import Settings
     from world.base_model import build
 
-    try:  # bad options (or GFN_* variables) fail before anything starts
-        Settings(engine=engine, host=host, port=port)
-    except ValidationError as error:
-        _fail(str(error))
+    settings = _settings(engine=engine, host=host, port=port)  # bad options fail before anything starts
+    host, port = settings.host, settings.port
     if (reason := port_in_use(host, port)) is not None:
         _fail(f"cannot serve on {host}:{port}: {reason}; pass another --port")
     model = build()
@@ -250,8 +253,7 @@ def up(
     except RuntimeError as error:
         console.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503)[/yellow]")
         redis = None
-    settings = Settings(base_model=str(model), engine=engine, host=host, port=port,
-                        redis_url=redis.url if redis else None)
+    settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None})
     console.print(EXAMPLE.format(host=host, port=port))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)

@@ -114,4 +114,5 @@ class AdapterOut(BaseModel):
 
 class AdaptersResponse(BaseModel):
     loaded: list[AdapterOut]
-    refused: dict[str, str] = Field(description="adapters that failed to load at start, with the reason")
+    refused: dict[str, str] = Field(description="adapter versions that failed to load, at start or when "
+                                                "they arrived, with the reason; not retried until loaded by hand")

@@ -45,7 +45,7 @@ class ServiceState:
     """The training-job queue; None without Redis (then /jobs answers 503)."""
     watcher: AdapterWatcher
     refused: dict[str, str] = field(default_factory=dict)
-    """Adapters that failed to load at start, with the reason."""
+    """Adapters that failed to load, at start or as new versions, with the reason (shared with the watcher)."""
     in_flight: int = 0
 
     @classmethod
@@ -69,7 +69,7 @@ class ServiceState:
         state = cls(settings, str(base_model), tokenizer, engine, registry,
                     RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
                     metrics, Calculator(tokenizer), jobs,
-                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s), refused)
+                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused), refused)
         for pinned, manifest in wanted:
             try:
                 await state.registry.load(manifest.name, manifest.version, pin=pinned)

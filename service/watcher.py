@@ -23,9 +23,10 @@ log = logging.getLogger("gfn.service")
 
 
 class AdapterWatcher:
-    def __init__(self, registry: Registry, store: AdapterStore, redis_url: str | None, poll_s: float):
+    def __init__(self, registry: Registry, store: AdapterStore, redis_url: str | None, poll_s: float,
+                 refused: dict[str, str]):
         self.registry, self.store, self.redis_url, self.poll_s = registry, store, redis_url, poll_s
-        self.refused: set[str] = set()  # refs that failed to load for good: not retried
+        self.refused = refused  # ref -> why it failed to load for good (the service's, shown in /ready); not retried
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -49,7 +50,7 @@ class AdapterWatcher:
         except AdapterBusy as error:  # offered again by the next poll
             log.info("new adapter version deferred", extra={"adapter": ref, "reason": str(error)})
         except (AdapterError, AdapterRefused) as error:
-            self.refused.add(ref)
+            self.refused[ref] = str(error)
             log.warning("new adapter version refused", extra={"adapter": ref, "reason": str(error)})
         except Exception:  # e.g. the version deleted while it was checked: the watch goes on
             log.exception("new adapter version failed to load", extra={"adapter": ref})

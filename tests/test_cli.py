@@ -21,6 +21,17 @@ def test_up_refuses_a_bad_engine_and_a_taken_port():
     assert busy.exit_code == 2 and f"127.0.0.1:{port}" in said and "--port" in said
 
 
+def test_up_takes_its_address_from_gfn_variables_unless_given():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(app, ["up"], env={"GFN_PORT": str(port)})
+    assert busy.exit_code == 2 and f"127.0.0.1:{port}" in " ".join(busy.output.split())
+    bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"], env={"GFN_ENGINE": "transformers"})
+    assert bad.exit_code == 2 and "engine" in bad.output
+
+
 def test_train_names_a_missing_base_model(tmp_path):
     missing = CliRunner().invoke(app, ["train", "rng", "--set", f"base_model={tmp_path / 'nope'}",
                                        "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store")])

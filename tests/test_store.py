@@ -270,3 +270,18 @@ def test_vocab_mask_bias() -> None:
 
     with pytest.raises(ValueError, match="outside the vocabulary"):
         VocabMask(mode="deny", token_ids=[9]).bias(5, terminator_id=0)
+
+
+def test_gfn_store_moves_the_store_for_the_command_line_and_the_service(tmp_path, src, monkeypatch):
+    """Workers and `gfn train` write where GFN_STORE says, the service reads there: one store."""
+    from typer.testing import CliRunner
+
+    from adapters.home import store_root
+    from gfn.cli import app
+    from service.settings import Settings
+
+    AdapterStore(tmp_path / "elsewhere").save("rng", src, fields())
+    monkeypatch.setenv("GFN_STORE", str(tmp_path / "elsewhere"))
+    assert store_root() == Settings().store == tmp_path / "elsewhere"
+    listed = CliRunner().invoke(app, ["adapters", "list"])
+    assert listed.exit_code == 0 and "rng@v1" in listed.output

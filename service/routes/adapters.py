@@ -20,7 +20,7 @@ def _out(state: State, entry: Entry) -> AdapterOut:
 
 @router.get("", response_model=AdaptersResponse)
 async def list_adapters(state: State) -> AdaptersResponse:
-    """The loaded adapter versions, which one each name routes to, and those refused at start."""
+    """The loaded adapter versions, which one each name routes to, and those refused."""
     entries = sorted(state.registry.entries.values(), key=lambda e: (e.manifest.name, e.manifest.version))
     return AdaptersResponse(loaded=[_out(state, e) for e in entries], refused=state.refused)
 
@@ -29,7 +29,9 @@ async def list_adapters(state: State) -> AdaptersResponse:
 async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
     """Load a version from the store: checked (checksums, base model), warmed, then routed to if it
     is the newest loaded version of its name; older unpinned versions retire once idle."""
-    return _out(state, await state.registry.load(body.name, body.version, body.pin))
+    entry = await state.registry.load(body.name, body.version, body.pin)
+    state.refused.pop(entry.manifest.ref, None)
+    return _out(state, entry)
 
 
 @router.delete("/{name}/{version}")
