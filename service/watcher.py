@@ -80,10 +80,13 @@ class AdapterWatcher:
                             try:
                                 new = NewVersion.model_validate_json(message["data"])
                             except ValidationError:
-                                log.warning("malformed announcement ignored", extra={"message": repr(message["data"])[:200]})
+                                log.warning("malformed announcement ignored", extra={"data": repr(message["data"])[:200]})
                                 continue
                             await self.offer(new.name, new.version)
             except (RedisError, OSError):
+                await asyncio.sleep(2)
+            except Exception:  # a bug must not end the subscription for the service's lifetime
+                log.exception("adapter announcements: subscription failed; reconnecting")
                 await asyncio.sleep(2)
             finally:
                 await client.aclose()

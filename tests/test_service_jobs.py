@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from service_world import Server, save_adapter, task_fields
+from redis import Redis
+from service_world import Server, corrupt, save_adapter, task_fields
 
 from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
 from gfn.local import stop_process
+from jobs import CHANNEL, NewVersion, announce
 from service.app import create_app
 from service.settings import Settings
 
@@ -32,9 +34,9 @@ def home(tmp_path: Path, demo_model: Path) -> Path:
     return tmp_path
 
 
-def _server(home: Path, demo_model: Path, redis_url: str | None) -> Server:
+def _server(home: Path, demo_model: Path, redis_url: str | None, poll_s: float = 1.0) -> Server:
     return Server(create_app(Settings(engine="transformers", store=home / "adapters", base_model=str(demo_model),
-                                      torch_threads=1, redis_url=redis_url, watch_poll_s=1.0)))
+                                      torch_threads=1, redis_url=redis_url, watch_poll_s=poll_s)))
 
 
 def _wait(check, timeout: float, what: str):
@@ -52,7 +54,8 @@ def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
                               cwd=REPO, env={**os.environ, "GFN_HOME": str(home)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        with _server(home, demo_model, redis_server.url) as server, server.client() as client:
+        # no store poll in the test's time: only the worker's announcement can make v2 live
+        with _server(home, demo_model, redis_server.url, poll_s=3600) as server, server.client() as client:
             assert client.post("/generate", json=RNG).json()["adapter"] == "rng@v1"
             overrides = {"steps": 6, "samples_per_prompt": 16, "evaluate": False, "checkpoint_every": 2,
                          "base_model": str(demo_model)}
@@ -70,7 +73,7 @@ def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
             assert final["status"] == "finished" and final["adapter"] == "rng@v2", final
             assert any(s["progress"] and s["progress"]["total"] == 6 for s in seen)
             assert any(j["id"] == job_id for j in client.get("/jobs").json())
-            # the service learns of v2, checks and warms it, then routes "rng" to it; v1 retires
+            # the service hears of v2, checks and warms it, then routes "rng" to it; v1 retires
             _wait(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v2", 60, "rng@v2 to serve")
             _wait(lambda: [a["ref"] for a in client.get("/adapters").json()["loaded"]] == ["rng@v2"], 30,
                   "rng@v1 to retire")
@@ -122,9 +125,29 @@ def test_the_store_watch_leaves_an_unloaded_version_out_and_goes_on(home, demo_m
     store = AdapterStore(home / "adapters")
     with _server(home, demo_model, None) as server, server.client() as client:
         assert client.delete("/adapters/rng/1").json() == {"unloaded": "rng@v1"}
-        time.sleep(3)  # three polls
+        server.call(server.state.watcher.offer("rng", 1))  # what every poll does
         assert client.get("/adapters").json()["loaded"] == []
         save_adapter(store, "rng", demo_model, task_fields(load_tokenizer(demo_model))["rng"], seed=1)
         _wait(lambda: client.post("/generate", json=RNG).json().get("adapter") == "rng@v2", 30, "rng@v2 to serve")
         assert client.post("/adapters", json={"name": "rng", "version": 1}).status_code == 201
         assert {a["ref"] for a in client.get("/adapters").json()["loaded"]} == {"rng@v1", "rng@v2"}
+
+
+
+def test_announced_versions_go_live_and_a_bad_one_is_listed_as_refused(home, demo_model, redis_server):
+    """Through announcements alone (no store poll): a malformed message is ignored, a corrupt
+    new version is refused (listed in /ready, v1 keeps serving), the next good one goes live."""
+    store, fields = AdapterStore(home / "adapters"), task_fields(load_tokenizer(demo_model))["rng"]
+    redis = Redis.from_url(redis_server.url)
+    with _server(home, demo_model, redis_server.url, poll_s=3600) as server, server.client() as client:
+        redis.publish(CHANNEL, b"not an announcement")
+        save_adapter(store, "rng", demo_model, fields, seed=1)
+        corrupt(store, "rng", 2)
+        announce(redis, NewVersion(name="rng", version=2))
+        refused = _wait(lambda: client.get("/ready").json()["refused"], 30, "rng@v2 to be refused")
+        assert list(refused) == ["rng@v2"] and "sha256" in refused["rng@v2"]
+        assert client.get("/adapters").json()["refused"] == refused
+        assert client.post("/generate", json=RNG).json()["adapter"] == "rng@v1"
+        save_adapter(store, "rng", demo_model, fields, seed=2)
+        announce(redis, NewVersion(name="rng", version=3))
+        _wait(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v3", 30, "rng@v3 to serve")
