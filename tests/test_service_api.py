@@ -26,7 +26,13 @@ INFILL = {"prefix": "Tom went to the market.", "suffix": "He ate it on the way h
 
 @pytest.fixture(scope="module")
 def store(demo_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    return make_store(tmp_path_factory.mktemp("service") / "adapters", demo_model)
+    """An adapter of every task, and `rng7`: rng whose manifest lets a sample stop only after a 7."""
+    from trainer.tasks.rng import RngConfig, RngTask
+
+    store = make_store(tmp_path_factory.mktemp("service") / "adapters", demo_model)
+    fields = RngTask(RngConfig(stop_after=["7"]), load_tokenizer(demo_model)).manifest_fields()
+    save_adapter(store, "rng7", demo_model, fields, seed=7)
+    return store
 
 
 def _serve(store, demo_model: Path, engine: str):
@@ -229,32 +235,36 @@ def _assert_same_law(hf_samples, vllm_samples) -> None:
             assert abs(count / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 0.01, (name, sequence, count / n, p)
 
 
-def test_engines_agree_on_a_policy_that_may_stop_only_after_given_tokens(hf, vllm, store, demo_model):
-    """A stop rule (rounds in vLLM, a per-row penalty in transformers): after the random-number
-    prompt the policy would stop after any number; allowed only after a 7, every stopped sample
-    ends in 7, both engines draw the same law, and its log q is the policy's under the rule."""
-    manifest = hf.state.registry.entries["rng@v1"].manifest
+def test_engines_serve_a_manifests_stop_rule(hf, vllm, store, demo_model):
+    """The manifest's stop rule, served (rounds in vLLM, a per-row penalty in transformers): after
+    the random-number prompt the policy would stop after any number; `rng7` may stop only after a
+    7, so every stopped sample ends in 7, both engines draw the same law, and its log q is the
+    policy's under the rule."""
+    manifest = store.manifest("rng7")
     tokenizer = load_tokenizer(demo_model)
     prompt = tokenizer(manifest.prompt_template, add_special_tokens=False)["input_ids"]
     seven = tokenizer.convert_tokens_to_ids("7")
-    requests = [GenRequest(prompt, manifest.ref, manifest.terminator_id, manifest.max_len, manifest.min_len,
-                           manifest.mask, n=64, seed=100 * i, stop_after=frozenset({seven})) for i in range(16)]
-    results = {name: [s for r in server.call(server.state.engine.generate(requests)) for s in r.samples]
-               for name, server in (("hf", hf), ("vllm", vllm))}
+    assert manifest.stop_after == [seven]
+    results = {}
+    for name, server in (("hf", hf), ("vllm", vllm)):
+        with server.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
+            answers = [client.post("/generate", json={"adapter": "rng7", "n": 64, "seed": 100 * i}) for i in range(16)]
+        assert all(a.status_code == 200 and a.json()["adapter"] == manifest.ref for a in answers)
+        results[name] = [s for a in answers for s in a.json()["samples"]]
     for samples in results.values():
-        assert all(s.token_ids[-1] == seven for s in samples if s.stopped)
-        assert sum(s.stopped for s in samples) > 48
-    _assert_same_law(*([(tuple(s.token_ids), s.log_q) for s in results[name]] for name in ("hf", "vllm")))
+        assert all(s["token_ids"][-1] == seven for s in samples if s["stopped"])
+        assert sum(s["stopped"] for s in samples) > 48
+    _assert_same_law(*([(tuple(s["token_ids"]), s["log_q"]) for s in results[name]] for name in ("hf", "vllm")))
     from trainer.policy import PolicySpec, policy_log_probs
 
-    model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), store.load("rng", 1).path).eval()
+    model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), store.load("rng7", 1).path).eval()
     spec = PolicySpec(manifest.terminator_id, manifest.min_len, manifest.max_len, manifest.mask, frozenset({seven}))
     for sample in results["vllm"][:16]:
-        length = len(sample.token_ids)
+        tokens = sample["token_ids"]
         with torch.no_grad():
-            log_pf, log_pterm = policy_log_probs(model, spec, [prompt], torch.tensor([sample.token_ids]),
-                                                 manifest.terminator_id)
-        assert sample.log_q == pytest.approx(float(log_pf.sum() + log_pterm[0, length]), rel=1e-3)
+            log_pf, log_pterm = policy_log_probs(model, spec, [prompt], torch.tensor([tokens]), manifest.terminator_id)
+        stop = float(log_pterm[0, len(tokens)]) if sample["stopped"] else 0.0
+        assert sample["log_q"] == pytest.approx(float(log_pf.sum()) + stop, rel=1e-3)
 
 
 def test_engines_score_alike(hf, vllm, demo_model):
