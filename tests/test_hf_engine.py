@@ -32,13 +32,19 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
     sizes: list[int] = []
 
     async def serve():
-        engine = HFEngine(demo_model, tok.pad_token_id, batch_max_size=24, batch_wait_ms=0, on_batch=sizes.append)
+        loop, stepping = asyncio.get_running_loop(), asyncio.Event()
+
+        def on_batch(live: int) -> None:  # called by the engine's thread after each step
+            sizes.append(live)
+            loop.call_soon_threadsafe(stepping.set)
+
+        engine = HFEngine(demo_model, tok.pad_token_id, batch_max_size=24, batch_wait_ms=0, on_batch=on_batch)
         await engine.start()
         try:
             await engine.add_adapter(loaded)
             first = [request(short, manifest.ref, 1, 40), request(short, None, 2, 40)]  # 40+ steps: outgrows a slab
             running = asyncio.gather(*(engine.generate([r]) for r in first))
-            await asyncio.sleep(0.05)
+            await stepping.wait()  # the first 6 rows are stepping, 40 tokens to go
             later = [request(long, None, 3, 0), request(long, manifest.ref, 4, 0), request(short, manifest.ref, 5, 0)]
             joined = await asyncio.gather(*(engine.generate([r]) for r in later))
             return list(zip(first + later, [r for out in (await running) + joined for r in out]))
@@ -46,7 +52,7 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
             await engine.stop()
 
     results = asyncio.run(serve())
-    assert max(sizes) > 6  # later requests joined the first ones' batch
+    assert max(sizes) > 9  # the later 9 rows joined the first 6: no batch of either alone is larger
     model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), loaded.path).eval()
 
     def log_q(req: GenRequest, sample) -> float:

@@ -129,28 +129,18 @@ def test_the_list_shows_the_newest_queued_jobs(queue: JobQueue):
     assert [j.id for j in queue.list(limit=2)] == ids[:0:-1]
 
 
-def test_submitted_job_trains_reports_progress_and_announces_its_version(workers, queue, redis_server, demo_model):
-    port = free_port()
-    workers.start(metrics_port=port)
+def test_submitted_job_trains_and_announces_its_version(workers, queue, redis_server, demo_model):
+    workers.start()
     announcements = Redis.from_url(redis_server.url).pubsub()
     announcements.subscribe(CHANNEL)
-    # enough steps that a 0.3 s poll sees one mid-run on a fast machine (4 finished between polls)
-    submit = CliRunner().invoke(app, ["jobs", "submit", "rng", "--redis-url", redis_server.url, "--set", "steps=20",
+    submit = CliRunner().invoke(app, ["jobs", "submit", "rng", "--redis-url", redis_server.url, "--set", "steps=6",
                                       *(f"--set={s}" for s in SHORT), f"--set=base_model={demo_model}"])
     assert submit.exit_code == 0, submit.output
     job_id = submit.output.strip()
 
-    seen: list[JobStatus] = []
-    watch(queue, job_id, lambda s: s.progress is not None and s.status == "started", 180, seen)
-    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    samples = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
-    assert samples["gfn:worker_job_step"].labels == {"adapter": "rng"} and samples["gfn:worker_job_step"].value >= 1
-    assert samples["gfn:worker_job_steps"].value == 20 and samples["gfn:jobs_running"].value == 1
-
-    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180, seen)
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180)
     assert done.status == "finished" and done.adapter == "rng@v1" and done.error is None
-    assert done.progress.step == done.progress.total == 20 and done.progress.eta == 0
-    assert any(0 < step < 20 for step in steps(seen)), "no progress was readable along the way"
+    assert done.progress.step == done.progress.total == 6 and done.progress.eta == 0
     assert AdapterStore(workers.home / "adapters").manifest("rng", 1).job_id == job_id
     assert [j.id for j in queue.list()] == [job_id]
 
@@ -185,10 +175,16 @@ def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_versi
     assert done.retries_left == RETRIES - 1
 
 
-def test_cancelled_job_stops_at_a_step_boundary_with_a_checkpoint(workers, queue, demo_model):
-    workers.start()
+def test_running_job_reports_progress_and_stops_at_a_step_boundary_when_cancelled(workers, queue, demo_model):
+    port = free_port()
+    workers.start(metrics_port=port)
     job_id = queue.submit(load("rng", ["steps=100", f"base_model={demo_model}", *SHORT]))
     running = watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 2, 180)
+    assert running.status == "started" and running.progress.total == 100 and running.progress.eta > 0
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    samples = {s.name: s for f in text_string_to_metric_families(scraped) for s in f.samples}
+    assert samples["gfn:worker_job_step"].labels == {"adapter": "rng"} and samples["gfn:worker_job_step"].value >= 2
+    assert samples["gfn:worker_job_steps"].value == 100 and samples["gfn:jobs_running"].value == 1
     assert queue.cancel(job_id).cancel_requested
     done = watch(queue, job_id, lambda s: s.status != "started", 60)
     assert done.status == "cancelled" and done.adapter is None and done.error is None

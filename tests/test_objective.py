@@ -186,5 +186,7 @@ def test_no_pairs_gives_connected_zero() -> None:
 
 def test_low_precision_inputs_are_accumulated_in_float32() -> None:
     log_r, log_pf, log_pterm, lengths, _ = random_batch([2, 5], 5, seed=4)
-    loss = subtb_loss(log_r.bfloat16(), log_pf.bfloat16(), log_pterm.bfloat16(), lengths)
-    assert loss.dtype == torch.float32
+    low = [x.bfloat16() for x in (log_r, log_pf, log_pterm)]
+    loss = subtb_loss(*low, lengths)
+    exact = subtb_loss(*(x.double() for x in low), lengths)  # the same rounded inputs, summed in float64
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact.item(), rel=1e-5)

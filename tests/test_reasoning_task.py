@@ -91,8 +91,8 @@ def test_replay_keeps_tool_outputs(demo_model: Path, tmp_path: Path) -> None:
     stored = {entry.tokens: entry.forced for entry in trainer.replay.entries(prompt.key)}
     assert any(any(forced) for forced in stored.values())
     batch, _, fresh = trainer.behaviour_batch([prompt])
-    replayed = [b for b in range(len(fresh)) if b >= 4]  # the last half of the batch comes from the buffer
-    assert len(replayed) == 4
+    assert fresh.tolist() == [True] * 4 + [False] * 4  # new samples first, then the buffer's
+    replayed = (~fresh).nonzero().flatten().tolist()
     for b in replayed:
         n = int(batch.lengths[b])
         tokens, forced = tuple(batch.tokens[b, :n].tolist()), batch.forced[b, :n].tolist()

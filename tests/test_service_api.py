@@ -86,12 +86,11 @@ def test_every_endpoint_answers(client):
     reason = client.post("/reason", json={"question": "3 + 4 - 2", "n_rationales": 4}).json()
     assert reason["question"] == "Question: 3 + 4 - 2 = ? Answer:" and len(reason["rationales"]) == 4
     assert reason["cached"] == 0
-    if reason["counts"]:
-        assert math.isclose(sum(reason["distribution"].values()), 1.0)
-    for rationale in reason["rationales"]:
-        for step in rationale["steps"]:  # the calculator wrote every well-formed step's value
-            if step["value"] is not None:
-                assert f"{step['expression']} = {step['value']}" in " ".join(rationale["text"].split())
+    assert reason["counts"] and math.isclose(sum(reason["distribution"].values()), 1.0)
+    valued = [(r, step) for r in reason["rationales"] for step in r["steps"] if step["value"] is not None]
+    assert valued  # the calculator wrote every well-formed step's value
+    for rationale, step in valued:
+        assert f"{step['expression']} = {step['value']}" in " ".join(rationale["text"].split())
 
     adapters = client.get("/adapters").json()["loaded"]
     assert {a["name"] for a in adapters if a["routed"]} >= {"infill", "rng"}
