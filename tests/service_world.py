@@ -35,18 +35,19 @@ def task_fields(tokenizer: Any) -> dict[str, dict[str, Any]]:
 
 
 def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[str, Any], seed: int,
-                 rank: int = 8, scale: float = 0.3, base_fingerprint: str | None = None) -> Manifest:
+                 rank: int = 8, scale: float = 0.3, base_fingerprint: str | None = None,
+                 targets: list[str] = TARGETS) -> Manifest:
     """A LoRA with A as peft initialises it and B ~ scale * N(0, 1): it moves the distribution."""
     torch.manual_seed(seed)
     model = peft.get_peft_model(load_causal_lm(model_dir), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                                          target_modules=TARGETS))
+                                                                          target_modules=targets))
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "lora_B" in param_name:
                 param.copy_(scale * torch.randn_like(param))
     out = store.root.parent / f"src-{name}-{seed}"
     model.save_pretrained(out)
-    lora = LoraSpec(r=rank, alpha=2 * rank, target_modules=TARGETS)
+    lora = LoraSpec(r=rank, alpha=2 * rank, target_modules=targets)
     base = {"path": str(model_dir), "fingerprint": base_fingerprint or fingerprint(model_dir)}
     manifest = store.save(name, out, {**fields, "base_model": base, "lora": lora.model_dump(),
                                       "training": {"fixture": True}, "metrics": {}})

@@ -13,7 +13,7 @@ import peft
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from service_world import Server, make_store, save_adapter, task_fields
+from service_world import TARGETS, Server, make_store, save_adapter, task_fields
 
 from adapters.models import load_causal_lm, load_tokenizer
 from service.app import create_app
@@ -264,6 +264,22 @@ def test_engines_serve_a_manifests_stop_rule(hf, vllm, store, demo_model):
             log_pf, log_pterm = policy_log_probs(model, spec, [prompt], torch.tensor([tokens]), manifest.terminator_id)
         stop = float(log_pterm[0, len(tokens)]) if sample["stopped"] else 0.0
         assert sample["log_q"] == pytest.approx(float(log_pf.sum()) + stop, rel=1e-3)
+
+
+def test_vllm_refuses_an_adapter_beyond_its_configuration(vllm, store, demo_model):
+    """A rank above the engine's, or modules it was not started with (vLLM would skip them and serve
+    another policy): 409 naming the fix; the adapters loaded keep serving."""
+    fields = task_fields(load_tokenizer(demo_model))["rng"]
+    save_adapter(store, "rng-wide", demo_model, fields, seed=11, rank=64)
+    save_adapter(store, "rng-mlp", demo_model, fields, seed=12, targets=TARGETS + ["gate_proj"])
+    with vllm.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
+        wide = client.post("/adapters", json={"name": "rng-wide"})
+        assert wide.status_code == 409 and "GFN_MAX_LORA_RANK=64" in wide.json()["detail"]
+        mlp = client.post("/adapters", json={"name": "rng-mlp"})
+        assert mlp.status_code == 409 and "gate_proj" in mlp.json()["detail"]
+        loaded = {a["name"] for a in client.get("/adapters").json()["loaded"]}
+        assert not loaded & {"rng-wide", "rng-mlp"}
+        assert client.post("/generate", json={"adapter": "rng", "n": 2}).status_code == 200
 
 
 def test_engines_score_alike(hf, vllm, demo_model):
