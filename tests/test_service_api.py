@@ -96,6 +96,13 @@ def test_every_endpoint_answers(client):
     assert {a["name"] for a in adapters if a["routed"]} >= {"infill", "rng"}
 
 
+def test_a_request_may_name_a_version_and_must_fit_the_context(client):
+    named = client.post("/generate", json={"adapter": "rng@v1", "n": 2})
+    assert named.status_code == 200 and named.json()["adapter"] == "rng@v1"
+    long = client.post("/generate", json={"adapter": "continuation", "text": "The cat sat. " * 300, "n": 1})
+    assert long.status_code == 422 and "text" in long.text and "context of 512 tokens" in long.text, long.text
+
+
 def test_rationale_cache_returns_the_same_number(client):
     question = {"question": "Question: 9 - 3 + 1 = ? Answer:", "n_rationales": 3, "seed": 11, "aggregate": "weighted"}
     first = client.post("/reason", json=question).json()

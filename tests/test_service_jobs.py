@@ -96,6 +96,17 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
         assert client.get("/jobs/no-such-job").status_code == 404
 
 
+def test_queued_jobs_are_listed_newest_first_and_cancelled_over_http(home, demo_model, redis_server):
+    with _server(home, demo_model, redis_server.url) as server, server.client() as client:  # no worker: they stay queued
+        ids = [client.post("/jobs", json={"task": "rng", "overrides": {"seed": k}}).json()["id"] for k in range(3)]
+        assert [j["id"] for j in client.get("/jobs", params={"limit": 2}).json()] == ids[:0:-1]
+        assert client.get("/jobs", params={"limit": 0}).status_code == 422
+        cancelled = client.delete(f"/jobs/{ids[0]}")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+        assert client.get(f"/jobs/{ids[0]}").json()["status"] == "cancelled"
+        assert client.delete("/jobs/no-such-job").status_code == 404
+
+
 def test_redis_going_away_degrades_jobs_but_no_inference(home, demo_model, redis_server):
     with _server(home, demo_model, redis_server.url) as server, server.client() as client:
         assert client.get("/jobs").status_code == 200

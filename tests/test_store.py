@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +287,31 @@ def test_gfn_store_moves_the_store_for_the_command_line_and_the_service(tmp_path
     assert store_root() == Settings().store == tmp_path / "elsewhere"
     listed = CliRunner().invoke(app, ["adapters", "list"])
     assert listed.exit_code == 0 and "rng@v1" in listed.output
+
+
+def test_concurrent_writers_get_distinct_versions_and_none_is_lost(tmp_path, src):
+    """Several workers saving one name at once: every save gets its own version, numbered without
+    gaps, each intact, and a retried job (same job id) still gets back the version it saved."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_store import fields
+from adapters import AdapterStore
+store = AdapterStore({str(tmp_path / "store")!r})
+for k in range(3):
+    store.save("rng", {str(src)!r}, fields(), job_id=f"{{sys.argv[1]}}-{{k}}")
+"""
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(p)]) for p in range(4)]
+    assert [w.wait(120) for w in writers] == [0] * 4
+    store = AdapterStore(tmp_path / "store")
+    assert store.versions("rng") == list(range(1, 13))
+    jobs = {store.load("rng", v).manifest.job_id: v for v in range(1, 13)}  # load verifies every file
+    assert set(jobs) == {f"{p}-{k}" for p in range(4) for k in range(3)}
+    assert store.save("rng", src, fields(), job_id="2-1").version == jobs["2-1"]
+
+
+def test_a_version_directory_moved_by_hand_is_refused(store, src):
+    store.save("rng", src, fields())
+    os.rename(store.root / "rng" / "v1", store.root / "rng" / "v9")
+    with pytest.raises(AdapterCorrupt, match="describes rng@v1"):
+        store.load("rng", 9)
