@@ -210,16 +210,39 @@ def test_metrics_parse_and_hold_the_service_metrics(client):
     assert {"name": "rng", "version": "1", "rank": "8"} in info
 
 
-def _numbers(server, n_requests: int = 16) -> list[tuple[tuple[int, ...], float]]:
+def _numbers(server, n_requests: int = 16, temperature: float = 1.0) -> list[tuple[tuple[int, ...], float]]:
+    body = {"adapter": "rng", "n": 64, "temperature": temperature}
     with server.client(headers={"X-API-Key": KEY}) as client, ThreadPoolExecutor(8) as pool:
-        bodies = pool.map(lambda i: client.post("/generate", json={"adapter": "rng", "n": 64, "seed": 1000 * i}).json(),
-                          range(n_requests))
+        bodies = pool.map(lambda i: client.post("/generate", json={**body, "seed": 1000 * i}).json(), range(n_requests))
         return [(tuple(s["token_ids"]), s["log_q"]) for body in bodies for s in body["samples"]]
 
 
 def test_engines_serve_the_same_distribution(hf, vllm):
     """Same adapter, two engines, through the API: the same law."""
     _assert_same_law(_numbers(hf), _numbers(vllm))
+
+
+def test_engines_sample_a_tempered_policy_alike_and_report_its_log_q(hf, vllm, store, demo_model):
+    """At temperature 0.5 both engines draw the same law, and log q is that of the tempered, masked
+    policy: log softmax((logits + mask) / T), the stop barred before min_len."""
+    samples = {"hf": _numbers(hf, temperature=0.5), "vllm": _numbers(vllm, temperature=0.5)}
+    _assert_same_law(samples["hf"], samples["vllm"])
+    from trainer.policy import PolicySpec, state_logits, transition_log_probs
+
+    manifest = store.manifest("rng", 1)
+    tokenizer = load_tokenizer(demo_model)
+    prompt = tokenizer(manifest.prompt_template, add_special_tokens=False)["input_ids"]
+    spec = PolicySpec(manifest.terminator_id, manifest.min_len, manifest.max_len, manifest.mask)
+    model = peft.PeftModel.from_pretrained(load_causal_lm(demo_model), store.load("rng", 1).path).eval()
+    for tokens, log_q in dict(samples["hf"][:64] + samples["vllm"][:64]).items():
+        batch = torch.tensor([tokens])
+        with torch.no_grad():
+            logits = state_logits(model, [prompt], batch, tokenizer.pad_token_id)
+            vocab = logits.shape[-1]
+            logits = logits + spec.stop_penalty(spec.barred(batch), vocab) + spec.bias(vocab)[: len(tokens) + 1]
+            log_pf, log_pterm = transition_log_probs(torch.log_softmax(logits / 0.5, -1), batch, manifest.terminator_id)
+        # every sample stops (at max_len the stop is certain: its log-prob is 0)
+        assert log_q == pytest.approx(float(log_pf.sum() + log_pterm[0, len(tokens)]), rel=1e-3, abs=1e-4), tokens
 
 
 def _assert_same_law(hf_samples, vllm_samples) -> None:
