@@ -104,6 +104,28 @@ def test_a_request_may_name_a_version_and_must_fit_the_context(client):
     assert long.status_code == 422 and "text" in long.text and "context of 512 tokens" in long.text, long.text
 
 
+def test_unloading_a_version_waits_for_its_requests_in_flight(hf):
+    """DELETE /adapters/... while a request runs on that version: the request finishes on it, then
+    the version leaves; naming it in POST /adapters brings it back."""
+    with hf.client(headers={"X-API-Key": KEY}) as client, ThreadPoolExecutor(2) as pool:
+        ref = client.post("/generate", json={"adapter": "continuation", "text": "The cat sat.", "n": 1}).json()["adapter"]
+        running = pool.submit(client.post, "/generate", json={"adapter": ref, "text": "The cat sat.", "n": 64,
+                                                                "temperature": 2.0, "seed": 3})
+
+        def in_flight() -> int:
+            return next(a["in_flight"] for a in client.get("/adapters").json()["loaded"] if a["ref"] == ref)
+
+        while in_flight() == 0:
+            assert not running.done(), running.result().text
+        deleted = pool.submit(client.delete, f"/adapters/{ref.replace('@v', '/')}")
+        answer = running.result()
+        assert answer.status_code == 200 and answer.json()["adapter"] == ref and len(answer.json()["samples"]) == 64
+        assert deleted.result().json() == {"unloaded": ref}
+        assert ref not in {a["ref"] for a in client.get("/adapters").json()["loaded"]}
+        name, _, version = ref.partition("@v")
+        assert client.post("/adapters", json={"name": name, "version": int(version)}).status_code == 201
+
+
 def test_rationale_cache_returns_the_same_number(client):
     question = {"question": "Question: 9 - 3 + 1 = ? Answer:", "n_rationales": 3, "seed": 11, "aggregate": "weighted"}
     first = client.post("/reason", json=question).json()
