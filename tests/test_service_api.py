@@ -400,6 +400,33 @@ def test_engines_agree_with_a_tool(hf, vllm, demo_model):
     _assert_same_law(drawn["hf"], drawn["vllm"])
 
 
+def test_engines_agree_with_the_calculator(hf, vllm, store, demo_model):
+    """The real tool (values of one to three tokens, such as " -6"; none after a malformed step),
+    through both engines' tool paths: every step's value is the calculator's, and the law is the same."""
+    from service.policy import render
+
+    manifest = store.manifest("reasoning", 1)
+    tokenizer = load_tokenizer(demo_model)
+    prompt = tokenizer(render(manifest, {"question": "Question: 2 - 7 + 4 = ? Answer:"}), add_special_tokens=False)["input_ids"]
+
+    def draw(max_tokens: int, seeds: int) -> dict[str, list]:
+        requests = [GenRequest(prompt, manifest.ref, manifest.terminator_id, max_tokens, manifest.min_len, manifest.mask,
+                               n=64, seed=100 * i, tool=hf.state.calculator) for i in range(seeds)]
+        return {name: [s for r in server.call(server.state.engine.generate(requests)) for s in r.samples]
+                for name, server in (("hf", hf), ("vllm", vllm))}
+
+    valued, calculator = 0, hf.state.calculator
+    for tokens in (s.token_ids for samples in draw(24, 4).values() for s in samples):  # a few steps each
+        for i in (i for i, token in enumerate(tokens) if token in calculator.triggers):
+            value = calculator(tokens[: i + 1])
+            if value is not None and i + len(value) < len(tokens):  # the value was not cut at 24 tokens
+                assert tokens[i + 1: i + 1 + len(value)] == value, tokenizer.decode(tokens)
+                valued += 1
+    assert valued > 100, valued
+    short = draw(8, 16)  # one step each: short enough that both engines draw many of the same
+    _assert_same_law(*([(tuple(s.token_ids), s.log_q) for s in short[name]] for name in ("hf", "vllm")))
+
+
 def test_seeded_samples_grow_in_steps_through_tool_rounds(hf, vllm, demo_model):
     """Sample i of a seeded request is drawn as sample 0 of seed + i would be, through every
     tool round: a cached pool topped up from seed + cached equals one drawn at once (vLLM's
