@@ -445,3 +445,18 @@ def test_seeded_samples_grow_in_steps_through_tool_rounds(hf, vllm, demo_model):
         assert at_once[:8] + draw(server, 8, 15) == at_once
         assert sum(tool.five in seq[:-1] for seq in at_once) >= 2  # some samples went on after a tool round
         assert [draw(server, 1, 7 + i)[0] for i in range(4)] == at_once[:4]
+
+
+def test_a_pinned_version_keeps_serving_beside_a_newer_one(hf, store, demo_model):
+    """Pinned, a version does not retire when a newer one loads: the name routes to the newer,
+    `name@vN` still reaches the pinned one. (Last in the module: it adds rng7@v2.)"""
+    with hf.client(headers={"X-API-Key": KEY}) as client:
+        assert client.post("/adapters", json={"name": "rng7", "version": 1, "pin": True}).json()["pinned"]
+        fields = store.manifest("rng7", 1).model_dump(include={"task", "task_config", "prompt_template", "terminator",
+                                                               "terminator_id", "min_len", "max_len", "mask", "stop_after"})
+        new = save_adapter(store, "rng7", demo_model, fields, seed=8)
+        assert client.post("/adapters", json={"name": "rng7"}).json()["routed"]
+        assert client.post("/generate", json={"adapter": "rng7", "n": 1}).json()["adapter"] == new.ref
+        assert client.post("/generate", json={"adapter": "rng7@v1", "n": 1}).json()["adapter"] == "rng7@v1"
+        versions = {a["ref"]: a for a in client.get("/adapters").json()["loaded"] if a["name"] == "rng7"}
+        assert versions.keys() == {"rng7@v1", new.ref} and not versions["rng7@v1"]["retiring"]
