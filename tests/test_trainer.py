@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from adapters.store import AdapterStore
 from trainer.config import OptimConfig, load_config
-from trainer.loop import RunInUse, Trainer
+from trainer.loop import CheckpointUnreadable, RunInUse, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 # a decaying rate, so that resuming must restore the schedule too
@@ -130,6 +130,23 @@ def test_running_a_finished_run_again_stores_no_second_version(tmp_path, demo_mo
     again = Trainer(config, tmp_path / "run", store, quiet=True).run()  # e.g. the command run twice
     assert again.version == first.version == 1 and store.versions("rng") == [1]
     assert Trainer(config, tmp_path / "other", store, quiet=True).run().version == 2  # a new run is a new version
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, demo_model):
+    """A checkpoint damaged on disk costs the steps since the previous one, not the run; with
+    both damaged, the error says so and how to start over."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=4", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    first = Trainer(config, run_dir, store, quiet=True).run()  # checkpoints at steps 2 and 4
+    newest = run_dir / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: 1000])
+    resumed = Trainer(config, run_dir, store, quiet=True)
+    assert resumed.step == 2 and [h["step"] for h in resumed.history] == [1, 2]
+    assert resumed.run().version == first.version and store.versions("rng") == [1]
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run_dir / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointUnreadable, match="--fresh"):
+        Trainer(config, run_dir, store, quiet=True)
 
 
 def test_training_runs_without_dropout(tmp_path, demo_model):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
+import os
 import random
 import shutil
 import time
@@ -33,10 +35,17 @@ from trainer.scoring import Scorer
 from trainer.tasks import Prompt, make_task
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the one before, kept until the next is durable: a fallback if the newest is damaged
+
+log = logging.getLogger("gfn.trainer")
 
 
 class RunInUse(RuntimeError):
     """Another process is training in this run directory."""
+
+
+class CheckpointUnreadable(ValueError):
+    """No checkpoint of the run directory can be read (a disk fault, or files edited by hand)."""
 
 
 def resolve_base_model(name: str) -> str:
@@ -103,7 +112,7 @@ class Trainer:
         self.rng = random.Random(config.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)
-        if (self.run_dir / CHECKPOINT).exists():
+        if (self.run_dir / CHECKPOINT).exists() or (self.run_dir / PREVIOUS).exists():
             self._restore()
 
     # ------------------------------------------------------------------ the loop
@@ -229,10 +238,29 @@ class Trainer:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        write_atomic(self.run_dir / CHECKPOINT, buffer.getvalue())
+        newest = self.run_dir / CHECKPOINT
+        if newest.exists():  # a crash from here until the write is durable leaves PREVIOUS to resume from
+            os.replace(newest, self.run_dir / PREVIOUS)
+        write_atomic(newest, buffer.getvalue())
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The newest checkpoint that reads; a damaged one falls back to the one before it."""
+        failures = []
+        for name in (CHECKPOINT, PREVIOUS):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, weights_only=False)
+                if failures:
+                    log.warning("resuming from the previous checkpoint: %s", "; ".join(failures))
+                return state
+            except Exception as error:  # torch and pickle raise many types for a damaged file
+                failures.append(f"{path} is unreadable ({type(error).__name__}: {error})")
+        raise CheckpointUnreadable(f"{'; '.join(failures)}; start the run over with --fresh or another run directory")
 
     def _restore(self) -> None:
-        state = torch.load(self.run_dir / CHECKPOINT, weights_only=False)
+        state = self._read_checkpoint()
         if state["config"] != self.config.model_dump():
             raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
         # .get: checkpoints written before these were recorded still resume
