@@ -63,7 +63,12 @@ def _resolve(source: str | Path) -> Path:
     raise ConfigError([f"config: no config file {source} (bundled configs: {', '.join(bundled_configs())})"])
 
 
+MAX_DEPTH = 8  # no config nests deeper; a longer key is a mistake (or an attack on the JSON encoder)
+
+
 def _set(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    if len(keys) > MAX_DEPTH:
+        raise ConfigError([f"{'.'.join(keys)[:80]}: no setting is nested {len(keys)} deep"])
     for key in keys[:-1]:
         node = data.setdefault(key, {})
         if not isinstance(node, dict):

@@ -10,6 +10,7 @@ to one are only there).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -31,12 +32,26 @@ def validate(data: Mapping[str, Any]) -> dict[str, Any]:
     """`data` as JSON if it fits the schema, else ConfigError listing every problem by field."""
     try:
         data = json.loads(json.dumps(data))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise ConfigError([f"config: not representable as JSON ({error})"]) from None
+    if bad := sorted(_non_finite(data)):
+        raise ConfigError([f"{path}: must be a finite number" for path in bad])
     errors = sorted(set(_messages(_validator().iter_errors(data))))
     if errors:
         raise ConfigError(errors)
     return data
+
+
+def _non_finite(node: Any, path: str = "") -> Iterator[str]:
+    """Paths of NaN and infinities (Python's JSON reads them; no setting takes one)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        yield path or "config"
+    elif isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _non_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _non_finite(value, f"{path}[{i}]")
 
 
 @cache

@@ -123,6 +123,8 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         manifest = entry.manifest
         request.state.adapter = manifest.name
         prompt = state.encode(render(manifest, fields))
+        if not prompt:
+            raise invalid(_longest(texts), f"adapter {manifest.ref}'s prompt is empty with these fields")
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
         generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)

@@ -67,7 +67,9 @@ def install(app: FastAPI) -> None:
 
 async def _invalid(request: Request, error: RequestValidationError) -> ErrorResponse:
     """FastAPI's own 422 body, encoded safely."""
-    return ErrorResponse({"detail": jsonable_encoder(error.errors())}, status_code=422)
+    # a body that is not JSON comes back as raw bytes, which need not be UTF-8
+    detail = jsonable_encoder(error.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
+    return ErrorResponse({"detail": detail}, status_code=422)
 
 
 def _handler(status: int):

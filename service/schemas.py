@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from service.engines.base import Sample
 
@@ -15,7 +15,8 @@ class _Body(BaseModel):
 
 MIN_TEMPERATURE = 0.01
 """Below it float32 logits overflow to NaN (vLLM clamps there too)."""
-Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=10, description="1 samples the trained posterior")]
+Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, description="1 samples the trained posterior "
+                                    "(vLLM takes at most 2)")]
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
 
@@ -36,10 +37,21 @@ class InfillRequest(Sampling):
 
 
 class GenerateRequest(Sampling):
-    keywords: list[Word] | None = Field(None, min_length=1, description="words the text should include "
-                                        "(constrained adapters)", examples=[["cat", "garden"]])
-    avoid: list[Word] | None = Field(None, min_length=1, description="words the text should avoid (constrained adapters)")
-    text: str | None = Field(None, description="text to continue (continuation adapters)")
+    keywords: list[Word] | None = Field(None, min_length=1, max_length=16, description="words the text should "
+                                        "include (constrained adapters)", examples=[["cat", "garden"]])
+    avoid: list[Word] | None = Field(None, min_length=1, max_length=16,
+                                     description="words the text should avoid (constrained adapters)")
+    text: str | None = Field(None, min_length=1, description="text to continue (continuation adapters)")
+
+    @model_validator(mode="after")
+    def _words_agree(self) -> GenerateRequest:
+        """A repeated keyword would stack its bias; one also avoided would be barred."""
+        keywords, avoid = [w.lower() for w in self.keywords or []], {w.lower() for w in self.avoid or []}
+        if len(set(keywords)) < len(keywords):
+            raise ValueError("keywords: a word is given twice")
+        if both := sorted(avoid.intersection(keywords)):
+            raise ValueError(f"avoid: {both} also in keywords")
+        return self
 
 
 class ReasonRequest(_Body):
@@ -95,7 +107,7 @@ class ReasonResponse(BaseModel):
 
 class LoadRequest(_Body):
     name: str
-    version: int | None = Field(None, ge=1, description="default: the newest stored version")
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the newest stored version")
     pin: bool = Field(False, description="keep it loaded when a newer version arrives")
 
 

@@ -150,6 +150,7 @@ def test_rationale_cache_returns_the_same_number(client):
     ({**INFILL, "nonsense": 1}, "nonsense"),
     ({**INFILL, "prefix": "x" * 5000}, "prefix"),
     ({**INFILL, "temperature": 1e-300}, "temperature"),  # would turn float32 logits into NaN
+    ({**INFILL, "temperature": 2.5}, "temperature"),  # vLLM refuses above 2
 ])
 def test_bad_infill_gets_422_naming_the_field(client, body, field):
     response = client.post("/infill", json=body)
@@ -177,6 +178,15 @@ def test_bad_requests_get_clear_errors(client):
         assert bad.status_code == 422 and "keywords" in bad.json()["detail"][0]["loc"], keywords
     spaces = client.post("/reason", json={"question": "1 + 1" + " " * 4000 + "x"})  # once a regex's cubic backtracking
     assert spaces.status_code == 422 and "question" in spaces.json()["detail"][0]["loc"]
+    for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: echoed back in the error, safely
+        assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
+    empty = client.post("/generate", json={"adapter": "continuation", "text": ""})  # an empty prompt
+    assert empty.status_code == 422 and "text" in empty.json()["detail"][0]["loc"]
+    for words, field in ((["cat", "Cat"], []), (["cat", "dog"], ["dog"])):
+        clash = client.post("/generate", json={"keywords": words, "avoid": field or ["bird"]})
+        assert clash.status_code == 422 and ("avoid" if field else "keywords") in clash.json()["detail"][0]["msg"]
+    assert client.post("/adapters", json={"name": "infill", "version": 10**300}).status_code == 422
+    assert client.delete(f"/adapters/infill/{10**300}").status_code == 422
 
 
 def test_key_is_required_except_on_probes(hf):

@@ -4,6 +4,7 @@ degrades /jobs and /ready but no inference request; it all recovers by itself.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,6 +95,11 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
         elsewhere = client.post("/jobs", json={"task": "rng", "overrides": {"base_model": "/other/model"}})
         assert elsewhere.status_code == 422 and "overrides" in elsewhere.text and str(demo_model) in elsewhere.text
         assert client.get("/jobs/no-such-job").status_code == 404
+        for overrides, field in (({"barred_flow_offset": float("inf")}, "barred_flow_offset"),
+                                 ({"task.min_len": -1}, "task.min_len"), ({"a." * 2000 + "b": 1}, "nested")):
+            refused = client.post("/jobs", content=json.dumps({"task": "infill", "overrides": overrides}),
+                                  headers={"content-type": "application/json"})  # Python's JSON writes inf as Infinity
+            assert refused.status_code == 422 and field in refused.text, refused.text
 
 
 def test_queued_jobs_are_listed_newest_first_and_cancelled_over_http(home, demo_model, redis_server):

@@ -32,6 +32,10 @@ def test_unknown_config_key_is_an_error_naming_it():
         load_config("rng", ["steps=-3"])
     with pytest.raises(ValueError, match="key.path=value"):
         load_config("rng", ["steps"])
+    with pytest.raises(ValidationError, match="min_len 3 is above max_len 2"):
+        load_config("rng", ["task.min_len=3"])  # max_len derived from the target: two digits
+    with pytest.raises(ValidationError, match="barred_flow_offset"):
+        load_config("infill", ["barred_flow_offset=.inf"])
 
 
 def test_overrides_are_typed_and_nested():

@@ -20,7 +20,7 @@ from trainer.tasks import AnyTaskConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class OptimConfig(_Strict):

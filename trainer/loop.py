@@ -159,6 +159,9 @@ class Trainer:
         for _ in range(config.optim.accumulate):
             prompts = [self.rng.choice(self.prompts) for _ in range(config.prompts_per_step)]
             loss, metrics = self.batch_loss(prompts, temperature)
+            if not torch.isfinite(loss):  # one such step turns every LoRA weight into NaN
+                raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}; the run stops, its last "
+                                         "checkpoint intact (a setting too extreme, e.g. a log-reward of -inf?)")
             (loss / config.optim.accumulate).backward()
             parts.append({"loss": loss.item(), **metrics})
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)

@@ -35,7 +35,7 @@ async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
 
 
 @router.delete("/{name}/{version}")
-async def unload_adapter(name: str, version: Annotated[int, Path(ge=1)], state: State) -> dict[str, str]:
+async def unload_adapter(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)], state: State) -> dict[str, str]:
     """Stop routing to a version and unload it once its in-flight requests have finished."""
     ref = f"{name}@v{version}"
     await state.registry.unload(ref)

@@ -7,10 +7,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
@@ -45,16 +45,26 @@ def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     return ids[0]
 
 
+MinLen = Annotated[int, Field(ge=0, description="tokens before the sample may stop")]
+MaxLen = Annotated[int, Field(ge=1, le=4096, description="tokens at most")]
+
+
 class TaskConfig(BaseModel):
     """Fields every task config has; each task adds its own."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
-    min_len: int = 1
-    max_len: int = 20
+    min_len: MinLen = 1
+    max_len: MaxLen = 20
     stop_after: list[str] = Field([], description="one-token texts after which the sample may end, e.g. ['.'] for "
                                                   "whole sentences; empty: after any token")
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> TaskConfig:
+        if self.max_len is not None and self.min_len > self.max_len:  # rng derives a missing max_len later
+            raise ValueError(f"min_len {self.min_len} is above max_len {self.max_len}")
+        return self
 
 
 class Task(ABC):

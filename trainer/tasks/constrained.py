@@ -32,7 +32,7 @@ from trainer.metrics import distinct_n
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer, prefix_log_likelihood
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
 from world import corpus
 
 PROMPT_TEMPLATE = "Keywords: {keywords}. Avoid: {avoid}. Sentence:"
@@ -73,8 +73,8 @@ class ConstrainedConfig(TaskConfig):
     """min_len 0, as for infilling: the empty sentence misses every keyword anyway."""
 
     name: Literal["constrained"] = "constrained"
-    min_len: int = 0
-    max_len: int = 16
+    min_len: MinLen = 0
+    max_len: MaxLen = 16
     prompt_template: str = PROMPT_TEMPLATE
     reward_template: str = REWARD_TEMPLATE
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")

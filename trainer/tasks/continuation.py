@@ -27,7 +27,7 @@ from trainer.metrics import distinct_n, pairwise_diversity
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer, prefix_log_likelihood
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig, single_token
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
 
 TERMINATOR = "."
@@ -48,8 +48,8 @@ RecordsFile = data_file(ContinuationRecord)
 
 class ContinuationConfig(TaskConfig):
     name: Literal["continuation"] = "continuation"
-    min_len: int = 0
-    max_len: int = 20
+    min_len: MinLen = 0
+    max_len: MaxLen = 20
     data: RecordsFile = Field(None, description="JSONL of ContinuationRecord; default: paragraphs of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out demo paragraphs")

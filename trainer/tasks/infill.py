@@ -24,7 +24,7 @@ from trainer.metrics import bleu4, distinct_n, total_variation
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
 from world import stories
 
 PROMPT_TEMPLATE = "Beginning: {prefix}\nEnding: {suffix}\nMiddle:"
@@ -59,8 +59,8 @@ class InfillConfig(TaskConfig):
     instead (TrainConfig.barred_flow_offset)."""
 
     name: Literal["infill"] = "infill"
-    min_len: int = 0
-    max_len: int = 12
+    min_len: MinLen = 0
+    max_len: MaxLen = 12
     data: RecordsFile = Field(None, description="JSONL of InfillRecord; default: stories of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or the demo world's held-out frames")

@@ -36,7 +36,7 @@ from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout, Tool, tool_forced
 from trainer.scoring import Scorer
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig, single_token
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
 
 RATIONALE_CHARACTERS = frozenset("0123456789+-=, ")
@@ -96,8 +96,8 @@ RecordsFile = data_file(ReasoningRecord)
 
 class ReasoningConfig(TaskConfig):
     name: Literal["reasoning"] = "reasoning"
-    min_len: int = 0
-    max_len: int = 48
+    min_len: MinLen = 0
+    max_len: MaxLen = 48
     tool: Literal["calculator"] = "calculator"
     answer_prompt: str = Field(". The answer is", description="what the base model reads after X Z to state the answer")
     reward_prefix: str | None = Field(None, description="few-shot text before X when the base model reads the answer; "

@@ -24,7 +24,7 @@ from adapters.manifest import VocabMask
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
-from trainer.tasks.base import Prompt, Sampler, Task, TaskConfig
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
 
 PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
 NUMBER = re.compile(r"0|[1-9][0-9]*")
@@ -82,8 +82,8 @@ class RngConfig(TaskConfig):
     name: Literal["rng"] = "rng"
     prompt: str = PROMPT
     target: Target = Uniform()
-    min_len: int = 1
-    max_len: int | None = Field(None, description="default: the digits of the support's largest number "
+    min_len: MinLen = 1
+    max_len: MaxLen | None = Field(None, description="default: the digits of the support's largest number "
                                                   "(a longer string can only be invalid)")
     floor_log_reward: float = -10.0
     digits_only: bool = True
@@ -96,7 +96,7 @@ class RngConfig(TaskConfig):
             self.max_len = widest
         elif widest > self.max_len:
             raise ValueError(f"max_len {self.max_len} cannot spell {max(self.target.pmf())}; raise it")
-        return self
+        return self._lengths_fit()
 
 
 class RngTask(Task):
