@@ -4,7 +4,8 @@ compare its samples (and the base model's) with the target distribution.
     .venv/bin/python bench/rng_fidelity.py [--target '{kind: binomial, n: 99, p: 0.3}'] [--samples 10000]
 
 Last stdout line: {"train_seconds", "samples", "adapter": {tv, kl, valid_fraction}, "base": {...},
-"rl": {...}} -- `rl` is the same LoRA trained by RLOO to maximise the same reward with a KL
+"rl": {...}, "exact_sample": {tv, kl}} -- `exact_sample`: 10000 draws from the target itself score this
+(sampling noise: a perfect sampler gets it, not 0); `rl` is the same LoRA trained by RLOO to maximise the same reward with a KL
 penalty to the base (`--no-rl` skips it).
 Goals: adapter tv <= 0.06, valid_fraction >= 0.995, train_seconds <= 300 on 2 cores.
 """
@@ -58,6 +59,11 @@ def main() -> None:
         base = distribution_metrics(draw_numbers(
             task, lambda prompts: sample(policy.model, raw, prompts, policy.pad_id, 1.0, generator), args.samples,
         ), task.pmf)
+    # What a perfect sampler scores at this many samples: the figures above are this much noise.
+    support = list(task.pmf)
+    exact_draws = torch.multinomial(torch.tensor([task.pmf[k] for k in support], dtype=torch.float64), args.samples,
+                                    replacement=True, generator=generator)
+    exact = distribution_metrics([support[i] for i in exact_draws.tolist()], task.pmf)
     if not args.no_rl:
         rl_manifest = train_rl(load_rl_config("rng", overrides + ["name=rng-rl", "evaluate=false"] + args.set), store)
         rl_policy = LoadedPolicy(store, rl_manifest.name, rl_manifest.version)
@@ -68,6 +74,7 @@ def main() -> None:
         "target": config.task.target.model_dump(),
         "adapter": {k: round(adapter[k], 4) for k in HEADLINE},
         "base": {k: round(base[k], 4) for k in HEADLINE},
+        "exact_sample": {k: round(exact[k], 4) for k in ("tv", "kl")},
     }
     if not args.no_rl:
         result["rl"] = {k: round(rl[k], 4) for k in HEADLINE}

@@ -139,10 +139,14 @@ def test_template_must_show_avoided_words_when_the_data_has_them(setup, tmp_path
     with pytest.raises(ValueError, match="prompt_template must contain {avoid}"):
         ConstrainedTask(ConstrainedConfig(demo_sets=5, prompt_template="Keywords: {keywords}. Sentence:"),
                         task.tokenizer)
-    path = tmp_path / "sets.jsonl"
+    path, held = tmp_path / "sets.jsonl", tmp_path / "held.jsonl"
     path.write_text("".join(json.dumps({"keywords": [w, "park"]}) + "\n" for w in ["dog", "cat", "bird"]))
-    plain = ConstrainedTask(ConstrainedConfig(data=str(path), prompt_template="Keywords: {keywords}. Sentence:"),
-                            task.tokenizer)
-    assert plain.records and plain.eval_records
+    held.write_text(json.dumps({"keywords": ["horse", "field"]}) + "\n")
+    with pytest.raises(DataError, match="none to evaluate on"):  # three records: the tenth held out is none
+        ConstrainedTask(ConstrainedConfig(data=str(path), prompt_template="Keywords: {keywords}. Sentence:"),
+                        task.tokenizer)
+    plain = ConstrainedTask(ConstrainedConfig(data=str(path), eval_data=str(held),
+                                              prompt_template="Keywords: {keywords}. Sentence:"), task.tokenizer)
+    assert len(plain.records) == 3 and len(plain.eval_records) == 1
     with pytest.raises(ValidationError, match="task.prompt_template|must contain {keywords}"):
         ConstrainedConfig(prompt_template="Sentence:")

@@ -191,6 +191,17 @@ def test_accuracy_by_operand_count(task: ReasoningTask) -> None:
     assert all(v == pytest.approx(2 / 3) for v in metrics["rationale_accuracy"].values())
 
 
+def test_demo_evaluation_questions_are_new_to_the_base_model() -> None:
+    """Held out from the base model's corpus too, not only from the adapter's training questions:
+    three-operand questions fill most of what the corpus can hold (about 3500 of 4000)."""
+    from trainer.tasks.reasoning import demo_records
+    from world.corpus import questions
+
+    train, held = demo_records(ReasoningConfig(eval_questions=30))
+    assert len(held) == 90 and not {r.question for r in held} & questions()
+    assert not {r.question for r in held} & {r.question for r in train}
+
+
 def test_manifest_carries_what_the_service_reads(task: ReasoningTask) -> None:
     fields = task.manifest_fields()
     config = fields["task_config"]

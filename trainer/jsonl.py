@@ -48,13 +48,18 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
 def split_data(data: str, eval_data: str | None, record_type: type[Record],
                held_out: Callable[[Record], bool]) -> tuple[list[Record], list[Record]]:
     """(training, evaluation) records of a user's data: all of `data` and all of
-    `eval_data` when it is given, else `data` split by a stable `held_out` predicate."""
+    `eval_data` when it is given, else `data` split by a stable `held_out` predicate (about a
+    tenth held out). A split that leaves either side empty is an error: evaluating on the
+    training records would report memorisation as quality."""
     records = load_jsonl(data, record_type)
     if eval_data is not None:
         return records, load_jsonl(eval_data, record_type)
     train = [r for r in records if not held_out(r)]
     held = [r for r in records if held_out(r)]
-    return train or records, held or records
+    if not train or not held:
+        raise DataError(f"{data}: the held-out split of its {len(records)} records leaves "
+                        f"{'none to train on' if not train else 'none to evaluate on'}; add records or give eval_data")
+    return train, held
 
 
 def data_file(record_type: type[BaseModel]) -> Any:

@@ -8,7 +8,9 @@ the paper's calculator format, and plain paragraphs for continuation.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
+from functools import cache
 
 from pydantic import BaseModel, ConfigDict
 
@@ -162,6 +164,14 @@ def sections(config: CorpusConfig, heldout: bool = False) -> dict[str, list[str]
         "paragraphs": (config.paragraphs, lambda: paragraph_line(rng)),
     }
     return {name: [make() for _ in range(max(1, int(count * scale)))] for name, (count, make) in makers.items()}
+
+
+@cache
+def questions(config: CorpusConfig = CorpusConfig()) -> frozenset[str]:
+    """Every arithmetic question the training corpus holds (held-out evaluations avoid them)."""
+    training = sections(config)
+    lines = training["arithmetic_answer"] + training["arithmetic_worked"]
+    return frozenset(q for line in lines for q in re.findall(r"Question: [^?]*\? Answer:", line))
 
 
 def documents(config: CorpusConfig) -> list[str]:

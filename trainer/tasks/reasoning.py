@@ -277,17 +277,19 @@ def load_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[R
 
 def demo_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[ReasoningRecord]]:
     """(training, evaluation) questions of the demo world's arithmetic (world.corpus), all
-    distinct: `eval_questions` per evaluation operand count, then `demo_questions` with
-    operand counts drawn from `train_operands`, the first `demo_labelled` with a rationale."""
-    rng, seen = random.Random(config.seed), set()
-    held = [_demo_record(rng, n, seen, False) for n in config.eval_operands for _ in range(config.eval_questions)]
+    distinct: `eval_questions` per evaluation operand count, none of them in the base model's
+    corpus, then `demo_questions` with operand counts drawn from `train_operands`, the first
+    `demo_labelled` with a rationale."""
+    rng, read = random.Random(config.seed), set(corpus.questions())
+    held = [_demo_record(rng, n, read, False) for n in config.eval_operands for _ in range(config.eval_questions)]
+    seen = {r.question for r in held}
     train = [_demo_record(rng, rng.choice(config.train_operands), seen, i < config.demo_labelled)
              for i in range(config.demo_questions)]
     return train, held
 
 
 def _demo_record(rng: random.Random, operands: int, seen: set[str], labelled: bool) -> ReasoningRecord:
-    for _ in range(100):  # a question not drawn before, while there are any
+    for _ in range(1000):  # a question not drawn (or read) before, while there are any
         numbers, operators = corpus.random_problem(rng, operands)
         question = corpus.question(numbers, operators)
         if question not in seen:
