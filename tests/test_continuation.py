@@ -31,6 +31,8 @@ def test_prompts_are_one_to_three_sentences(world) -> None:
     for record in task.records + task.eval_records:
         assert record.text.endswith(".") and 1 <= record.text.count(".") <= 3
     assert task.prompt(task.records[0]).ids == task.tokenizer(task.records[0].text)["input_ids"]
+    bundled = ContinuationTask(ContinuationConfig(), task.tokenizer)  # held-out prompts are not trained on
+    assert len(bundled.eval_records) == 32 and not {r.text for r in bundled.eval_records} & {r.text for r in bundled.records}
 
 
 def test_mask_bans_other_sentence_ends(world) -> None:

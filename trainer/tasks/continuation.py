@@ -135,17 +135,19 @@ def load_records(config: ContinuationConfig) -> tuple[list[ContinuationRecord], 
     else:
         train = demo_records(config.demo_prompts, config.seed * 2)
         held = (load_jsonl(config.eval_data, ContinuationRecord) if config.eval_data
-                else demo_records(config.eval_prompts, config.seed * 2 + 1))
+                else demo_records(config.eval_prompts, config.seed * 2 + 1, exclude={r.text for r in train}))
     return train, held[: config.eval_prompts]
 
 
-def demo_records(n: int, seed: int) -> list[ContinuationRecord]:
+def demo_records(n: int, seed: int, exclude: set[str] | None = None) -> list[ContinuationRecord]:
     """The first one to three sentences of the demo world's paragraphs (world.corpus),
-    always leaving at least one sentence that followed."""
+    always leaving at least one sentence that followed; none of the texts in `exclude`."""
     rng = random.Random(seed)
     records = []
     while len(records) < n:
         sentences = SENTENCE.findall(corpus.paragraph_line(rng))
         k = rng.randint(1, min(3, len(sentences) - 1))
-        records.append(ContinuationRecord(text="".join(sentences[:k]).strip()))
+        text = "".join(sentences[:k]).strip()
+        if text not in (exclude or ()):
+            records.append(ContinuationRecord(text=text))
     return records
