@@ -3,7 +3,7 @@ keys the worker reports through.
 
 A job is one training config. The job function is named by its dotted path, so nothing
 here imports the trainer; a worker (`gfn worker`) runs it. A job is retried a bounded
-number of times (a crashed or killed worker's job too), resuming from its checkpoint in
+number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused), resuming from its checkpoint in
 `runs/<job id>`; the store keeps at most one adapter version per job id.
 
 Cancelling is cooperative: a flag in Redis that the trainer reads at every step
@@ -41,6 +41,11 @@ _STATES: dict[RQStatus, State] = {
     RQStatus.STARTED: "started", RQStatus.FINISHED: "finished", RQStatus.FAILED: "failed",
     RQStatus.CANCELED: "cancelled", RQStatus.STOPPED: "cancelled",
 }  # every other RQ status (queued, scheduled for a retry, deferred) is "queued"
+
+
+class JobRefused(Exception):
+    """The job's config, data or run directory is refused at setup: retrying cannot help, so
+    the worker fails it at once (a crash or a killed worker is still retried)."""
 
 
 class JobNotFound(LookupError):

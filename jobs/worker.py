@@ -29,7 +29,7 @@ from rq.job import Job
 from rq.worker import SpawnWorker
 
 from jobs.metrics import WorkerMetrics
-from jobs.queue import QUEUE, JobQueue, cancel_deadline
+from jobs.queue import QUEUE, JobQueue, JobRefused, cancel_deadline
 
 MONITOR_S = 5  # the worker looks at its job's process (and heartbeats) this often
 HEARTBEAT_GRACE_S = 20  # a job whose worker missed its heartbeats this long is abandoned
@@ -58,6 +58,13 @@ class TrainingWorker(SpawnWorker):
         if deadline is not None and time.time() > deadline:
             self.log.warning("job %s: cancelled and still running past its deadline; stopping it", job.id)
             handle_stop_job_command(self, {"job_id": job.id})
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "",
+                           execution: Execution | None = None) -> None:
+        """A job refused at setup fails at once: each retry would be refused the same way."""
+        if exc_string.rstrip().rpartition("\n")[2].startswith(f"{JobRefused.__module__}.{JobRefused.__name__}"):
+            job.retries_left = 0
+        super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def handle_warm_shutdown_request(self) -> None:
         self.stopping = True

@@ -199,10 +199,12 @@ def test_queued_job_cancelled_never_runs(queue, demo_model):
     assert queue.cancel(job_id).status == "cancelled" and queue.queue.count == 0
 
 
-def test_failing_job_ends_failed_after_its_retries_with_its_error(workers, queue):
+def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):
     workers.start()
-    job_id = queue.submit(load("rng", ["base_model=/nonexistent/base-model", *SHORT]), retries=1)
+    job_id = queue.submit(load("rng", ["base_model=/nonexistent/base-model", *SHORT]), retries=2)
     done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180)
     assert done.status == "failed" and done.retries_left == 0
+    runs = (workers.home / "worker0.log").read_text().count(f"({job_id})")
+    assert runs == 1, f"ran {runs} times: a job refused at setup would fail each retry the same way"
     assert "FileNotFoundError" in done.error and "/nonexistent/base-model does not exist" in done.error
     assert queue.list()[0].error == done.error

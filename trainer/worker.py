@@ -19,7 +19,7 @@ from rq.job import Job
 from adapters.home import runs_root, store_root
 from adapters.store import AdapterStore
 from jobs.announce import NewVersion, announce
-from jobs.queue import cancel_requested, save_progress
+from jobs.queue import JobRefused, cancel_requested, save_progress
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
 
@@ -30,10 +30,13 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     """Train `config`; returns {"adapter": "name@vN"}, or {"cancelled": True, "step": n}
     when cancelled (after a checkpoint)."""
     job = get_current_job()
-    trainer = Trainer(
-        TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
-        on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
-    )
+    try:  # the cross-field rules the schema cannot check, a missing base model, data, a damaged run
+        trainer = Trainer(
+            TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
+            on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
+        )
+    except (ValueError, FileNotFoundError) as error:  # pydantic's ValidationError is a ValueError
+        raise JobRefused(f"{type(error).__name__}: {error}") from error
     manifest = trainer.run()
     if manifest is None:
         return {"cancelled": True, "step": trainer.step}
