@@ -2,15 +2,17 @@
 infilling adapter, a fixed workload of /infill requests from concurrent clients, per engine.
 
     .venv/bin/python bench/serve_load.py [--engines vllm transformers] [--requests 256] [--n 4]
-                                         [--concurrency 64] [--sequential 16] [--train-steps 10]
+                                         [--concurrency 64] [--sequential 32] [--train-steps 10]
 
 The adapter is the newest stored infill adapter on the demo base model (the user's store, then
 the bench store), else one trained now with configs/infill.yaml for --train-steps steps.
 Per engine:
   throughput_rps, p50_ms, p99_ms, errors   the workload over HTTP, ``--concurrency`` clients
-  raw_rps                                  the same requests handed to the engine directly, all
-                                           at once, in-process (no HTTP, no service): the limit
+  raw_rps                                  the same requests handed to the engine directly,
+                                           in-process (no HTTP, no service), ``--concurrency``
+                                           at a time after the same warm-up: the limit
   sequential_rps                           one request at a time over HTTP
+Warm-up, sequential and measured requests are distinct bodies (their own seeds).
 Goals: throughput_rps >= 0.8 x raw_rps and >= 5 x sequential_rps, errors 0.
 Last stdout line: {"requests", "n", "concurrency", "adapter", "engines": {engine: {...}}, "goals": {...}}.
 """
@@ -163,8 +165,10 @@ async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path:
     return status, await reader.readexactly(length)
 
 
-async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: str, bodies: list[dict]) -> float:
-    """Requests per second of the same work handed to the engine in one call (large batches)."""
+async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: str, warm: list[dict],
+              bodies: list[dict], concurrency: int) -> float:
+    """Requests per second of the same work handed to the engine directly, as many at a time as
+    the HTTP clients send, after the same warm-up."""
     from adapters.models import load_tokenizer
     from service.engines import make_engine
     from service.policy import gen_request, render
@@ -178,12 +182,19 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     engine = make_engine(settings, model_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, [manifest.lora])
     await engine.start()
     await engine.add_adapter(loaded)
-    requests = [gen_request(manifest, tokenizer(render(manifest, {"prefix": b["prefix"], "suffix": b["suffix"]}),
-                                                add_special_tokens=False)["input_ids"], b["n"], 1.0, b["seed"], None)
-                for b in bodies]
-    await engine.generate(requests[:8])  # warm-up
+    def request(body: dict):
+        prompt = tokenizer(render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]}), add_special_tokens=False)
+        return gen_request(manifest, prompt["input_ids"], body["n"], 1.0, body["seed"], None)
+
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(body: dict) -> None:
+        async with slots:
+            await engine.generate([request(body)])  # the engine batches what is in flight
+
+    await asyncio.gather(*(one(b) for b in warm))
     started = time.perf_counter()
-    await asyncio.gather(*(engine.generate([r]) for r in requests))  # the engine batches them as it can
+    await asyncio.gather(*(one(b) for b in bodies))
     elapsed = time.perf_counter() - started
     await engine.stop()
     return len(bodies) / elapsed
@@ -191,19 +202,22 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
 
 def measure(engine: str, store: AdapterStore, model_dir: Path, adapter: str, bodies: list[dict],
             concurrency: int, sequential: int) -> dict:
+    """`bodies`: warm-up (`concurrency`), then sequential (`sequential`), then the measured ones."""
+    warm, one_at_a_time, measured = (bodies[:concurrency], bodies[concurrency:concurrency + sequential],
+                                     bodies[concurrency + sequential:])
     service = Service(engine, store, model_dir, adapter, concurrency)
     try:
         log(f"{engine}: starting the service")
         service.wait_ready()
-        asyncio.run(over_http(service.port, bodies[:concurrency], concurrency))  # warm-up
+        asyncio.run(over_http(service.port, warm, concurrency))
         log(f"{engine}: {sequential} requests one at a time")
-        one_by_one = asyncio.run(over_http(service.port, bodies[:sequential], 1))
-        log(f"{engine}: {len(bodies)} requests, {concurrency} concurrent")
-        loaded = asyncio.run(over_http(service.port, bodies, concurrency))
+        one_by_one = asyncio.run(over_http(service.port, one_at_a_time, 1))
+        log(f"{engine}: {len(measured)} requests, {concurrency} concurrent")
+        loaded = asyncio.run(over_http(service.port, measured, concurrency))
     finally:
         service.stop()
     log(f"{engine}: the same requests on the engine directly")
-    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, bodies))
+    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, warm, measured, concurrency))
     return {"throughput_rps": round(loaded["rps"], 2), "p50_ms": loaded["p50_ms"], "p99_ms": loaded["p99_ms"],
             "errors": loaded["errors"] + one_by_one["errors"], "raw_rps": round(raw_rps, 2),
             "sequential_rps": round(one_by_one["rps"], 2)}
@@ -221,7 +235,7 @@ def main() -> None:
 
     model_dir = build(quiet=True)
     store, manifest = infill_adapter(args.train_steps)
-    bodies = workload(args.requests, args.n, manifest.name)
+    bodies = workload(args.concurrency + args.sequential + args.requests, args.n, manifest.name)
     engines = {engine: measure(engine, store, model_dir, manifest.ref, bodies, args.concurrency, args.sequential)
                for engine in args.engines}
     goals = {engine: {"throughput_vs_raw": r["throughput_rps"] >= 0.8 * r["raw_rps"],
