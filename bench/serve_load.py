@@ -8,9 +8,9 @@ The adapter is the newest stored infill adapter on the demo base model (the user
 the bench store), else one trained now with configs/infill.yaml for --train-steps steps.
 Per engine:
   throughput_rps, p50_ms, p99_ms, errors   the workload over HTTP, ``--concurrency`` clients
-  raw_rps                                  the same requests handed to the engine directly,
-                                           in-process (no HTTP, no service), ``--concurrency``
-                                           at a time after the same warm-up: the limit
+  raw_rps                                  the same requests handed to the engine directly, all
+                                           at once, in-process (no HTTP, no service), after the
+                                           same warm-up: the limit
   sequential_rps                           one request at a time over HTTP
 Warm-up, sequential and measured requests are distinct bodies (their own seeds).
 Goals: throughput_rps >= 0.8 x raw_rps and >= 5 x sequential_rps, errors 0.
@@ -166,9 +166,9 @@ async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path:
 
 
 async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: str, warm: list[dict],
-              bodies: list[dict], concurrency: int) -> float:
-    """Requests per second of the same work handed to the engine directly, as many at a time as
-    the HTTP clients send, after the same warm-up."""
+              bodies: list[dict]) -> float:
+    """Requests per second of the same work handed to the engine directly, all at once (the
+    largest batches it can make: a limit no number of clients beats), after the same warm-up."""
     from adapters.models import load_tokenizer
     from service.engines import make_engine
     from service.policy import gen_request, render
@@ -186,15 +186,10 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
         prompt = tokenizer(render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]}), add_special_tokens=False)
         return gen_request(manifest, prompt["input_ids"], body["n"], 1.0, body["seed"], None)
 
-    slots = asyncio.Semaphore(concurrency)
-
-    async def one(body: dict) -> None:
-        async with slots:
-            await engine.generate([request(body)])  # the engine batches what is in flight
-
-    await asyncio.gather(*(one(b) for b in warm))
+    await asyncio.gather(*(engine.generate([request(b)]) for b in warm))
+    requests = [request(b) for b in bodies]
     started = time.perf_counter()
-    await asyncio.gather(*(one(b) for b in bodies))
+    await asyncio.gather(*(engine.generate([r]) for r in requests))  # the engine batches them as it can
     elapsed = time.perf_counter() - started
     await engine.stop()
     return len(bodies) / elapsed
@@ -217,7 +212,7 @@ def measure(engine: str, store: AdapterStore, model_dir: Path, adapter: str, bod
     finally:
         service.stop()
     log(f"{engine}: the same requests on the engine directly")
-    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, warm, measured, concurrency))
+    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, warm, measured))
     return {"throughput_rps": round(loaded["rps"], 2), "p50_ms": loaded["p50_ms"], "p99_ms": loaded["p99_ms"],
             "errors": loaded["errors"] + one_by_one["errors"], "raw_rps": round(raw_rps, 2),
             "sequential_rps": round(one_by_one["rps"], 2)}
