@@ -198,8 +198,10 @@ def test_demo_evaluation_questions_are_new_to_the_base_model() -> None:
     from world.corpus import questions
 
     train, held = demo_records(ReasoningConfig(eval_questions=30))
-    assert len(held) == 90 and not {r.question for r in held} & questions()
+    assert len({r.question for r in held}) == 90 and not {r.question for r in held} & questions()
     assert not {r.question for r in held} & {r.question for r in train}
+    fewer, fewer_held = demo_records(ReasoningConfig(eval_questions=10))  # evaluating fewer trains on the same
+    assert fewer == train and len(fewer_held) == 30
 
 
 def test_manifest_carries_what_the_service_reads(task: ReasoningTask) -> None:

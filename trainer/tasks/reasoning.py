@@ -21,7 +21,7 @@ pass (Scorer.prefixes_and_suffix). The vocabulary is limited to what rationales 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -276,23 +276,27 @@ def load_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[R
 
 
 def demo_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[ReasoningRecord]]:
-    """(training, evaluation) questions of the demo world's arithmetic (world.corpus), all
-    distinct: `eval_questions` per evaluation operand count, none of them in the base model's
-    corpus, then `demo_questions` with operand counts drawn from `train_operands`, the first
-    `demo_labelled` with a rationale."""
-    rng, read = random.Random(config.seed), set(corpus.questions())
-    held = [_demo_record(rng, n, read, False) for n in config.eval_operands for _ in range(config.eval_questions)]
-    seen = {r.question for r in held}
-    train = [_demo_record(rng, rng.choice(config.train_operands), seen, i < config.demo_labelled)
-             for i in range(config.demo_questions)]
+    """(training, evaluation) questions of the demo world's arithmetic (world.corpus), each list
+    distinct: `eval_questions` per evaluation operand count from a stable tenth of the questions,
+    none of them in the base model's corpus, then `demo_questions` from the other nine tenths,
+    operand counts drawn from `train_operands`, the first `demo_labelled` with a rationale.
+    A hash, not the draws, splits them: how many are evaluated does not change the training set."""
+    read = corpus.questions()
+    held_rng, held_seen = random.Random(f"held {config.seed}"), set()
+    held = [_demo_record(held_rng, n, held_seen, False, lambda q: stable_tenth(q) and q not in read)
+            for n in config.eval_operands for _ in range(config.eval_questions)]
+    rng, seen = random.Random(f"train {config.seed}"), set()
+    train = [_demo_record(rng, rng.choice(config.train_operands), seen, i < config.demo_labelled,
+                          lambda q: not stable_tenth(q)) for i in range(config.demo_questions)]
     return train, held
 
 
-def _demo_record(rng: random.Random, operands: int, seen: set[str], labelled: bool) -> ReasoningRecord:
-    for _ in range(1000):  # a question not drawn (or read) before, while there are any
+def _demo_record(rng: random.Random, operands: int, seen: set[str], labelled: bool,
+                 allowed: Callable[[str], bool]) -> ReasoningRecord:
+    for _ in range(10000):  # an allowed question not drawn before, while there are any
         numbers, operators = corpus.random_problem(rng, operands)
         question = corpus.question(numbers, operators)
-        if question not in seen:
+        if question not in seen and allowed(question):
             break
     seen.add(question)
     rationale, value = corpus.rationale(numbers, operators)
