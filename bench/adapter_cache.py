@@ -1,8 +1,9 @@
-"""Benchmarks reuse an adapter they trained before while its training config and base
-model are unchanged; anything else (or --fresh) trains anew."""
+"""Benchmarks reuse an adapter they trained before while its training config, its base model
+and the code that trains it are unchanged; anything else (or --fresh) trains anew."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tempfile
@@ -24,9 +25,17 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+TRAINING_CODE = ("trainer", "adapters", "world")  # what decides an adapter besides its config and base model
+
+
 def bench_store() -> AdapterStore:
-    """The benchmarks' own store, apart from the user's adapters."""
-    return AdapterStore(gfn_home() / "bench" / "adapters")
+    """The benchmarks' own store, apart from the user's adapters: one per version of the code
+    that trains adapters, so that a change to the objective or a task's data trains anew."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in TRAINING_CODE for p in (ROOT / package).rglob("*.py")):
+        digest.update(f"{path.relative_to(ROOT)}\0".encode() + path.read_bytes())
+    return AdapterStore(gfn_home() / "bench" / digest.hexdigest()[:12] / "adapters")
 
 
 def cached_adapter(store: AdapterStore, config: BaseModel, train: Callable[[], Manifest],
