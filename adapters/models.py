@@ -6,6 +6,7 @@ directory, or a hub id where the hub is reachable. Kept out of ``adapters/__init
 importing transformers takes seconds.
 """
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -15,6 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Tokenizer saved alongside the base model."""
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a document (Llama's and Gemma's BOS; none for
+    GPT-2 or the demo model). Every text the base model reads from its start begins with them,
+    in training and in serving alike: models trained with a BOS degrade without it."""
+    special = set(tokenizer.all_special_ids)
+    return list(itertools.takewhile(special.__contains__, tokenizer("a")["input_ids"]))
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -69,7 +69,7 @@ def prior_method(model: torch.nn.Module, task: InfillTask, scorer: Scorer, gener
     spec, pad = PolicySpec(stop, 1, task.config.max_len, VocabMask()), task.tokenizer.pad_token_id
 
     def draw(record: InfillRecord, n: int) -> tuple[list[str], torch.Tensor]:
-        context, ending = task.ids(record.prefix), task.ids(" " + record.suffix)
+        context, ending = task.context_ids(record.prefix), task.ids(" " + record.suffix)
         middles = [z + [stop] for z in sample(model, spec, [context] * n, pad, 1.0, generator).latents()]
         log_w = scorer.continuation([context + z for z in middles], [ending] * n)
         return [task.tokenizer.decode(z) for z in middles], log_w

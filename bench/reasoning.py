@@ -53,7 +53,7 @@ SHOTS = 3
 
 def direct_answers(task: ReasoningTask, scorer: Scorer) -> list[int | None]:
     """One greedy answer per held-out question, in the corpus's answer-only format."""
-    contexts = [task.ids(r.question + " The answer is") for r in task.eval_records]
+    contexts = [task.context_ids(r.question + " The answer is") for r in task.eval_records]
     completions = [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in scorer.greedy(contexts, 6)]
     return [parse_answer("The answer is" + c) for c in completions]
 
@@ -62,7 +62,7 @@ def diagnostics(task: ReasoningTask, scorer: Scorer) -> dict[str, float]:
     """Whether the base model can reward right rationales at all (module docstring)."""
     records = task.eval_records
     worked = [worked_rationale(r.question) for r in records]
-    contexts = [task.ids(task.format.context(r.question, z) + task.format.answer_prompt)
+    contexts = [task.context_ids(task.format.context(r.question, z) + task.format.answer_prompt)
                 for r, z in zip(records, worked)]
     read = [parse_answer(task.format.answer_prompt + task.tokenizer.decode(ids, skip_special_tokens=True)) == r.answer
             for r, ids in zip(records, scorer.greedy(contexts, 6))]
@@ -110,10 +110,11 @@ def main() -> None:
     task: ReasoningTask = policies["gfn"].task
     scorer = Scorer(base, task.tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(1234)
-    shots = task.ids(task.few_shot(SHOTS))
+    shots, start = task.context_ids(task.few_shot(SHOTS)), len(task.document_prefix)
 
     def fewshot(prompts: list[list[int]]):
-        return sample(base, task.spec(), [shots + p for p in prompts], scorer.pad_id, 1.0, generator, task.tool())
+        return sample(base, task.spec(), [shots + p[start:] for p in prompts], scorer.pad_id, 1.0, generator,
+                      task.tool())
 
     samplers = {name: policy.sampler(generator) for name, policy in policies.items()} | {"fewshot": fewshot}
     results, seconds = {}, {}

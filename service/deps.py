@@ -122,9 +122,10 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
     with state.registry.use(body.adapter, task) as entry:
         manifest = entry.manifest
         request.state.adapter = manifest.name
-        prompt = state.encode(render(manifest, fields))
-        if not prompt:
+        rendered = render(manifest, fields)
+        if not rendered:
             raise invalid(_longest(texts), f"adapter {manifest.ref}'s prompt is empty with these fields")
+        prompt = state.encode_context(rendered)
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
         generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)

@@ -60,7 +60,7 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
 
 def _completer(state: ServiceState) -> Callable[[list[str]], Awaitable[list[str]]]:
     async def complete(contexts: list[str]) -> list[str]:
-        reads = await state.engine.generate([GenRequest(state.encode(c), BASE, state.tokenizer.eos_token_id,
+        reads = await state.engine.generate([GenRequest(state.encode_context(c), BASE, state.tokenizer.eos_token_id,
                                                         ANSWER_TOKENS, temperature=0) for c in contexts])
         return [state.decode(read.samples[0].token_ids) for read in reads]
     return complete
@@ -68,7 +68,8 @@ def _completer(state: ServiceState) -> Callable[[list[str]], Awaitable[list[str]
 
 def _scorer(state: ServiceState) -> Callable[[list[str], list[str]], Awaitable[list[float]]]:
     async def score(contexts: list[str], continuations: list[str]) -> list[float]:
-        return await state.engine.score([state.encode(c) for c in contexts], [state.encode(c) for c in continuations])
+        return await state.engine.score([state.encode_context(c) for c in contexts],
+                                        [state.encode(c) for c in continuations])
     return score
 
 

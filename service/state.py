@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request
@@ -15,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import load_tokenizer
+from adapters.models import document_prefix, load_tokenizer
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -111,7 +112,17 @@ class ServiceState:
         return result
 
     def encode(self, text: str) -> list[int]:
+        """A piece of text, joined id-wise to what it follows."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @cached_property
+    def document_prefix(self) -> list[int]:
+        return document_prefix(self.tokenizer)
+
+    def encode_context(self, text: str) -> list[int]:
+        """A text the model reads from its start: the document prefix (a BOS, where the model was
+        trained with one, as the trainer adds it), then the text."""
+        return self.document_prefix + self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
+from adapters.models import document_prefix
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
@@ -76,6 +77,7 @@ class Task(ABC):
 
     def __init__(self, config: TaskConfig, tokenizer: PreTrainedTokenizerBase):
         self.config, self.tokenizer = config, tokenizer
+        self.document_prefix = document_prefix(tokenizer)
 
     # ------------------------------------------------------------ the policy
     @property
@@ -106,7 +108,12 @@ class Task(ABC):
         return None
 
     def encode_prompt(self, **fields: Any) -> list[int]:
-        return self.ids(self.prompt_template.format(**fields))
+        return self.context_ids(self.prompt_template.format(**fields))
+
+    def context_ids(self, text: str) -> list[int]:
+        """Token ids of a text the model reads from its start: the tokenizer's document prefix
+        (a BOS, for models trained with one), then the text."""
+        return self.document_prefix + self.ids(text)
 
     def ids(self, text: str) -> list[int]:
         """Token ids of a piece of text, no special tokens: pieces are joined id-wise."""

@@ -128,7 +128,7 @@ class ConstrainedTask(Task):
 
     def context(self, keywords: Sequence[str]) -> list[int]:
         """The base model's X for these keywords."""
-        return self.ids(self.config.reward_template.format(keywords=", ".join(keywords)))
+        return self.context_ids(self.config.reward_template.format(keywords=", ".join(keywords)))
 
     def fluency(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) under the base model for every prefix: [B, L+1]."""

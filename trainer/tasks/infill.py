@@ -94,14 +94,14 @@ class InfillTask(Task):
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi Y | X) for every prefix, read from the plain story X z1..zi Y."""
-        plain = Rollout([self.ids(p.fields["prefix"]) for p in prompts], rollout.tokens, rollout.lengths, rollout.forced)
+        plain = Rollout([self.context_ids(p.fields["prefix"]) for p in prompts], rollout.tokens, rollout.lengths, rollout.forced)
         prefix, suffix = scorer.prefixes_and_suffix(plain, [self.ids(" " + p.fields["suffix"]) for p in prompts])
         return prefix + suffix
 
     # ------------------------------------------------------------ evaluation
     def log_joint(self, scorer: Scorer, record: InfillRecord, latents: Sequence[Sequence[int]]) -> torch.Tensor:
         """log p(Z Y | X) of whole middles Z (token ids): [N]."""
-        context, ending = self.ids(record.prefix), self.ids(" " + record.suffix)
+        context, ending = self.context_ids(record.prefix), self.ids(" " + record.suffix)
         return scorer.continuation([context] * len(latents), [list(z) + ending for z in latents])
 
     def exact_posterior(self, scorer: Scorer, record: InfillRecord) -> list[float]:

@@ -198,7 +198,7 @@ class ReasoningTask(Task):
 
     def as_read(self, prompts: list[Prompt], rollout: Rollout) -> Rollout:
         """The rollout as the reward reads it: after the few-shot prefix and the question."""
-        return replace(rollout, prompts=[self.ids(self.format.context(p.fields["question"], "")) for p in prompts])
+        return replace(rollout, prompts=[self.context_ids(self.format.context(p.fields["question"], "")) for p in prompts])
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
@@ -242,14 +242,15 @@ class ReasoningTask(Task):
     def completer(self, scorer: Scorer, max_new_tokens: int = 6):
         """adapters.reasoning.Complete backed by the base model's greedy decoding."""
         def complete(contexts: list[str]) -> list[str]:
-            out = scorer.greedy([self.ids(c) for c in contexts], max_new_tokens)
+            out = scorer.greedy([self.context_ids(c) for c in contexts], max_new_tokens)
             return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
         return complete
 
     def log_prob_scorer(self, scorer: Scorer):
         """adapters.reasoning.Score backed by the base model."""
         def score(contexts: list[str], continuations: list[str]) -> list[float]:
-            return scorer.continuation([self.ids(c) for c in contexts], [self.ids(c) for c in continuations]).tolist()
+            return scorer.continuation([self.context_ids(c) for c in contexts],
+                                      [self.ids(c) for c in continuations]).tolist()
         return score
 
 

@@ -1,0 +1,108 @@
+"""A base model whose tokenizer starts every document with a BOS, as Llama's and Gemma's do: the
+trainer and the service read every context with it, and they agree on the prompt, the policy's
+log q and the base model's scores."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from service_world import Server, policy_log_q, save_adapter
+from tokenizers import processors
+
+from adapters.models import document_prefix, load_causal_lm, load_tokenizer
+from adapters.reasoning import answer_log_probs, final_value, read_answers
+from adapters.store import AdapterStore
+from service.app import create_app
+from service.settings import Settings
+from trainer.rollout import Rollout
+from trainer.scoring import Scorer
+from trainer.tasks.infill import InfillConfig, InfillRecord, InfillTask
+from trainer.tasks.reasoning import ReasoningConfig, ReasoningTask
+
+PREFIX, SUFFIX = "Tom went to the market.", "He ate it on the way home."
+
+
+@pytest.fixture(scope="module")
+def bos_model(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model with a tokenizer that puts its BOS (<|endoftext|>, also its pad and eos)
+    before every document; the demo's own tokenizer puts nothing there, like GPT-2's."""
+    out = tmp_path_factory.mktemp("bos") / "model"
+    shutil.copytree(demo_model, out)
+    tokenizer = load_tokenizer(out)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def log_p(model, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context), by hand: one unpadded forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([context + continuation])).logits[0, len(context) - 1:-1]
+    return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(continuation)[:, None]).sum())
+
+
+def test_the_document_prefix_is_what_the_tokenizer_puts_first(demo_model: Path, bos_model: Path):
+    assert document_prefix(load_tokenizer(demo_model)) == []
+    tokenizer = load_tokenizer(bos_model)
+    assert document_prefix(tokenizer) == [tokenizer.bos_token_id] == tokenizer("Tom")["input_ids"][:1]
+
+
+@pytest.fixture(scope="module")
+def served(bos_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The service (transformers engine) on the BOS model with an infill and a reasoning adapter."""
+    tokenizer = load_tokenizer(bos_model)
+    store = AdapterStore(tmp_path_factory.mktemp("bos-adapters") / "adapters")
+    for seed, task in enumerate([InfillTask(InfillConfig(), tokenizer), ReasoningTask(ReasoningConfig(), tokenizer)]):
+        save_adapter(store, task.name, bos_model, task.manifest_fields(), seed=seed, scale=0.1)
+    settings = Settings(engine="transformers", store=store.root, base_model=str(bos_model), torch_threads=1)
+    with Server(create_app(settings)) as server, server.client() as client:
+        yield store, client
+
+
+def test_infill_prompts_scores_and_rewards_read_from_the_bos(bos_model: Path, served):
+    store, client = served
+    tokenizer = load_tokenizer(bos_model)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    task = InfillTask(InfillConfig(), tokenizer)
+    prompt = task.prompt(InfillRecord(prefix=PREFIX, suffix=SUFFIX))
+    assert prompt.ids[0] == bos and prompt.ids[1:] == task.ids(prompt.key)
+
+    reply = client.post("/infill", json={"prefix": PREFIX, "suffix": SUFFIX, "n": 4, "seed": 3, "score": True})
+    assert reply.status_code == 200, reply.text
+    base, loaded = load_causal_lm(bos_model), store.load("infill", 1)
+    adapted = peft.PeftModel.from_pretrained(load_causal_lm(bos_model), loaded.path).eval()
+    context, ending = [bos] + task.ids(PREFIX), task.ids(" " + SUFFIX)
+    for sample in reply.json()["samples"]:
+        z = sample["token_ids"]
+        expected_q = policy_log_q(adapted, prompt.ids, z, sample["stopped"], eos, loaded.manifest.min_len)
+        assert sample["log_q"] == pytest.approx(expected_q, rel=1e-3)
+        expected = log_p(base, context, z + ending)
+        assert sample["log_p"] == pytest.approx(expected, rel=1e-3)
+        assert abs(log_p(base, context[1:], z + ending) - expected) > 0.01  # the BOS matters to this model
+        rollout = Rollout([prompt.ids], torch.tensor([z]), torch.tensor([len(z)]), torch.zeros(1, len(z), dtype=torch.bool))
+        reward = task.log_rewards(Scorer(base, eos), [prompt], rollout)[0, len(z)]
+        assert float(reward) == pytest.approx(expected, rel=1e-3)  # what training rewarded, the service scores
+
+
+def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served):
+    """/reason's answers (read by the base model where a rationale does not end with the
+    calculator's value) and their log p(Y | X Z) are the trainer's, BOS included."""
+    _, client = served
+    task = ReasoningTask(ReasoningConfig(), load_tokenizer(bos_model))
+    question = "Question: 3 + 4 - 2 = ? Answer:"
+    reply = client.post("/reason", json={"question": question, "n_rationales": 8, "seed": 1})
+    assert reply.status_code == 200, reply.text
+    rationales = [r["text"] for r in reply.json()["rationales"]]
+    scorer = Scorer(load_causal_lm(bos_model), task.tokenizer.eos_token_id)
+    questions = [question] * len(rationales)
+    answers = read_answers(questions, rationales, task.format, task.completer(scorer))
+    weights = answer_log_probs(questions, rationales, answers, task.format, task.log_prob_scorer(scorer))
+    assert any(final_value(z) is None and a is not None for z, a in zip(rationales, answers))  # the model read some
+    for served_one, answer, weight in zip(reply.json()["rationales"], answers, weights):
+        assert served_one["answer"] == answer
+        assert served_one["log_p_answer"] == (None if answer is None else pytest.approx(weight, rel=1e-3))
