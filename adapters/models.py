@@ -1,4 +1,4 @@
-"""The one loading path for base models and tokenizers, shared by trainer and service.
+"""The one loading path for base models, tokenizers and LoRAs, shared by trainer and service.
 
 Both sides must see the same weights in the same dtype, or the log-probs the adapter was
 trained against differ from the ones it is served with. Accepts a local Hugging Face
@@ -9,8 +9,11 @@ importing transformers takes seconds.
 import itertools
 from pathlib import Path
 
+import peft
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from adapters.manifest import LoraSpec
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -26,9 +29,30 @@ def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(itertools.takewhile(special.__contains__, tokenizer("a")["input_ids"]))
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding: the pad token, else eos (GPT-2's and Llama's tokenizers have no
+    pad). Padding is masked by length everywhere, so its value never changes a result."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> peft.PeftModel:
+    """A trainable LoRA on ``model``. Every target must name a module of it: peft refuses only
+    when none does, and would otherwise adapt fewer modules than the manifest records."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in spec.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ValueError(f"lora.target_modules: {', '.join(missing)} name no module of this "
+                         f"{type(model).__name__} (the bundled configs name Llama's); its linear modules are "
+                         f"{', '.join(linear)}")
+    return peft.get_peft_model(model, peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                                      target_modules=spec.target_modules))
 
 
 def save_lora(model, out: str | Path) -> None:

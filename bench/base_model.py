@@ -28,7 +28,7 @@ from trainer.rollout import sample
 from trainer.scoring import Scorer
 from trainer.tasks.rng import RngConfig, RngTask, Uniform, distribution_metrics, draw_numbers
 from world.base_model import WorldConfig, build
-from world.corpus import RNG_PROMPT, sections
+from world.corpus import RNG_PROMPT, documents, sections
 
 
 def log(message: str) -> None:
@@ -46,12 +46,21 @@ def timed_build(config: WorldConfig, home: Path | None) -> tuple[Path, float]:
     return path, json.loads((path / "world.json").read_text())["build_seconds"]
 
 
-def heldout_perplexity(model, tokenizer, config: WorldConfig) -> dict[str, float]:
+def heldout_lines(config: WorldConfig) -> dict[str, list[str]]:
+    """Each section's held-out lines that are not also training lines (short arithmetic
+    questions and keyword sentences recur). The rng section has 101 distinct lines, all of them
+    in training: there the perplexity measures the fit to the number distribution."""
+    training = set(documents(config.corpus))
+    return {name: [line for line in lines if line not in training] or lines
+            for name, lines in sections(config.corpus, heldout=True).items()}
+
+
+def heldout_perplexity(model, tokenizer, heldout: dict[str, list[str]]) -> dict[str, float]:
     """Token-level perplexity per section on held-out lines: every token after the first
     (there is no BOS to condition it on) and the eos that ends the line."""
     scorer, eos = Scorer(model, tokenizer.pad_token_id, chunk=128), tokenizer.eos_token_id
     out = {}
-    for name, lines in sections(config.corpus, heldout=True).items():
+    for name, lines in heldout.items():
         ids = tokenizer(lines)["input_ids"]
         log_p = scorer.continuation([x[:1] for x in ids], [x[1:] + [eos] for x in ids])
         out[name] = round(math.exp(-log_p.sum().item() / sum(len(x) for x in ids)), 4)
@@ -79,7 +88,9 @@ def measure(args: argparse.Namespace, home: Path | None) -> dict:
     model, tokenizer = load_causal_lm(path), load_tokenizer(path)
     result = {"digest": config.digest(), "cached": home is None, "build_seconds": build_seconds,
               "parameters": sum(p.numel() for p in model.parameters())}
-    result["heldout_perplexity"] = heldout_perplexity(model, tokenizer, config)
+    heldout = heldout_lines(config)
+    result["heldout_lines"] = {name: len(lines) for name, lines in heldout.items()}
+    result["heldout_perplexity"] = heldout_perplexity(model, tokenizer, heldout)
     log(f"sampling {args.samples} random numbers")
     result |= rng_metrics(model, tokenizer, args.samples, args.seed)
     return result

@@ -47,7 +47,7 @@ Method = Callable[[list[list[int]], int], list[list[list[int]]]]
 
 def sampling(model: torch.nn.Module, task: ContinuationTask, temperature: float, generator: torch.Generator) -> Method:
     def draw(prompts: list[list[int]], n: int) -> list[list[list[int]]]:
-        latents = sample(model, task.spec(), [p for p in prompts for _ in range(n)], task.tokenizer.pad_token_id,
+        latents = sample(model, task.spec(), [p for p in prompts for _ in range(n)], task.pad_id,
                          temperature, generator).latents()
         return [latents[k * n:(k + 1) * n] for k in range(len(prompts))]
     return draw

@@ -52,7 +52,7 @@ Method = Callable[[InfillRecord, int], tuple[list[str], torch.Tensor]]
 
 def policy_method(model: torch.nn.Module, task: InfillTask, scorer: Scorer, generator: torch.Generator) -> Method:
     """Middles from a policy reading the task's prompt, w = p(Z Y | X) / q(Z ⊤ | prompt)."""
-    spec, pad = task.spec(), task.tokenizer.pad_token_id
+    spec, pad = task.spec(), task.pad_id
 
     def draw(record: InfillRecord, n: int) -> tuple[list[str], torch.Tensor]:
         rollout = sample(model, spec, [task.prompt(record).ids] * n, pad, 1.0, generator)
@@ -66,7 +66,7 @@ def prior_method(model: torch.nn.Module, task: InfillTask, scorer: Scorer, gener
     """Middles from the base model continuing the beginning up to a full stop,
     w ∝ p(Y | X Z)."""
     stop = task.tokenizer.convert_tokens_to_ids(".")
-    spec, pad = PolicySpec(stop, 1, task.config.max_len, VocabMask()), task.tokenizer.pad_token_id
+    spec, pad = PolicySpec(stop, 1, task.config.max_len, VocabMask()), task.pad_id
 
     def draw(record: InfillRecord, n: int) -> tuple[list[str], torch.Tensor]:
         context, ending = task.context_ids(record.prefix), task.ids(" " + record.suffix)

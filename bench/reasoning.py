@@ -108,7 +108,7 @@ def main() -> None:
     base = load_causal_lm(gfn.base_model.path)
     policies = {name: LoadedPolicy(store, m.name, m.version) for name, m in (("gfn", gfn), ("sft", sft), ("rl", rl))}
     task: ReasoningTask = policies["gfn"].task
-    scorer = Scorer(base, task.tokenizer.pad_token_id)
+    scorer = Scorer(base, task.pad_id)
     generator = torch.Generator().manual_seed(1234)
     shots, start = task.context_ids(task.few_shot(SHOTS)), len(task.document_prefix)
 

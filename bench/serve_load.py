@@ -169,7 +169,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
               bodies: list[dict]) -> float:
     """Requests per second of the same work handed to the engine directly, all at once (the
     largest batches it can make: a limit no number of clients beats), after the same warm-up."""
-    from adapters.models import document_prefix, load_tokenizer
+    from adapters.models import document_prefix, load_tokenizer, pad_id
     from service.engines import make_engine
     from service.policy import gen_request, render
     from service.settings import Settings
@@ -179,7 +179,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     name, version = adapter.split("@v")
     loaded = store.load(name, int(version))
     manifest = loaded.manifest
-    engine = make_engine(settings, model_dir, tokenizer.pad_token_id, tokenizer.eos_token_id, [manifest.lora])
+    engine = make_engine(settings, model_dir, pad_id(tokenizer), tokenizer.eos_token_id, [manifest.lora])
     await engine.start()
     await engine.add_adapter(loaded)
     def request(body: dict):

@@ -92,8 +92,13 @@ def evaluate(
     from adapters.store import AdapterStore
     from trainer.evaluate import evaluate_adapter
 
+    from adapters.errors import AdapterError
+
     name, _, version = adapter.partition("@v")
-    metrics = evaluate_adapter(AdapterStore(store or store_root()), name, int(version) if version else None, samples)
+    try:
+        metrics = evaluate_adapter(AdapterStore(store or store_root()), name, int(version) if version else None, samples)
+    except (AdapterError, ValueError, FileNotFoundError) as error:  # ValidationError is a ValueError
+        _fail(str(error))
     console.print_json(json.dumps(metrics))
 
 

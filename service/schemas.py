@@ -39,8 +39,8 @@ class InfillRequest(Sampling):
 class GenerateRequest(Sampling):
     keywords: list[Word] | None = Field(None, min_length=1, max_length=16, description="words the text should "
                                         "include (constrained adapters)", examples=[["cat", "garden"]])
-    avoid: list[Word] | None = Field(None, min_length=1, max_length=16,
-                                     description="words the text should avoid (constrained adapters)")
+    avoid: list[Word] | None = Field(None, max_length=16, description="words the text should avoid (constrained "
+                                     "adapters; [] for none, as training data without words to avoid reads)")
     text: str | None = Field(None, min_length=1, description="text to continue (continuation adapters)")
 
     @model_validator(mode="after")

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import document_prefix, load_tokenizer
+from adapters.models import document_prefix, load_tokenizer, pad_id
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -58,8 +58,7 @@ class ServiceState:
         base_fingerprint = await asyncio.to_thread(fingerprint, base_model)
         wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
         tokenizer = load_tokenizer(base_model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        engine = make_engine(settings, base_model, pad_id, tokenizer.eos_token_id,
+        engine = make_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
                              [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
         await engine.start()
         metrics.watch(engine)

@@ -32,6 +32,12 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     assert bad.exit_code == 2 and "engine" in bad.output
 
 
+def test_eval_names_what_it_cannot_find(tmp_path):
+    for ref, said in (("absent", "absent"), ("absent@vX", "invalid literal")):
+        missing = CliRunner().invoke(app, ["eval", ref, "--store", str(tmp_path / "store")])
+        assert missing.exit_code == 2 and said in " ".join(missing.output.split()), missing.output
+
+
 def test_train_names_a_missing_base_model(tmp_path):
     missing = CliRunner().invoke(app, ["train", "rng", "--set", f"base_model={tmp_path / 'nope'}",
                                        "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store")])

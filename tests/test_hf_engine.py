@@ -8,7 +8,6 @@ import asyncio
 
 import peft
 import pytest
-import torch
 
 from adapters.models import load_causal_lm, load_tokenizer
 from adapters.store import AdapterStore

@@ -143,7 +143,7 @@ def test_jsonl_errors_name_the_line_and_field(tmp_path, bad, message):
         InfillConfig(data=str(path))
 
 
-def test_jsonl_data_trains_and_evaluates(tmp_path, setup):
+def test_jsonl_data_trains_and_evaluates(tmp_path, setup, monkeypatch):
     task, _ = setup
     lines = [json.dumps({"prefix": f"Story {i} begins.", "suffix": "It ends.", "middle": "Something happens."})
              for i in range(30)]
@@ -156,6 +156,8 @@ def test_jsonl_data_trains_and_evaluates(tmp_path, setup):
     assert custom.sft_pairs()[0][1] == task.ids(" Something happens.")
     with pytest.raises(DataError, match="no such data file"):
         load_jsonl(tmp_path / "missing.jsonl", InfillRecord)
+    monkeypatch.chdir(tmp_path)  # a relative path is stored absolute: `gfn eval` finds it from anywhere
+    assert InfillConfig(data="data.jsonl").data == str((tmp_path / "data.jsonl").resolve())
 
 
 def test_demo_split_keeps_heldout_frames_out_of_training(setup):

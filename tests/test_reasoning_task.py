@@ -146,7 +146,7 @@ def test_sft_learns_only_what_the_policy_writes(task: ReasoningTask, world) -> N
     rollout = task.teacher_rollout([p for p, _ in pairs], [task.tokenizer.decode(z) for _, z in pairs])
     assert rollout.forced.any()
     with torch.no_grad():
-        loss = sft_loss(model, task, pairs, task.tokenizer.pad_token_id)
+        loss = sft_loss(model, task, pairs)
         log_pf, log_pterm = policy_log_probs(model, task.spec(), rollout.prompts, rollout.tokens,
                                              task.tokenizer.pad_token_id)
     written = rollout.written()

@@ -69,7 +69,6 @@ def test_padding_past_a_sample_does_not_change_its_log_probs(lm):
 
 def test_left_padding_gives_the_same_log_probs_as_a_lone_prompt(lm):
     model, tok = lm
-    spec = PolicySpec(tok.eos_token_id, 0, 3, VocabMask())
     short, long = tok("Keywords: dog, park. Sentence:")["input_ids"], tok(PROMPT)["input_ids"]
     tokens = torch.tensor([[tok.convert_tokens_to_ids("4")] * 3])
     together = state_logits(model, [short, long], tokens.repeat(2, 1), tok.eos_token_id)

@@ -182,6 +182,8 @@ def test_bad_requests_get_clear_errors(client):
         assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
     empty = client.post("/generate", json={"adapter": "continuation", "text": ""})  # an empty prompt
     assert empty.status_code == 422 and "text" in empty.json()["detail"][0]["loc"]
+    nothing_to_avoid = client.post("/generate", json={"keywords": ["cat"], "avoid": [], "n": 2})  # "Avoid: . Sentence:"
+    assert nothing_to_avoid.status_code == 200 and len(nothing_to_avoid.json()["samples"]) == 2
     for words, field in ((["cat", "Cat"], []), (["cat", "dog"], ["dog"])):
         clash = client.post("/generate", json={"keywords": words, "avoid": field or ["bird"]})
         assert clash.status_code == 422 and ("avoid" if field else "keywords") in clash.json()["detail"][0]["msg"]

@@ -153,6 +153,18 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(tmp_path, demo_model)
         Trainer(config, run_dir, store, quiet=True)
 
 
+def test_every_lora_target_must_name_a_module_of_the_base_model(tmp_path, demo_model):
+    """peft refuses only when no target matches; a GPT-2 user keeping the bundled (Llama) names
+    with lm_head among them would get an lm_head-only adapter whose manifest lists them all."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "lora.target_modules=[lm_head, c_attn, c_proj]"])
+    with pytest.raises(ValueError, match=r"lora.target_modules: c_attn, c_proj name no module .* q_proj"):
+        Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "lora.target_modules=[lm_head, v_proj]"])
+    model = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True).model
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"lm_head", "v_proj"}
+
+
 def test_training_runs_without_dropout(tmp_path, demo_model):
     """Rewards and the loss's log-probs are those of the network that samples (REFERENCE.md §2)."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])

@@ -10,7 +10,7 @@ import peft
 import torch
 
 from adapters.fingerprint import fingerprint
-from adapters.models import load_causal_lm, load_tokenizer
+from adapters.models import load_causal_lm, load_tokenizer, pad_id
 from adapters.store import AdapterStore
 from trainer.rollout import sample
 from trainer.scoring import Scorer
@@ -25,7 +25,7 @@ class LoadedPolicy:
         base = manifest.base_model.path
         loaded = store.load(name, manifest.version, base_fingerprint=fingerprint(base))
         self.manifest, self.tokenizer = loaded.manifest, load_tokenizer(base)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_id(self.tokenizer)
         self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path).eval()
         task_type = TASKS[self.manifest.task]
         self.task: Task = task_type(task_type.config_type.model_validate(self.manifest.task_config), self.tokenizer)

@@ -64,10 +64,12 @@ def split_data(data: str, eval_data: str | None, record_type: type[Record],
 
 def data_file(record_type: type[BaseModel]) -> Any:
     """The type of a config field naming a JSONL file of `record_type` (or None): the file
-    is read when the config is, so a bad line fails there, naming the line and field."""
+    is read when the config is, so a bad line fails there, naming the line and field. A relative
+    path is made absolute, so the manifest's config finds the file from any directory."""
     def check(path: str | None) -> str | None:
         if path is not None:
             load_jsonl(path, record_type)
+            path = str(Path(path).resolve())
         return path
     return Annotated[str | None, AfterValidator(check)]
 

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from adapters._fs import write_atomic
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import load_causal_lm, load_tokenizer, save_lora
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
 from trainer import plots
 from trainer.config import TrainConfig
@@ -91,11 +91,8 @@ class Trainer:
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        lora = config.lora
-        self.model = peft.get_peft_model(load_causal_lm(self.model_dir), peft.LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        ))
+        self.pad_id = pad_id(self.tokenizer)
+        self.model = attach_lora(load_causal_lm(self.model_dir), config.lora)
         # Eval mode throughout (gradients flow all the same): rewards and the loss's log-probs
         # must be those of the network that samples and serves; under dropout, log R would be
         # noise kept in the replay buffer and E[r²] would fit a noisy residual's mean.

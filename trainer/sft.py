@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
-from adapters.models import load_causal_lm, load_tokenizer, save_lora
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore, check_name
 from trainer.loop import resolve_base_model
 from trainer.policy import policy_log_probs
@@ -50,17 +49,17 @@ class SFTConfig(BaseModel):
         return check_name(name)
 
 
-def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair], pad_id: int) -> torch.Tensor:
+def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair]) -> torch.Tensor:
     """Mean negative log-likelihood per token the policy writes (terminator included) of the
     targets under the masked policy; a tool's tokens have probability one there, so they
     are left out, as the objective leaves them out."""
     lengths, tool = torch.tensor([len(target) for _, target in batch]), task.tool()
-    tokens = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+    tokens = torch.full((len(batch), int(lengths.max())), task.pad_id, dtype=torch.long)
     forced = torch.zeros(tokens.shape, dtype=torch.bool)
     for row, (_, target) in enumerate(batch):
         tokens[row, : len(target)] = torch.tensor(target, dtype=torch.long)
         forced[row, : len(target)] = torch.tensor(tool_forced(tool, target), dtype=torch.bool)
-    log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, pad_id,
+    log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, task.pad_id,
                                          [prompt.bias for prompt, _ in batch])
     written = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]) & ~forced
     total = torch.where(written, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths].sum()
@@ -73,13 +72,10 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     torch.manual_seed(config.seed)
     model_dir = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     task = make_task(config.task, tokenizer)
     pairs = task.sft_pairs() if pairs is None else pairs
     _check_pairs(pairs, task)
-    lora = config.lora
-    model = peft.get_peft_model(load_causal_lm(model_dir), peft.LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules))
+    model = attach_lora(load_causal_lm(model_dir), config.lora)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
@@ -87,7 +83,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     start, history = time.time(), []
     model.train()
     for step in range(config.steps):
-        loss = sft_loss(model, task, rng.sample(pairs, min(config.batch_size, len(pairs))), pad_id)
+        loss = sft_loss(model, task, rng.sample(pairs, min(config.batch_size, len(pairs))))
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -102,13 +98,13 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         if config.evaluate:
             generator = torch.Generator().manual_seed(config.seed)
             def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
-                return sample(model, task.spec(), prompts, pad_id, 1.0, generator, task.tool(), bias)
-            metrics.update(task.evaluate(draw, Scorer(model, pad_id), out))
+                return sample(model, task.spec(), prompts, task.pad_id, 1.0, generator, task.tool(), bias)
+            metrics.update(task.evaluate(draw, Scorer(model, task.pad_id), out))
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {
             **task.manifest_fields(),
             "base_model": {"path": str(model_dir), "fingerprint": fingerprint(model_dir)},
-            "lora": lora.model_dump(),
+            "lora": config.lora.model_dump(),
             "training": {"method": "sft", "config": config.model_dump(), "steps": config.steps, "pairs": len(pairs)},
             "metrics": metrics,
         }

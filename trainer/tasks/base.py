@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
-from adapters.models import document_prefix
+from adapters.models import document_prefix, pad_id
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
@@ -77,7 +77,7 @@ class Task(ABC):
 
     def __init__(self, config: TaskConfig, tokenizer: PreTrainedTokenizerBase):
         self.config, self.tokenizer = config, tokenizer
-        self.document_prefix = document_prefix(tokenizer)
+        self.document_prefix, self.pad_id = document_prefix(tokenizer), pad_id(tokenizer)
 
     # ------------------------------------------------------------ the policy
     @property

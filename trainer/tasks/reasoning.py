@@ -180,7 +180,7 @@ class ReasoningTask(Task):
         where sampling with the tool would have written them."""
         tool, latents = self.tool(), [self.ids(z) for z in rationales]
         flags = [tool_forced(tool, z) for z in latents]
-        width, pad = max(map(len, latents)), self.tokenizer.pad_token_id
+        width, pad = max(map(len, latents)), self.pad_id
         tokens = torch.tensor([z + [pad] * (width - len(z)) for z in latents])
         forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])
         return Rollout([p.ids for p in prompts], tokens, torch.tensor([len(z) for z in latents]), forced)
