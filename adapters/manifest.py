@@ -67,12 +67,13 @@ def word_bias(biases: Sequence[WordBias], words: Mapping[str, Sequence[str]], to
     first token of " word" (a sentence's words follow a space; a word of several tokens biases
     its first), and " Word" where that is one token. The terminator is never biased: every
     state can stop."""
+    from adapters.models import piece_ids  # imports transformers: only once a bias is asked for
+
     bias: dict[int, float] = {}
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for rule in biases:
         for word in words.get(rule.field, ()):
-            capital = encode(f" {word[:1].upper()}{word[1:]}")
-            ids = {encode(f" {word}")[0], *(capital if len(capital) == 1 else [])} - {terminator_id}
+            capital = piece_ids(tokenizer, f" {word[:1].upper()}{word[1:]}")
+            ids = {piece_ids(tokenizer, f" {word}")[0], *(capital if len(capital) == 1 else [])} - {terminator_id}
             for token in ids:
                 bias[token] = bias.get(token, 0.0) + rule.bias
     return bias

@@ -29,6 +29,24 @@ def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(itertools.takewhile(special.__contains__, tokenizer("a")["input_ids"]))
 
 
+def piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of a text that continues other text (a latent, an ending, a terminator, a word), as the
+    tokenizer spells it inside a document. SentencePiece tokenizers (Llama-2's, Mistral's) mark a
+    document's start with a "▁" that a text encoded alone would also get; encoded after a newline
+    whose ids are then dropped, it gets none. Where the newline's ids do not lead unchanged (it
+    merged with the text), the text is encoded alone. Byte-level BPE spells both alike."""
+    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids = tokenizer("\n" + text, add_special_tokens=False)["input_ids"]
+    return ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def piece_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The text of ids that continue other text, the inverse of `piece_ids`: a SentencePiece
+    decoder drops the space of a leading "▁" (a document's start), which a piece keeps."""
+    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(anchor + list(ids))[len(tokenizer.decode(anchor)):]
+
+
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that fills padding: the pad token, else eos (GPT-2's and Llama's tokenizers have no
     pad). Padding is masked by length everywhere, so its value never changes a result."""

@@ -51,8 +51,7 @@ def banned_tokens(task: ConstrainedTask, words: list[str]) -> list[int]:
     vocab = [(i, " ".join(words_of(task.tokenizer.decode([i])))) for i in range(len(task.tokenizer))]
     ids = {i for i, text in vocab if text and text in banned}
     for word in words:
-        ids |= {task.tokenizer(f" {word}", add_special_tokens=False)["input_ids"][0],
-                task.tokenizer(word, add_special_tokens=False)["input_ids"][0]}
+        ids |= {task.ids(f" {word}")[0], task.ids(word)[0]}
     return sorted(ids)
 
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.calculator import tool_output
 from adapters.manifest import Manifest
+from adapters.models import piece_ids
 from adapters.reasoning import AnswerFormat, answer_log_probs, read_answers, steps
 from service.engines.base import BASE, GenRequest
 
@@ -37,7 +38,7 @@ class Calculator:
 
     def __call__(self, tokens: list[int]) -> list[int] | None:
         text = tool_output(self.tokenizer.decode(tokens))
-        return None if text is None else self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return None if text is None else piece_ids(self.tokenizer, text)
 
 
 async def sample_rationales(state: ServiceState, request: Request, manifest: Manifest, question: str,

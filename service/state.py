@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import document_prefix, load_tokenizer, pad_id
+from adapters.models import document_prefix, load_tokenizer, pad_id, piece_ids, piece_text
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -112,7 +112,7 @@ class ServiceState:
 
     def encode(self, text: str) -> list[int]:
         """A piece of text, joined id-wise to what it follows."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return piece_ids(self.tokenizer, text)
 
     @cached_property
     def document_prefix(self) -> list[int]:
@@ -121,10 +121,11 @@ class ServiceState:
     def encode_context(self, text: str) -> list[int]:
         """A text the model reads from its start: the document prefix (a BOS, where the model was
         trained with one, as the trainer adds it), then the text."""
-        return self.document_prefix + self.encode(text)
+        return self.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        """The text of a piece's ids (a sample), as it reads after its prompt."""
+        return piece_text(self.tokenizer, ids)
 
 
 def _newest_base(store: AdapterStore) -> str:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
-from adapters.models import document_prefix, pad_id
+from adapters.models import document_prefix, pad_id, piece_ids, piece_text
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
@@ -40,7 +40,7 @@ class Prompt:
 
 def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """The id of `text`, which the tokenizer must spell with one token (e.g. a terminator)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = piece_ids(tokenizer, text)
     if len(ids) != 1:
         raise ValueError(f"the tokenizer spells {text!r} with {len(ids)} tokens; it must be one")
     return ids[0]
@@ -113,11 +113,15 @@ class Task(ABC):
     def context_ids(self, text: str) -> list[int]:
         """Token ids of a text the model reads from its start: the tokenizer's document prefix
         (a BOS, for models trained with one), then the text."""
-        return self.document_prefix + self.ids(text)
+        return self.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The text of a piece's ids (a latent), as it reads after what it continues."""
+        return piece_text(self.tokenizer, ids)
 
     def ids(self, text: str) -> list[int]:
-        """Token ids of a piece of text, no special tokens: pieces are joined id-wise."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of a piece of text as it continues other text: pieces are joined id-wise."""
+        return piece_ids(self.tokenizer, text)
 
     # ------------------------------------------------------------ what subclasses define
     @abstractmethod

@@ -142,7 +142,7 @@ class ConstrainedTask(Task):
         log_r = self.fluency(scorer, [p.fields["keywords"] for p in prompts], rollout)
         for b, (prompt, latent) in enumerate(zip(prompts, rollout.latents())):
             for i in range(len(latent) + 1):
-                bad = violations(self.tokenizer.decode(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
+                bad = violations(self.text(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
                 log_r[b, i] -= self.config.penalty * bad
         return log_r
 
@@ -159,7 +159,7 @@ class ConstrainedTask(Task):
             prompt = self.prompt(record)
             rollout = sample([prompt.ids] * n, [prompt.bias] * n)
             seconds += time.perf_counter() - tick
-            texts.append([self.tokenizer.decode(z) for z in rollout.latents()])
+            texts.append([self.text(z) for z in rollout.latents()])
             rates.append(sum(violations(t, record.keywords, record.avoid) == 0 for t in texts[-1]) / n)
             loglik += self.base_log_likelihood(scorer, [record.keywords] * n, rollout).tolist()
         metrics = {"prompts": len(rates), "samples_per_prompt": n, "satisfaction": sum(rates) / len(rates),

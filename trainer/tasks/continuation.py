@@ -120,7 +120,7 @@ class ContinuationTask(Task):
             "samples_per_prompt": mean([len(g) for g in latents]),
             "mean_loglik": loglik.mean().item(),
             "max_loglik": mean([g.max().item() for g in groups]),
-            "distinct2": mean([distinct_n([self.tokenizer.decode(z) for z in group], 2) for group in latents]),
+            "distinct2": mean([distinct_n([self.text(z) for z in group], 2) for group in latents]),
             "diversity": mean([pairwise_diversity(group) for group in latents]),
             "per_prompt": {"mean": [g.mean().item() for g in groups], "max": [g.max().item() for g in groups]},
         }

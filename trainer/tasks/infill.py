@@ -111,7 +111,7 @@ class InfillTask(Task):
 
     def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
         n = samples or self.config.eval_samples
-        texts = [[self.tokenizer.decode(z) for z in sample([self.prompt(r).ids] * n).latents()]
+        texts = [[self.text(z) for z in sample([self.prompt(r).ids] * n).latents()]
                  for r in self.eval_records]
         posteriors = [self.exact_posterior(scorer, r) if r.candidates else None for r in self.eval_records]
         metrics = sample_metrics(self.eval_records, texts, posteriors)

@@ -210,7 +210,7 @@ class ReasoningTask(Task):
         rationales: list[str] = []
         for start in range(0, len(questions), 256):
             prompts = [self.encode_prompt(question=q) for q in questions[start:start + 256]]
-            rationales += [self.tokenizer.decode(z) for z in sample(prompts).latents()]
+            rationales += [self.text(z) for z in sample(prompts).latents()]
         answers = read_answers(questions, rationales, self.format, self.completer(scorer))
         weights = answer_log_probs(questions, rationales, answers, self.format, self.log_prob_scorer(scorer))
         metrics = self.accuracy(answers, weights, n)

@@ -1,6 +1,8 @@
-"""A base model whose tokenizer starts every document with a BOS, as Llama's and Gemma's do: the
-trainer and the service read every context with it, and they agree on the prompt, the policy's
-log q and the base model's scores."""
+"""Tokenizers unlike the demo's. One that starts every document with a BOS, as Llama's and Gemma's
+do: the trainer and the service read every context with it, and they agree on the prompt, the
+policy's log q and the base model's scores. A SentencePiece one, as Llama-2's and Mistral's: a
+piece (a terminator, an ending, a sample's text) is spelled as inside a document, without the
+word-start mark a text encoded alone gets."""
 
 from __future__ import annotations
 
@@ -11,17 +13,20 @@ import peft
 import pytest
 import torch
 from service_world import Server, policy_log_q, save_adapter
-from tokenizers import processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
-from adapters.models import document_prefix, load_causal_lm, load_tokenizer
+from adapters.models import document_prefix, load_causal_lm, load_tokenizer, piece_ids, piece_text
 from adapters.reasoning import answer_log_probs, final_value, read_answers
 from adapters.store import AdapterStore
 from service.app import create_app
 from service.settings import Settings
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
+from trainer.tasks.base import single_token
 from trainer.tasks.infill import InfillConfig, InfillRecord, InfillTask
 from trainer.tasks.reasoning import ReasoningConfig, ReasoningTask
+from world.corpus import CorpusConfig, documents
 
 PREFIX, SUFFIX = "Tom went to the market.", "He ate it on the way home."
 
@@ -106,3 +111,38 @@ def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served):
     for served_one, answer, weight in zip(reply.json()["rationales"], answers, weights):
         assert served_one["answer"] == answer
         assert served_one["log_p_answer"] == (None if answer is None else pytest.approx(weight, rel=1e-3))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece() -> PreTrainedTokenizerFast:
+    """Word starts marked "▁", as in Llama-2's and Mistral's vocabularies; trained on demo lines."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer.train_from_iterator(documents(CorpusConfig())[:3000],
+                                  trainers.BpeTrainer(vocab_size=600, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_pieces_are_spelled_as_inside_a_document(sentencepiece):
+    tokenizer = sentencepiece
+    dot = tokenizer.convert_tokens_to_ids(".")
+    alone = tokenizer.convert_ids_to_tokens(tokenizer(".", add_special_tokens=False)["input_ids"])
+    assert alone in (["▁."], ["▁", "."])  # a word start: " ." in running text, which "home." does not have
+    assert single_token(tokenizer, ".") == dot
+    beginning, ending = "Tom went to the market.", " He ate it on the way home."
+    story = tokenizer(beginning + ending, add_special_tokens=False)["input_ids"]
+    assert tokenizer(beginning, add_special_tokens=False)["input_ids"] + piece_ids(tokenizer, ending) == story
+    assert tokenizer.decode(piece_ids(tokenizer, ending)) == ending[1:]  # the decoder drops a leading space
+    assert piece_text(tokenizer, piece_ids(tokenizer, ending)) == ending  # a piece keeps it
+
+
+def test_byte_level_pieces_are_spelled_as_alone(demo_model: Path):
+    """The demo's (and GPT-2's) tokenizer spells a piece alike inside a document and alone."""
+    tokenizer = load_tokenizer(demo_model)
+    for line in documents(CorpusConfig())[:500]:
+        for text in (line, " " + line, line[len(line) // 2:], "  two spaces", "\nnewline"):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert piece_ids(tokenizer, text) == ids and piece_text(tokenizer, ids) == tokenizer.decode(ids)
