@@ -170,7 +170,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     """Requests per second of the same work handed to the engine directly, all at once (the
     largest batches it can make: a limit no number of clients beats), after the same warm-up."""
     from adapters.models import document_prefix, load_tokenizer, pad_id
-    from service.engines import make_engine
+    from service.engines import start_engine
     from service.policy import gen_request, render
     from service.settings import Settings
 
@@ -179,8 +179,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     name, version = adapter.split("@v")
     loaded = store.load(name, int(version))
     manifest = loaded.manifest
-    engine = make_engine(settings, model_dir, pad_id(tokenizer), tokenizer.eos_token_id, [manifest.lora])
-    await engine.start()
+    engine = await start_engine(settings, model_dir, pad_id(tokenizer), tokenizer.eos_token_id, [manifest.lora])
     await engine.add_adapter(loaded)
     def request(body: dict):
         text = render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]})

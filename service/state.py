@@ -20,7 +20,7 @@ from adapters.models import document_prefix, load_tokenizer, pad_id, piece_ids, 
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
-from service.engines import make_engine
+from service.engines import start_engine
 from service.engines.base import Engine, GenRequest, GenResult
 from service.errors import AdapterRefused
 from service.metrics import Metrics
@@ -58,9 +58,8 @@ class ServiceState:
         base_fingerprint = await asyncio.to_thread(fingerprint, base_model)
         wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
         tokenizer = load_tokenizer(base_model)
-        engine = make_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
-                             [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
-        await engine.start()
+        engine = await start_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
+                                    [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
         metrics.watch(engine)
         registry = Registry(store, engine, base_fingerprint, metrics)
         jobs = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,13 +11,30 @@ from adapters.manifest import LoraSpec
 from service.engines.base import Engine
 from service.settings import Settings
 
+log = logging.getLogger("gfn.service")
 
-def make_engine(settings: Settings, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec],
-                on_batch: Callable[[int], None] | None = None) -> Engine:
-    """The engine the settings name; "auto" is vLLM where it imports. Imported here: vLLM takes seconds."""
-    kind = settings.engine
-    if kind == "auto":
-        kind = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+async def start_engine(settings: Settings, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec],
+                       on_batch: Callable[[int], None] | None = None) -> Engine:
+    """The engine the settings name, started. "auto" is vLLM where it imports and starts on this
+    model (it serves LoRAs on fewer architectures than peft: not GPT-2, say), else transformers."""
+    if settings.engine == "auto" and importlib.util.find_spec("vllm") is not None:
+        engine = make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch)
+        try:
+            await engine.start()
+            return engine
+        except Exception as error:  # noqa: BLE001 - whatever vLLM refuses, transformers may serve
+            log.warning("vLLM cannot serve %s (%s: %s); serving with transformers", model_dir,
+                        type(error).__name__, error)
+    kind = "transformers" if settings.engine == "auto" else settings.engine
+    engine = make_engine(settings, kind, model_dir, pad_id, eos_id, loras, on_batch)
+    await engine.start()
+    return engine
+
+
+def make_engine(settings: Settings, kind: str, model_dir: str | Path, pad_id: int, eos_id: int,
+                loras: list[LoraSpec], on_batch: Callable[[int], None] | None = None) -> Engine:
+    """A `kind` engine ("vllm" or "transformers"), not started. Imported here: vLLM takes seconds."""
     if kind == "vllm":
         from service.engines.vllm import VllmEngine
 

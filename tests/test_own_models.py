@@ -1,4 +1,5 @@
-"""Tokenizers unlike the demo's. One that starts every document with a BOS, as Llama's and Gemma's
+"""Base models unlike the demo's. A GPT-2, whose LoRAs vLLM 0.32 cannot serve: the "auto" engine
+falls back to transformers. A tokenizer that starts every document with a BOS, as Llama's and Gemma's
 do: the trainer and the service read every context with it, and they agree on the prompt, the
 policy's log q and the base model's scores. A SentencePiece one, as Llama-2's and Mistral's: a
 piece (a terminator, an ending, a sample's text) is spelled as inside a document, without the
@@ -14,7 +15,7 @@ import pytest
 import torch
 from service_world import Server, policy_log_q, save_adapter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from adapters.models import document_prefix, load_causal_lm, load_tokenizer, piece_ids, piece_text
 from adapters.reasoning import answer_log_probs, final_value, read_answers
@@ -146,3 +147,22 @@ def test_byte_level_pieces_are_spelled_as_alone(demo_model: Path):
         for text in (line, " " + line, line[len(line) // 2:], "  two spaces", "\nnewline"):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert piece_ids(tokenizer, text) == ids and piece_text(tokenizer, ids) == tokenizer.decode(ids)
+
+
+@pytest.mark.slow  # vLLM's failed start takes half a minute
+def test_auto_serves_with_transformers_where_vllm_cannot(demo_model: Path, tmp_path: Path):
+    model_dir = tmp_path / "gpt2"
+    tokenizer = load_tokenizer(demo_model)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    store = AdapterStore(tmp_path / "adapters")
+    fields = InfillTask(InfillConfig(), tokenizer).manifest_fields()
+    save_adapter(store, "infill", model_dir, fields, seed=0, targets=["c_attn", "c_proj"])
+    settings = Settings(engine="auto", store=store.root, base_model=str(model_dir), torch_threads=1)
+    with Server(create_app(settings)) as server, server.client() as client:
+        assert client.get("/ready").json()["engine"] == "transformers"
+        reply = client.post("/infill", json={"prefix": PREFIX, "suffix": SUFFIX, "n": 2, "seed": 0})
+    assert reply.status_code == 200 and len(reply.json()["samples"]) == 2
