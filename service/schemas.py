@@ -69,7 +69,8 @@ class SampleOut(BaseModel):
     text: str
     token_ids: list[int] = Field(description="the latent Z, as sampled (tool tokens included, terminator not)")
     log_q: float = Field(description="log-probability of Z and its stop under the distribution sampled from")
-    stopped: bool = Field(description="ended with the terminator; false: cut at max_tokens")
+    stopped: bool = Field(description="ended with the terminator; false: cut at max_tokens (at the adapter's "
+                                      "max_len the policy must stop, so such a sample is whole; log_q counts that)")
     log_p: float | None = Field(None, description="with score: the base model's log p(Z Y | X)")
 
     @classmethod
