@@ -165,6 +165,12 @@ def test_every_lora_target_must_name_a_module_of_the_base_model(tmp_path, demo_m
     assert adapted == {"lm_head", "v_proj"}
 
 
+def test_prompts_longer_than_the_base_models_positions_are_refused(tmp_path, demo_model):
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "task.prompt=" + "pick one number " * 200])
+    with pytest.raises(ValueError, match=r"longest prompt \(\d+ tokens\) and max_len 2 exceed .* 512 positions"):
+        Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+
+
 def test_training_runs_without_dropout(tmp_path, demo_model):
     """Rewards and the loss's log-probs are those of the network that samples (REFERENCE.md §2)."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])

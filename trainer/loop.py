@@ -101,6 +101,7 @@ class Trainer:
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)
         self.prompts = self.task.train_prompts()
+        check_context(self.prompts, self.spec.max_len, self.model.config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.optim.factor(s, config.steps))
@@ -321,6 +322,16 @@ def _claim(run_dir: Path) -> IO[str]:
         handle.close()
         raise RunInUse(f"{run_dir} is being trained by another process; wait for it, or use another run directory") from None
     return handle
+
+
+def check_context(prompts: list[Prompt], max_len: int, model_config: Any) -> None:
+    """The longest prompt and sample must fit the base model's positions: beyond them training
+    fails deep in the embedding (learned positions) or reads what the model never learned (RoPE)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    longest = max((len(p.ids) for p in prompts), default=0)
+    if limit is not None and longest + max_len > limit:
+        raise ValueError(f"task: the longest prompt ({longest} tokens) and max_len {max_len} exceed the base "
+                         f"model's {limit} positions; shorten the data or lower task.max_len")
 
 
 def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:
