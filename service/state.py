@@ -151,7 +151,8 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
     refused: dict[str, str] = {}
     if refs is None:
         for name in store.names():
-            for version in reversed(store.versions(name)):
+            versions = store.versions(name)
+            for version in reversed(versions):
                 try:
                     manifest = store.manifest(name, version)
                 except AdapterError as error:
@@ -160,6 +161,9 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
                 if manifest.base_model.fingerprint == base_fingerprint:
                     wanted.append((False, manifest))
                     break
+                if version == versions[-1]:  # the version the watcher would offer: refused now, and said why
+                    refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
+                                             f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
         return wanted, refused
     for ref in refs:
         name, at, version = ref.partition("@v")

@@ -125,6 +125,16 @@ def test_corrupt_and_mismatched_adapters_are_refused_and_the_rest_serves(slow):
         assert client.get("/adapters").json()["refused"].keys() == {"rng@v1", "alien@v1"}
 
 
+def test_adapters_of_another_base_model_are_listed_from_the_start(store, demo_model):
+    """Without GFN_ADAPTERS the newest version of each name on this base model serves; the newest
+    of a name on another base is listed at once (the store's poll would only call it new)."""
+    settings = _settings(store, demo_model).model_copy(update={"adapters": None, "watch_poll_s": 3600.0})
+    with Server(create_app(settings)) as server, server.client() as client:
+        ready = client.get("/ready").json()
+    assert ready["adapters"] == ["infill@v1", "reasoning@v1"]
+    assert "another base model" in ready["refused"]["alien@v1"] and "sha256" in ready["refused"]["rng@v1"]
+
+
 def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
     with Server(create_app(_settings(store, demo_model, redis_url=redis_server.url))) as server, \
             server.client() as client:
