@@ -116,9 +116,11 @@ def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served):
 
 @pytest.fixture(scope="module")
 def sentencepiece() -> PreTrainedTokenizerFast:
-    """Word starts marked "▁", as in Llama-2's and Mistral's vocabularies; trained on demo lines."""
+    """Word starts marked "▁" and digits alone, as in Llama-2's vocabulary; trained on demo lines."""
     tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([  # digits alone, as Llama-2's: " 6" is "▁" "6"
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Digits(individual_digits=True)])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(" ", 1, 0)])
     special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
@@ -138,6 +140,8 @@ def test_sentencepiece_pieces_are_spelled_as_inside_a_document(sentencepiece):
     assert tokenizer(beginning, add_special_tokens=False)["input_ids"] + piece_ids(tokenizer, ending) == story
     assert tokenizer.decode(piece_ids(tokenizer, ending)) == ending[1:]  # the decoder drops a leading space
     assert piece_text(tokenizer, piece_ids(tokenizer, ending)) == ending  # a piece keeps it
+    rationale = piece_ids(tokenizer, " 6 - 0 = 6, 6 - 4 = 2")  # "▁" "6" "▁-" ...: the mask lets each through
+    assert set(rationale) <= set(ReasoningTask(ReasoningConfig(), tokenizer).mask().token_ids)
 
 
 def test_byte_level_pieces_are_spelled_as_alone(demo_model: Path):

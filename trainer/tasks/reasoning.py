@@ -148,8 +148,8 @@ class ReasoningTask(Task):
         return self._terminator_id
 
     def mask(self) -> VocabMask:
-        allowed = [i for i in range(len(self.tokenizer))
-                   if (text := self.tokenizer.decode([i])) and set(text) <= RATIONALE_CHARACTERS]
+        allowed = [i for i in range(len(self.tokenizer))  # a token's text as written mid-rationale: "▁" is " "
+                   if (text := self.text([i])) and set(text) <= RATIONALE_CHARACTERS]
         return VocabMask(mode="allow", token_ids=allowed)
 
     def tool(self) -> Tool:
