@@ -6,14 +6,18 @@ directory, or a hub id where the hub is reachable. Kept out of ``adapters/__init
 importing transformers takes seconds.
 """
 
-import itertools
-from pathlib import Path
+from __future__ import annotations
 
-import peft
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.manifest import LoraSpec
+
+if TYPE_CHECKING:
+    import peft
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -25,8 +29,8 @@ def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the tokenizer puts before a document (Llama's and Gemma's BOS; none for
     GPT-2 or the demo model). Every text the base model reads from its start begins with them,
     in training and in serving alike: models trained with a BOS degrade without it."""
-    special = set(tokenizer.all_special_ids)
-    return list(itertools.takewhile(special.__contains__, tokenizer("a")["input_ids"]))
+    full, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    return full[:next((k for k in range(len(full)) if full[k:k + len(bare)] == bare), 0)]
 
 
 def piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -61,6 +65,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
 def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> peft.PeftModel:
     """A trainable LoRA on ``model``. Every target must name a module of it: peft refuses only
     when none does, and would otherwise adapt fewer modules than the manifest records."""
+    import peft  # seconds to import: only where a LoRA is made
+
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in spec.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -20,8 +20,8 @@ class Settings(BaseSettings):
 
     base_model: str | None = Field(None, description="model directory; default: the one the newest stored adapter was trained on")
     store: Path = Field(default_factory=store_root, description="adapter store root")
-    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM where it imports and starts "
-                                                                      "on the model, else transformers")
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM; without CUDA, transformers "
+                                                                      "where vLLM cannot start on the model")
     adapters: list[str] | None = Field(
         None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
         "of every stored adapter trained on the base model")

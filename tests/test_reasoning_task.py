@@ -143,7 +143,7 @@ def test_sft_learns_only_what_the_policy_writes(task: ReasoningTask, world) -> N
 
     _, model, _ = world
     pairs = task.sft_pairs()[:3]
-    rollout = task.teacher_rollout([p for p, _ in pairs], [task.tokenizer.decode(z) for _, z in pairs])
+    rollout = task.teacher_rollout([p for p, _ in pairs], [task.text(z) for _, z in pairs])
     assert rollout.forced.any()
     with torch.no_grad():
         loss = sft_loss(model, task, pairs)

@@ -165,9 +165,13 @@ def test_every_lora_target_must_name_a_module_of_the_base_model(tmp_path, demo_m
     assert adapted == {"lm_head", "v_proj"}
 
 
-def test_prompts_longer_than_the_base_models_positions_are_refused(tmp_path, demo_model):
-    config = load_config("rng", SHORT + [f"base_model={demo_model}", "task.prompt=" + "pick one number " * 200])
-    with pytest.raises(ValueError, match=r"longest prompt \(\d+ tokens\) and max_len 2 exceed .* 512 positions"):
+@pytest.mark.parametrize("task, overrides", [
+    ("rng", ["task.prompt=" + "pick one number " * 200]),  # the prompt itself
+    ("reasoning", ["task.reward_shots=30"]),  # the reward's few-shot context, not the policy's prompt
+])
+def test_what_the_model_would_read_beyond_its_positions_is_refused(tmp_path, demo_model, task, overrides):
+    config = load_config(task, [f"base_model={demo_model}", "steps=1"] + overrides)
+    with pytest.raises(ValueError, match=r"comes to \d+ tokens, beyond the base model's 512 positions"):
         Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
 
 

@@ -32,7 +32,7 @@ from trainer.policy import policy_log_probs
 from trainer.replay import ReplayBuffer
 from trainer.rollout import Rollout, sample
 from trainer.scoring import Scorer
-from trainer.tasks import Prompt, make_task
+from trainer.tasks import Prompt, Task, make_task
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the one before, kept until the next is durable: a fallback if the newest is damaged
@@ -101,7 +101,7 @@ class Trainer:
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)
         self.prompts = self.task.train_prompts()
-        check_context(self.prompts, self.spec.max_len, self.model.config)
+        check_context(self.task, self.prompts, self.model.config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.optim.factor(s, config.steps))
@@ -324,14 +324,16 @@ def _claim(run_dir: Path) -> IO[str]:
     return handle
 
 
-def check_context(prompts: list[Prompt], max_len: int, model_config: Any) -> None:
-    """The longest prompt and sample must fit the base model's positions: beyond them training
-    fails deep in the embedding (learned positions) or reads what the model never learned (RoPE)."""
+def check_context(task: Task, prompts: list[Prompt], model_config: Any) -> None:
+    """What the model reads for each prompt, training's and evaluation's, sample and reward alike,
+    must fit its positions: beyond them training fails deep in the embedding (learned positions),
+    after hours if only an evaluation prompt is long, or reads what the model never learned (RoPE)."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    longest = max((len(p.ids) for p in prompts), default=0)
-    if limit is not None and longest + max_len > limit:
-        raise ValueError(f"task: the longest prompt ({longest} tokens) and max_len {max_len} exceed the base "
-                         f"model's {limit} positions; shorten the data or lower task.max_len")
+    longest = max((task.read_length(p) for p in prompts + task.eval_prompts()), default=0)
+    if limit is not None and longest > limit:
+        raise ValueError(f"task: a prompt with task.max_len {task.config.max_len} tokens after it and what its reward "
+                         f"reads comes to {longest} tokens, beyond the base model's {limit} positions; shorten the "
+                         f"data or lower task.max_len")
 
 
 def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:

@@ -76,7 +76,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     pairs = task.sft_pairs() if pairs is None else pairs
     _check_pairs(pairs, task)
     model = attach_lora(load_causal_lm(model_dir), config.lora)
-    check_context([prompt for prompt, _ in pairs], task.spec().max_len, model.config)
+    check_context(task, [prompt for prompt, _ in pairs], model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))

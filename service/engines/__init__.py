@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from adapters.manifest import LoraSpec
 from service.engines.base import Engine
@@ -17,18 +20,29 @@ log = logging.getLogger("gfn.service")
 async def start_engine(settings: Settings, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec],
                        on_batch: Callable[[int], None] | None = None) -> Engine:
     """The engine the settings name, started. "auto" is vLLM where it imports and starts on this
-    model (it serves LoRAs on fewer architectures than peft: not GPT-2, say), else transformers."""
+    model (it serves LoRAs on fewer architectures than peft: not GPT-2, say), else transformers.
+    Only without CUDA: on a GPU a failed vLLM (out of memory, a bad setting) must fail loudly, not
+    fall back to a CPU engine."""
     if settings.engine == "auto" and importlib.util.find_spec("vllm") is not None:
-        engine = make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch)
+        if torch.cuda.is_available():
+            return await _started(make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch))
         try:
-            await engine.start()
-            return engine
-        except Exception as error:  # noqa: BLE001 - whatever vLLM refuses, transformers may serve
+            return await _started(make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch))
+        except Exception as error:  # noqa: BLE001 - whatever vLLM refuses on a CPU, transformers may serve
             log.warning("vLLM cannot serve %s (%s: %s); serving with transformers", model_dir,
                         type(error).__name__, error)
     kind = "transformers" if settings.engine == "auto" else settings.engine
-    engine = make_engine(settings, kind, model_dir, pad_id, eos_id, loras, on_batch)
-    await engine.start()
+    return await _started(make_engine(settings, kind, model_dir, pad_id, eos_id, loras, on_batch))
+
+
+async def _started(engine: Engine) -> Engine:
+    """``engine`` started; stopped again, as far as it got, when starting fails (no process left behind)."""
+    try:
+        await engine.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await engine.stop()
+        raise
     return engine
 
 

@@ -123,6 +123,20 @@ class Task(ABC):
         """Token ids of a piece of text as it continues other text: pieces are joined id-wise."""
         return piece_ids(self.tokenizer, text)
 
+    def read_length(self, prompt: Prompt) -> int:
+        """The most tokens the base model reads at once for this prompt: the prompt, max_len
+        tokens and the stop. Tasks whose reward reads another context widen it."""
+        return len(prompt.ids) + self.config.max_len + 1
+
+    def eval_prompts(self) -> list[Prompt]:
+        """The prompts of the held-out records (none for tasks without records)."""
+        return [self.prompt(r) for r in self.eval_records]
+
+    eval_records: Sequence[Any] = ()
+
+    def prompt(self, record: Any) -> Prompt:
+        raise NotImplementedError(f"the {self.name} task has no records")
+
     # ------------------------------------------------------------ what subclasses define
     @abstractmethod
     def train_prompts(self) -> list[Prompt]:

@@ -130,6 +130,10 @@ class ConstrainedTask(Task):
         """The base model's X for these keywords."""
         return self.context_ids(self.config.reward_template.format(keywords=", ".join(keywords)))
 
+    def read_length(self, prompt: Prompt) -> int:
+        """The reward reads Z after the reward template's context."""
+        return max(super().read_length(prompt), len(self.context(prompt.fields["keywords"])) + self.config.max_len + 1)
+
     def fluency(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) under the base model for every prefix: [B, L+1]."""
         contexts = [self.context(k) for k in keywords]
@@ -141,8 +145,8 @@ class ConstrainedTask(Task):
         """log p(z1..zi ⊤ | X) - penalty · violations(z1..zi) for every prefix."""
         log_r = self.fluency(scorer, [p.fields["keywords"] for p in prompts], rollout)
         for b, (prompt, latent) in enumerate(zip(prompts, rollout.latents())):
-            for i in range(len(latent) + 1):
-                bad = violations(self.text(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
+            for i in range(len(latent) + 1):  # plain decode: violations match words, spacing is moot
+                bad = violations(self.tokenizer.decode(latent[:i]), prompt.fields["keywords"], prompt.fields["avoid"])
                 log_r[b, i] -= self.config.penalty * bad
         return log_r
 

@@ -98,6 +98,11 @@ class InfillTask(Task):
         prefix, suffix = scorer.prefixes_and_suffix(plain, [self.ids(" " + p.fields["suffix"]) for p in prompts])
         return prefix + suffix
 
+    def read_length(self, prompt: Prompt) -> int:
+        """The reward reads the plain story X Z Y."""
+        prefix, suffix = self.context_ids(prompt.fields["prefix"]), self.ids(" " + prompt.fields["suffix"])
+        return max(super().read_length(prompt), len(prefix) + self.config.max_len + len(suffix))
+
     # ------------------------------------------------------------ evaluation
     def log_joint(self, scorer: Scorer, record: InfillRecord, latents: Sequence[Sequence[int]]) -> torch.Tensor:
         """log p(Z Y | X) of whole middles Z (token ids): [N]."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,11 @@ class ReasoningTask(Task):
         return self._terminator_id
 
     def mask(self) -> VocabMask:
+        return self._mask
+
+    @cached_property
+    def _mask(self) -> VocabMask:
+        """Once: a pass over the vocabulary takes seconds on a large one, and SFT asks every step."""
         allowed = [i for i in range(len(self.tokenizer))  # a token's text as written mid-rationale: "▁" is " "
                    if (text := self.text([i])) and set(text) <= RATIONALE_CHARACTERS]
         return VocabMask(mode="allow", token_ids=allowed)
@@ -196,6 +202,12 @@ class ReasoningTask(Task):
         own = torch.where(rollout.written(), prefix.diff(dim=1), 0.0).cumsum(dim=1)
         return torch.cat([torch.zeros_like(own[:, :1]), own], dim=1) + suffix
 
+    def read_length(self, prompt: Prompt) -> int:
+        """The reward reads the few-shot prefix, the question, Z and Y."""
+        answer = self.ids(self.format.answer_text(prompt.fields["answer"]))
+        context = self.context_ids(self.format.context(prompt.fields["question"], ""))
+        return max(super().read_length(prompt), len(context) + self.config.max_len + len(answer))
+
     def as_read(self, prompts: list[Prompt], rollout: Rollout) -> Rollout:
         """The rollout as the reward reads it: after the few-shot prefix and the question."""
         return replace(rollout, prompts=[self.context_ids(self.format.context(p.fields["question"], "")) for p in prompts])
@@ -243,7 +255,7 @@ class ReasoningTask(Task):
         """adapters.reasoning.Complete backed by the base model's greedy decoding."""
         def complete(contexts: list[str]) -> list[str]:
             out = scorer.greedy([self.context_ids(c) for c in contexts], max_new_tokens)
-            return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out]
+            return [self.text(ids) for ids in out]
         return complete
 
     def log_prob_scorer(self, scorer: Scorer):
