@@ -15,7 +15,7 @@ import pytest
 import torch
 from service_world import Server, policy_log_q, save_adapter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from adapters.models import document_prefix, load_causal_lm, load_tokenizer, piece_ids, piece_text
 from adapters.reasoning import answer_log_probs, final_value, read_answers
@@ -59,46 +59,92 @@ def test_the_document_prefix_is_what_the_tokenizer_puts_first(demo_model: Path, 
 
 
 @pytest.fixture(scope="module")
-def served(bos_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The service (transformers engine) on the BOS model with an infill and a reasoning adapter."""
-    tokenizer = load_tokenizer(bos_model)
-    store = AdapterStore(tmp_path_factory.mktemp("bos-adapters") / "adapters")
+def sentencepiece() -> PreTrainedTokenizerFast:
+    """Word starts marked "▁" and digits alone, as in Llama-2's vocabulary; trained on demo lines."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([  # digits alone, as Llama-2's: " 6" is "▁" "6"
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tokenizer.train_from_iterator(documents(CorpusConfig())[:3000],
+                                  trainers.BpeTrainer(vocab_size=600, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def llama2_like(sentencepiece: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random Llama with the SentencePiece tokenizer and a BOS before every document, as Llama-2."""
+    out = tmp_path_factory.mktemp("llama2") / "model"
+    sentencepiece.save_pretrained(out)
+    tokenizer, bos = load_tokenizer(out), sentencepiece.bos_token_id  # a copy: the fixture stays as it is
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.3,  # a sharp random model: the BOS moves its log-probs
+                                 bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)).save_pretrained(out)
+    return out
+
+
+def _served(model_dir: Path, root: Path):
+    """The service (transformers engine) on ``model_dir`` with an infill and a reasoning adapter."""
+    tokenizer = load_tokenizer(model_dir)
+    store = AdapterStore(root / "adapters")
     for seed, task in enumerate([InfillTask(InfillConfig(), tokenizer), ReasoningTask(ReasoningConfig(), tokenizer)]):
-        save_adapter(store, task.name, bos_model, task.manifest_fields(), seed=seed, scale=0.1)
-    settings = Settings(engine="transformers", store=store.root, base_model=str(bos_model), torch_threads=1)
+        save_adapter(store, task.name, model_dir, task.manifest_fields(), seed=seed, scale=0.1)
+    settings = Settings(engine="transformers", store=store.root, base_model=str(model_dir), torch_threads=1)
     with Server(create_app(settings)) as server, server.client() as client:
-        yield store, client
+        yield model_dir, store, client
 
 
-def test_infill_prompts_scores_and_rewards_read_from_the_bos(bos_model: Path, served):
-    store, client = served
-    tokenizer = load_tokenizer(bos_model)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+@pytest.fixture(scope="module")
+def served_bos(bos_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from _served(bos_model, tmp_path_factory.mktemp("served-bos"))
+
+
+@pytest.fixture(scope="module")
+def served_llama2(llama2_like: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from _served(llama2_like, tmp_path_factory.mktemp("served-llama2"))
+
+
+@pytest.mark.parametrize("served", ["served_bos", "served_llama2"])
+def test_infill_prompts_scores_and_rewards_agree_between_trainer_and_service(served: str, request):
+    """Prompts and contexts are encoded as the tokenizer encodes a document (BOS first), the ending
+    as it reads inside the story; the service's log q and score are the trainer's policy and reward."""
+    model_dir, store, client = request.getfixturevalue(served)
+    tokenizer = load_tokenizer(model_dir)
+    eos = tokenizer.eos_token_id
     task = InfillTask(InfillConfig(), tokenizer)
     prompt = task.prompt(InfillRecord(prefix=PREFIX, suffix=SUFFIX))
-    assert prompt.ids[0] == bos and prompt.ids[1:] == task.ids(prompt.key)
+    context, ending = task.context_ids(PREFIX), task.ids(" " + SUFFIX)
+    assert prompt.ids == tokenizer(prompt.key)["input_ids"] and prompt.ids[0] == tokenizer.bos_token_id
+    assert context + ending == tokenizer(PREFIX + " " + SUFFIX)["input_ids"]
 
     reply = client.post("/infill", json={"prefix": PREFIX, "suffix": SUFFIX, "n": 4, "seed": 3, "score": True})
     assert reply.status_code == 200, reply.text
-    base, loaded = load_causal_lm(bos_model), store.load("infill", 1)
-    adapted = peft.PeftModel.from_pretrained(load_causal_lm(bos_model), loaded.path).eval()
-    context, ending = [bos] + task.ids(PREFIX), task.ids(" " + SUFFIX)
+    base, loaded = load_causal_lm(model_dir), store.load("infill", 1)
+    adapted = peft.PeftModel.from_pretrained(load_causal_lm(model_dir), loaded.path).eval()
     for sample in reply.json()["samples"]:
         z = sample["token_ids"]
+        assert sample["text"] == task.text(z)
         expected_q = policy_log_q(adapted, prompt.ids, z, sample["stopped"], eos, loaded.manifest.min_len)
         assert sample["log_q"] == pytest.approx(expected_q, rel=1e-3)
         expected = log_p(base, context, z + ending)
         assert sample["log_p"] == pytest.approx(expected, rel=1e-3)
-        assert abs(log_p(base, context[1:], z + ending) - expected) > 0.01  # the BOS matters to this model
+        assert abs(log_p(base, context[1:], z + ending) - expected) > 0.01  # the BOS matters to these models
         rollout = Rollout([prompt.ids], torch.tensor([z]), torch.tensor([len(z)]), torch.zeros(1, len(z), dtype=torch.bool))
         reward = task.log_rewards(Scorer(base, eos), [prompt], rollout)[0, len(z)]
         assert float(reward) == pytest.approx(expected, rel=1e-3)  # what training rewarded, the service scores
 
 
-def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served):
+def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served_bos):
     """/reason's answers (read by the base model where a rationale does not end with the
     calculator's value) and their log p(Y | X Z) are the trainer's, BOS included."""
-    _, client = served
+    _, _, client = served_bos
     task = ReasoningTask(ReasoningConfig(), load_tokenizer(bos_model))
     question = "Question: 3 + 4 - 2 = ? Answer:"
     reply = client.post("/reason", json={"question": question, "n_rationales": 8, "seed": 1})
@@ -112,21 +158,6 @@ def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served):
     for served_one, answer, weight in zip(reply.json()["rationales"], answers, weights):
         assert served_one["answer"] == answer
         assert served_one["log_p_answer"] == (None if answer is None else pytest.approx(weight, rel=1e-3))
-
-
-@pytest.fixture(scope="module")
-def sentencepiece() -> PreTrainedTokenizerFast:
-    """Word starts marked "▁" and digits alone, as in Llama-2's vocabulary; trained on demo lines."""
-    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([  # digits alone, as Llama-2's: " 6" is "▁" "6"
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
-        pre_tokenizers.Digits(individual_digits=True)])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokenizer.train_from_iterator(documents(CorpusConfig())[:3000],
-                                  trainers.BpeTrainer(vocab_size=600, special_tokens=special))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def test_sentencepiece_pieces_are_spelled_as_inside_a_document(sentencepiece):
