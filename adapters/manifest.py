@@ -104,6 +104,9 @@ class Manifest(_Strict):
     task: str
     task_config: dict[str, Any]
     prompt_template: str
+    document_prefix: list[NonNegativeInt] = Field([], description="token ids before every context the model read "
+                                                   "from its start in training (the tokenizer's BOS, if any): the "
+                                                   "prompt, and the contexts the reward scored")
     terminator: str
     terminator_id: NonNegativeInt
     min_len: NonNegativeInt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
@@ -10,7 +11,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from adapters.manifest import word_bias
+from adapters.manifest import Manifest, word_bias
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -108,8 +109,9 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-Scoring = Callable[[Sample], tuple[list[int], list[int]]]
-"""(context, continuation) whose base log-probability is a sample's ``log_p``."""
+Scoring = Callable[[Manifest, Sample], tuple[list[int], list[int]]]
+"""(context, continuation) whose base log-probability is a sample's ``log_p`` (the manifest: the
+adapter's, for its document prefix)."""
 
 
 async def serve_samples(request: Request, state: ServiceState, body: Sampling, task: str,
@@ -125,15 +127,16 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         rendered = render(manifest, fields)
         if not rendered:
             raise invalid(_longest(texts), f"adapter {manifest.ref}'s prompt is empty with these fields")
-        prompt = state.encode_context(rendered)
+        prompt = state.encode_context(rendered, manifest)
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
         generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)
-        return await guarded(request, _samples(request, state, generation, scoring), state.settings.request_timeout_s)
+        scores = functools.partial(scoring, manifest) if scoring else None
+        return await guarded(request, _samples(request, state, generation, scores), state.settings.request_timeout_s)
 
 
 async def _samples(request: Request, state: ServiceState, generation: GenRequest,
-                   scoring: Scoring | None) -> SamplesResponse:
+                   scoring: Callable[[Sample], tuple[list[int], list[int]]] | None) -> SamplesResponse:
     samples = (await state.sample(request, generation)).samples
     log_p: list[float | None] = [None] * len(samples)
     if scoring is not None:

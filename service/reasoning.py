@@ -49,9 +49,9 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
     answer_format = AnswerFormat(manifest.task_config["answer_prompt"], manifest.task_config.get("reward_prefix") or "")
     prompts, bridge = [question] * len(texts), _Bridge()
     try:
-        answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, bridge(_completer(state)))
+        answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, bridge(_completer(state, manifest)))
         weights = await asyncio.to_thread(answer_log_probs, prompts, texts, answers, answer_format,
-                                          bridge(_scorer(state)))
+                                          bridge(_scorer(state, manifest)))
     finally:  # on a timeout or a disconnect, stop the engine work the worker thread waits on
         bridge.close()
     return [{"text": text, "steps": [{"expression": e, "value": v} for e, v in steps(text)], "answer": answer,
@@ -59,17 +59,17 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
             for text, sample, answer, weight in zip(texts, result.samples, answers, weights)]
 
 
-def _completer(state: ServiceState) -> Callable[[list[str]], Awaitable[list[str]]]:
+def _completer(state: ServiceState, manifest: Manifest) -> Callable[[list[str]], Awaitable[list[str]]]:
     async def complete(contexts: list[str]) -> list[str]:
-        reads = await state.engine.generate([GenRequest(state.encode_context(c), BASE, state.tokenizer.eos_token_id,
+        reads = await state.engine.generate([GenRequest(state.encode_context(c, manifest), BASE, state.tokenizer.eos_token_id,
                                                         ANSWER_TOKENS, temperature=0) for c in contexts])
         return [state.decode(read.samples[0].token_ids) for read in reads]
     return complete
 
 
-def _scorer(state: ServiceState) -> Callable[[list[str], list[str]], Awaitable[list[float]]]:
+def _scorer(state: ServiceState, manifest: Manifest) -> Callable[[list[str], list[str]], Awaitable[list[float]]]:
     async def score(contexts: list[str], continuations: list[str]) -> list[float]:
-        return await state.engine.score([state.encode_context(c) for c in contexts],
+        return await state.engine.score([state.encode_context(c, manifest) for c in contexts],
                                         [state.encode(c) for c in continuations])
     return score
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from fastapi import Request
@@ -16,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import document_prefix, load_tokenizer, pad_id, piece_ids, piece_text
+from adapters.models import load_tokenizer, pad_id, piece_ids, piece_text
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -113,14 +112,11 @@ class ServiceState:
         """A piece of text, joined id-wise to what it follows."""
         return piece_ids(self.tokenizer, text)
 
-    @cached_property
-    def document_prefix(self) -> list[int]:
-        return document_prefix(self.tokenizer)
-
-    def encode_context(self, text: str) -> list[int]:
-        """A text the model reads from its start: the document prefix (a BOS, where the model was
-        trained with one, as the trainer adds it), then the text."""
-        return self.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode_context(self, text: str, manifest: Manifest) -> list[int]:
+        """A text the model reads from its start, as the adapter's training read it: its document
+        prefix (the tokenizer's BOS, where there is one; none in manifests from before the prefix),
+        then the text."""
+        return manifest.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         """The text of a piece's ids (a sample), as it reads after its prompt."""

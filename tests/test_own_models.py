@@ -141,6 +141,26 @@ def test_infill_prompts_scores_and_rewards_agree_between_trainer_and_service(ser
         assert float(reward) == pytest.approx(expected, rel=1e-3)  # what training rewarded, the service scores
 
 
+def test_an_adapter_from_before_the_prefix_is_served_as_it_was_trained(bos_model: Path, tmp_path: Path):
+    """A manifest without `document_prefix` (trained before contexts began with the BOS) is served
+    without it: its prompt as training read it."""
+    tokenizer = load_tokenizer(bos_model)
+    task = InfillTask(InfillConfig(), tokenizer)
+    fields = {k: v for k, v in task.manifest_fields().items() if k != "document_prefix"}
+    store = AdapterStore(tmp_path / "adapters")
+    loaded = store.load("infill", save_adapter(store, "infill", bos_model, fields, seed=0, scale=0.1).version)
+    assert task.manifest_fields()["document_prefix"] == [tokenizer.bos_token_id] and loaded.manifest.document_prefix == []
+    settings = Settings(engine="transformers", store=store.root, base_model=str(bos_model), torch_threads=1)
+    with Server(create_app(settings)) as server, server.client() as client:
+        reply = client.post("/infill", json={"prefix": PREFIX, "suffix": SUFFIX, "n": 2, "seed": 3})
+    assert reply.status_code == 200, reply.text
+    adapted = peft.PeftModel.from_pretrained(load_causal_lm(bos_model), loaded.path).eval()
+    prompt = task.prompt(InfillRecord(prefix=PREFIX, suffix=SUFFIX)).ids[1:]  # no BOS
+    for sample in reply.json()["samples"]:
+        expected = policy_log_q(adapted, prompt, sample["token_ids"], sample["stopped"], tokenizer.eos_token_id)
+        assert sample["log_q"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served_bos):
     """/reason's answers (read by the base model where a rationale does not end with the
     calculator's value) and their log p(Y | X Z) are the trainer's, BOS included."""

@@ -13,6 +13,7 @@ async def infill(body: InfillRequest, request: Request, state: State) -> Samples
     """Middles Z between a beginning X and an ending Y, sampled from p(Z | X, Y) ∝ p(X Z Y) by an
     infilling adapter; with `score`, also the base model's log p(Z Y | X) of each, read from the
     plain story "X Z Y" (a space before Y, as the infill task scores it)."""
-    prefix, suffix = state.encode_context(body.prefix), state.encode(" " + body.suffix)
+    suffix = state.encode(" " + body.suffix)
     return await serve_samples(request, state, body, "infill", {"prefix": body.prefix, "suffix": body.suffix},
-                               (lambda s: (prefix, s.token_ids + suffix)) if body.score else None)
+                               (lambda m, s: (state.encode_context(body.prefix, m), s.token_ids + suffix))
+                               if body.score else None)

@@ -34,7 +34,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
         pool = await state.cache.take(key, n, manifest.name)
         cached = len(pool)
         if cached < n:
-            prompt = state.encode_context(render(manifest, {"question": question}))
+            prompt = state.encode_context(render(manifest, {"question": question}), manifest)
             tool = state.calculator if config.get("tool") == "calculator" else None
             seed = None if body.seed is None else body.seed + cached  # a pool grown in steps = one drawn at once
             generation = gen_request(manifest, prompt, n - cached, body.temperature, seed, body.max_tokens, tool)

@@ -156,6 +156,7 @@ class Task(ABC):
             "task": self.name,
             "task_config": self.config.model_dump(),
             "prompt_template": self.prompt_template,
+            "document_prefix": self.document_prefix,
             "terminator": self.terminator,
             "terminator_id": self.terminator_id,
             "min_len": self.config.min_len,
