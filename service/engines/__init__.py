@@ -24,11 +24,11 @@ async def start_engine(settings: Settings, model_dir: str | Path, pad_id: int, e
     Only without CUDA: on a GPU a failed vLLM (out of memory, a bad setting) must fail loudly, not
     fall back to a CPU engine."""
     if settings.engine == "auto" and importlib.util.find_spec("vllm") is not None:
-        if torch.cuda.is_available():
-            return await _started(make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch))
         try:
             return await _started(make_engine(settings, "vllm", model_dir, pad_id, eos_id, loras, on_batch))
         except Exception as error:  # noqa: BLE001 - whatever vLLM refuses on a CPU, transformers may serve
+            if torch.cuda.is_available():
+                raise
             log.warning("vLLM cannot serve %s (%s: %s); serving with transformers", model_dir,
                         type(error).__name__, error)
     kind = "transformers" if settings.engine == "auto" else settings.engine
