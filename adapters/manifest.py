@@ -93,6 +93,8 @@ class BaseModelRef(_Strict):
 
     path: str
     fingerprint: str
+    tokenizer: str | None = Field(None, description="adapters.models.tokenizer_digest of its tokenizer; checked "
+                                                    "where recorded (manifests from before it have none)")
 
 
 class Manifest(_Strict):

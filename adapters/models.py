@@ -8,6 +8,8 @@ importing transformers takes seconds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,16 @@ def piece_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     decoder drops the space of a leading "▁" (a document's start), which a piece keeps."""
     anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
     return tokenizer.decode(anchor + list(ids))[len(tokenizer.decode(anchor)):]
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What decides the token ids of every text: the tokenizer's whole pipeline (normalizer,
+    pre-tokenizer, vocabulary and merges, special tokens, post-processor). The base model's
+    fingerprint covers config and weights only; an adapter's manifest holds token ids (terminator,
+    masks, document prefix) that another tokenizer would misread. A chat template does not count."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spelled = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return "sha256:" + hashlib.sha256(spelled.encode()).hexdigest()
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -125,12 +125,14 @@ class AdapterStore:
         return manifest
 
     def load(
-        self, name: str, version: int | None = None, base_fingerprint: str | None = None
+        self, name: str, version: int | None = None, base_fingerprint: str | None = None,
+        base_tokenizer: str | None = None,
     ) -> LoadedAdapter:
         """Return a version (latest if None) after checking it is intact and fits the base model.
 
         Every file's sha256 must match the manifest, with nothing missing or added; with
-        ``base_fingerprint``, the adapter must have been trained on that exact base model.
+        ``base_fingerprint``, the adapter must have been trained on that exact base model, and with
+        ``base_tokenizer`` (a tokenizer_digest) on that tokenizer, where its manifest records one.
         """
         path = self._locate(name, version)
         manifest = _read_manifest(path, verify=True)
@@ -140,6 +142,12 @@ class AdapterStore:
                 f"adapter {manifest.ref} was trained on base model {trained_on.fingerprint} "
                 f"({trained_on.path}), but the base model given has fingerprint {base_fingerprint}; "
                 "use the base model it was trained on, or retrain the adapter on this one"
+            )
+        if None not in (base_tokenizer, trained_on.tokenizer) and base_tokenizer != trained_on.tokenizer:
+            raise BaseModelMismatch(
+                f"adapter {manifest.ref} was trained with another tokenizer ({trained_on.tokenizer}) on these "
+                f"weights ({trained_on.path}); this base model's tokenizer is {base_tokenizer}, which would read "
+                "its token ids (terminator, masks) as other text: restore that tokenizer, or retrain the adapter"
             )
         _verify_files(path, manifest)
         return LoadedAdapter(path=path, manifest=manifest)

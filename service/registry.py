@@ -39,8 +39,10 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, metrics: Metrics):
-        self.store, self.engine, self.base_fingerprint, self.metrics = store, engine, base_fingerprint, metrics
+    def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, base_tokenizer: str,
+                 metrics: Metrics):
+        self.store, self.engine, self.metrics = store, engine, metrics
+        self.base_fingerprint, self.base_tokenizer = base_fingerprint, base_tokenizer
         self.entries: dict[str, Entry] = {}
         self.unloaded: set[str] = set()  # refs an operator unloaded: the watcher leaves them out
         self._lock = asyncio.Lock()  # one engine change at a time
@@ -97,7 +99,8 @@ class Registry:
         """Check, load, warm, then route; raises AdapterError or AdapterRefused (nothing changes then)."""
         async with self._lock:
             started = time.perf_counter()
-            adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint)
+            adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint,
+                                              self.base_tokenizer)
             manifest = adapter.manifest
             self.unloaded.discard(manifest.ref)  # asked for again
             entry = self.entries.get(manifest.ref)

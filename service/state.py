@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import load_tokenizer, pad_id, piece_ids, piece_text
+from adapters.models import load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -60,7 +60,7 @@ class ServiceState:
         engine = await start_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
                                     [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
         metrics.watch(engine)
-        registry = Registry(store, engine, base_fingerprint, metrics)
+        registry = Registry(store, engine, base_fingerprint, tokenizer_digest(tokenizer), metrics)
         jobs = None
         if settings.redis_url:
             jobs = JobQueue(Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2))

@@ -20,7 +20,7 @@ import uvicorn
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
-from adapters.models import load_causal_lm, load_tokenizer
+from adapters.models import load_causal_lm, load_tokenizer, tokenizer_digest
 from adapters.store import AdapterStore
 
 T = TypeVar("T")
@@ -48,7 +48,8 @@ def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[s
     out = store.root.parent / f"src-{name}-{seed}"
     model.save_pretrained(out)
     lora = LoraSpec(r=rank, alpha=2 * rank, target_modules=targets)
-    base = {"path": str(model_dir), "fingerprint": base_fingerprint or fingerprint(model_dir)}
+    base = {"path": str(model_dir), "fingerprint": base_fingerprint or fingerprint(model_dir),
+            "tokenizer": tokenizer_digest(load_tokenizer(model_dir))}
     manifest = store.save(name, out, {**fields, "base_model": base, "lora": lora.model_dump(),
                                       "training": {"fixture": True}, "metrics": {}})
     shutil.rmtree(out)

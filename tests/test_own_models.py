@@ -17,7 +17,9 @@ from service_world import Server, policy_log_q, save_adapter
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adapters.models import document_prefix, load_causal_lm, load_tokenizer, piece_ids, piece_text
+from adapters.errors import BaseModelMismatch
+from adapters.fingerprint import fingerprint
+from adapters.models import document_prefix, load_causal_lm, load_tokenizer, piece_ids, piece_text, tokenizer_digest
 from adapters.reasoning import answer_log_probs, final_value, read_answers
 from adapters.store import AdapterStore
 from service.app import create_app
@@ -159,6 +161,23 @@ def test_an_adapter_from_before_the_prefix_is_served_as_it_was_trained(bos_model
     for sample in reply.json()["samples"]:
         expected = policy_log_q(adapted, prompt, sample["token_ids"], sample["stopped"], tokenizer.eos_token_id)
         assert sample["log_q"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_an_adapter_is_refused_under_another_tokenizer_on_the_same_weights(demo_model: Path, bos_model: Path,
+                                                                           tmp_path: Path):
+    """The BOS copy has the demo's weights (one fingerprint) but another tokenizer: an adapter trained
+    on the demo would be served on prompts it never saw. Manifests without a tokenizer digest load."""
+    assert fingerprint(bos_model) == fingerprint(demo_model)
+    store = AdapterStore(tmp_path / "adapters")
+    fields = InfillTask(InfillConfig(), load_tokenizer(demo_model)).manifest_fields()
+    save_adapter(store, "infill", demo_model, fields, seed=0)
+    with pytest.raises(BaseModelMismatch, match="another tokenizer"):
+        store.load("infill", 1, fingerprint(bos_model), tokenizer_digest(load_tokenizer(bos_model)))
+    assert store.load("infill", 1, fingerprint(demo_model), tokenizer_digest(load_tokenizer(demo_model)))
+    settings = Settings(engine="transformers", store=store.root, base_model=str(bos_model), torch_threads=1)
+    with Server(create_app(settings)) as server, server.client() as client:
+        ready = client.get("/ready").json()
+    assert ready["adapters"] == [] and "another tokenizer" in ready["refused"]["infill@v1"]
 
 
 def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served_bos):

@@ -164,6 +164,15 @@ def test_other_base_model_is_refused(store: AdapterStore, src: Path) -> None:
     assert BASE_FP in str(err.value) and other in str(err.value)
 
 
+def test_another_tokenizer_is_refused_where_the_manifest_records_one(store: AdapterStore, src: Path) -> None:
+    store.save("rng", src, fields())  # from before the digest: any tokenizer
+    assert store.load("rng", 1, BASE_FP, base_tokenizer="sha256:" + "c" * 64).manifest.base_model.tokenizer is None
+    store.save("rng", src, fields(base_model={"path": "/models/tiny", "fingerprint": BASE_FP, "tokenizer": "sha256:t"}))
+    assert store.load("rng", 2, BASE_FP, base_tokenizer="sha256:t")
+    with pytest.raises(BaseModelMismatch, match="another tokenizer"):
+        store.load("rng", 2, BASE_FP, base_tokenizer="sha256:" + "c" * 64)
+
+
 @pytest.mark.parametrize(
     "name", ["../x", "A B", "a/b", "", "a..b", ".hidden", "-x", "x\n", "x" * 65]
 )

@@ -10,7 +10,7 @@ import peft
 import torch
 
 from adapters.fingerprint import fingerprint
-from adapters.models import load_causal_lm, load_tokenizer, pad_id
+from adapters.models import load_causal_lm, load_tokenizer, pad_id, tokenizer_digest
 from adapters.store import AdapterStore
 from trainer.rollout import sample
 from trainer.scoring import Scorer
@@ -23,8 +23,9 @@ class LoadedPolicy:
     def __init__(self, store: AdapterStore, name: str, version: int | None = None):
         manifest = store.manifest(name, version)
         base = manifest.base_model.path
-        loaded = store.load(name, manifest.version, base_fingerprint=fingerprint(base))
-        self.manifest, self.tokenizer = loaded.manifest, load_tokenizer(base)
+        self.tokenizer = load_tokenizer(base)
+        loaded = store.load(name, manifest.version, fingerprint(base), tokenizer_digest(self.tokenizer))
+        self.manifest = loaded.manifest
         self.pad_id = pad_id(self.tokenizer)
         self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path).eval()
         task_type = TASKS[self.manifest.task]

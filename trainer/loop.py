@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from adapters._fs import write_atomic
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora, tokenizer_digest
 from adapters.store import AdapterStore
 from trainer import plots
 from trainer.config import TrainConfig
@@ -303,7 +303,8 @@ class Trainer:
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {
             **self.task.manifest_fields(),
-            "base_model": {"path": str(self.model_dir), "fingerprint": self.base_fingerprint},
+            "base_model": {"path": str(self.model_dir), "fingerprint": self.base_fingerprint,
+                           "tokenizer": tokenizer_digest(self.tokenizer)},
             "lora": self.config.lora.model_dump(),
             "training": {"method": self.method, "config": self.config.model_dump(), "steps": self.step},
             "metrics": metrics,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora, tokenizer_digest
 from adapters.store import AdapterStore, check_name
 from trainer.loop import check_context, resolve_base_model
 from trainer.policy import policy_log_probs
@@ -104,7 +104,8 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         (out / "eval.json").write_text(json.dumps(metrics, indent=2))
         fields = {
             **task.manifest_fields(),
-            "base_model": {"path": str(model_dir), "fingerprint": fingerprint(model_dir)},
+            "base_model": {"path": str(model_dir), "fingerprint": fingerprint(model_dir),
+                           "tokenizer": tokenizer_digest(tokenizer)},
             "lora": config.lora.model_dump(),
             "training": {"method": "sft", "config": config.model_dump(), "steps": config.steps, "pairs": len(pairs)},
             "metrics": metrics,
