@@ -8,6 +8,7 @@ importing transformers takes seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,8 +32,14 @@ def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the tokenizer puts before a document (Llama's and Gemma's BOS; none for
     GPT-2 or the demo model). Every text the base model reads from its start begins with them,
     in training and in serving alike: models trained with a BOS degrade without it."""
-    full, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    full, bare = tokenizer("a")["input_ids"], _plain(tokenizer, "a")
     return full[:next((k for k in range(len(full)) if full[k:k + len(bare)] == bare), 0)]
+
+
+def context_ids(tokenizer: PreTrainedTokenizerBase, text: str, prefix: list[int]) -> list[int]:
+    """Ids of a text the model reads from its start: ``prefix`` (a document prefix: the tokenizer's,
+    or the one a manifest records), then the text as the tokenizer spells a document's beginning."""
+    return prefix + _plain(tokenizer, text)
 
 
 def piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -41,16 +48,27 @@ def piece_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     document's start with a "▁" that a text encoded alone would also get; encoded after a newline
     whose ids are then dropped, it gets none. Where the newline's ids do not lead unchanged (it
     merged with the text), the text is encoded alone. Byte-level BPE spells both alike."""
-    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    ids = tokenizer("\n" + text, add_special_tokens=False)["input_ids"]
-    return ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(text, add_special_tokens=False)["input_ids"]
+    anchor = _newline(tokenizer)
+    ids = _plain(tokenizer, "\n" + text)
+    return ids[len(anchor):] if ids[:len(anchor)] == anchor else _plain(tokenizer, text)
 
 
 def piece_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     """The text of ids that continue other text, the inverse of `piece_ids`: a SentencePiece
     decoder drops the space of a leading "▁" (a document's start), which a piece keeps."""
-    anchor = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    anchor = _newline(tokenizer)
     return tokenizer.decode(anchor + list(ids))[len(tokenizer.decode(anchor)):]
+
+
+def _plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=8)
+def _newline(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids of "\n", which pieces are spelled after: once per tokenizer, not once per piece (shared:
+    callers read it, never change it)."""
+    return _plain(tokenizer, "\n")
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:

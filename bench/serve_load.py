@@ -169,7 +169,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
               bodies: list[dict]) -> float:
     """Requests per second of the same work handed to the engine directly, all at once (the
     largest batches it can make: a limit no number of clients beats), after the same warm-up."""
-    from adapters.models import load_tokenizer, pad_id
+    from adapters.models import context_ids, load_tokenizer, pad_id
     from service.engines import start_engine
     from service.policy import gen_request, render
     from service.settings import Settings
@@ -183,7 +183,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     await engine.add_adapter(loaded)
     def request(body: dict):
         text = render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]})
-        prompt = manifest.document_prefix + tokenizer(text, add_special_tokens=False)["input_ids"]  # as the service
+        prompt = context_ids(tokenizer, text, manifest.document_prefix)  # as the service encodes it
         return gen_request(manifest, prompt, body["n"], 1.0, body["seed"], None)
 
     await asyncio.gather(*(engine.generate([request(b)]) for b in warm))

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
+from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
 from adapters.store import AdapterStore
 from jobs import JobQueue
 from service.cache import RationaleCache
@@ -116,7 +116,7 @@ class ServiceState:
         """A text the model reads from its start, as the adapter's training read it: its document
         prefix (the tokenizer's BOS, where there is one; none in manifests from before the prefix),
         then the text."""
-        return manifest.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return context_ids(self.tokenizer, text, manifest.document_prefix)
 
     def decode(self, ids: list[int]) -> str:
         """The text of a piece's ids (a sample), as it reads after its prompt."""

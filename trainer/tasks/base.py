@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
-from adapters.models import document_prefix, pad_id, piece_ids, piece_text
+from adapters.models import context_ids, document_prefix, pad_id, piece_ids, piece_text
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
@@ -113,7 +113,7 @@ class Task(ABC):
     def context_ids(self, text: str) -> list[int]:
         """Token ids of a text the model reads from its start: the tokenizer's document prefix
         (a BOS, for models trained with one), then the text."""
-        return self.document_prefix + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return context_ids(self.tokenizer, text, self.document_prefix)
 
     def text(self, ids: Sequence[int]) -> str:
         """The text of a piece's ids (a latent), as it reads after what it continues."""
