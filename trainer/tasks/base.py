@@ -132,12 +132,13 @@ class Task(ABC):
         """The prompts of the held-out records (none for tasks without records)."""
         return [self.prompt(r) for r in self.eval_records]
 
-    eval_records: Sequence[Any] = ()
-
-    def prompt(self, record: Any) -> Prompt:
-        raise NotImplementedError(f"the {self.name} task has no records")
+    eval_records: Sequence[Any] = ()  # the held-out records; a task without records has none
 
     # ------------------------------------------------------------ what subclasses define
+    @abstractmethod
+    def prompt(self, record: Any) -> Prompt:
+        """The prompt of one record (of a task without records: its one prompt)."""
+
     @abstractmethod
     def train_prompts(self) -> list[Prompt]:
         """The prompts training draws from."""

@@ -115,6 +115,9 @@ class RngTask(Task):
         digits = [i for i in range(len(self.tokenizer)) if self.tokenizer.decode([i]).isdigit()]
         return VocabMask(mode="allow", token_ids=digits)
 
+    def prompt(self, record: None = None) -> Prompt:
+        return self._prompt
+
     def train_prompts(self) -> list[Prompt]:
         return [self._prompt]
 
