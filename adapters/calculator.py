@@ -6,7 +6,13 @@ untrusted (a sampled sequence can be anything), so a step is parsed by one ancho
 computed with integer arithmetic; nothing is ever passed to ``eval``.
 """
 
+from __future__ import annotations
+
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ANSWER_TAG = "Answer:"
 """Ends the question; the rationale starts right after it."""
@@ -56,3 +62,22 @@ def tool_output(text_so_far: str) -> str | None:
     except CalculatorError:
         return None
     return f" {value}"
+
+
+class TokenCalculator:
+    """The calculator on token ids, as training rollouts and both serving engines call it: after a
+    token whose text ends with "=" (one of ``triggers``), the step's value as the ids that continue
+    the latent; None after any other token or a malformed step."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.triggers = frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("="))
+
+    def __call__(self, tokens: list[int]) -> list[int] | None:
+        """``tokens``: the latent so far (not the prompt)."""
+        from adapters.models import piece_ids  # transformers: only where a tokenizer is at hand
+
+        if not tokens or tokens[-1] not in self.triggers:
+            return None
+        text = tool_output(self.tokenizer.decode(tokens))
+        return None if text is None else piece_ids(self.tokenizer, text)

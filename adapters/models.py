@@ -77,7 +77,15 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
     fingerprint covers config and weights only; an adapter's manifest holds token ids (terminator,
     masks, document prefix) that another tokenizer would misread. A chat template does not count."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spelled = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is None:
+        spelled = json.dumps(sorted(tokenizer.get_vocab().items()))
+    else:  # without truncation and padding: settings of a call (transformers resets them on the first), not of the ids
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        spelled = copy.to_str()
     return "sha256:" + hashlib.sha256(spelled.encode()).hexdigest()
 
 

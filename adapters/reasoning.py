@@ -40,6 +40,10 @@ _ANSWER_START_RE = re.compile(r"the\s+answer\s+is", re.IGNORECASE)
 # What follows the "=" of a rationale's last step when it ends with the value: " -6".
 _FINAL_VALUE_RE = re.compile(r"\s*(-?[0-9]{1,7})\s*")
 
+ANSWER_TOKENS = 12
+"""Greedy tokens the base model may take to state an answer after a rationale (' -1234.' and
+slack); the trainer's evaluation and the service read the same number."""
+
 Complete = Callable[[list[str]], list[str]]
 """Base-model greedy continuations of texts (a few tokens each): contexts -> completions."""
 Score = Callable[[list[str], list[str]], list[float]]

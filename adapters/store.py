@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -87,7 +87,7 @@ class AdapterStore:
         src = Path(src_dir)
         _check_source(src, manifest_fields)
         with self._lock(name) as name_dir:
-            if job_id is not None and (saved := self._find_job(name, job_id)) is not None:
+            if job_id is not None and (saved := self.saved_by(name, job_id)) is not None:
                 return saved
             held = self.task_of(name)
             if held is not None and held != manifest_fields.get("task"):
@@ -158,12 +158,7 @@ class AdapterStore:
 
     def task_of(self, name: str) -> str | None:
         """The task of a name's newest readable version; None for a name not stored yet."""
-        for version in reversed(self.versions(name)):
-            try:
-                return self.manifest(name, version).task
-            except AdapterCorrupt:
-                continue
-        return None
+        return next((m.task for m in self._manifests(name, reversed(self.versions(name)))), None)
 
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name`` in increasing order; empty if there are none."""
@@ -237,24 +232,28 @@ class AdapterStore:
         allocated = int(last.read_text()) if last.exists() else 0
         return max([allocated, *self.versions(name_dir.name)]) + 1
 
-    def _find_job(self, name: str, job_id: str) -> Manifest | None:
+    def saved_by(self, name: str, job_id: str) -> Manifest | None:
         """The version a job already saved, if any. A damaged version is skipped: it must not
         fail every later save of its name (at worst the job saves once more)."""
-        for version in self.versions(name):
-            try:
-                manifest = self.manifest(name, version)
-            except AdapterCorrupt:
-                continue
-            if manifest.job_id == job_id:
-                return manifest
-        return None
+        return next((m for m in self._manifests(name, self.versions(name)) if m.job_id == job_id), None)
 
-    def list(self) -> builtins.list[Manifest]:
-        """Manifests of every version of every adapter, by name then version.
+    def _manifests(self, name: str, versions: Iterable[int], damaged: dict[str, str] | None = None) -> Iterator[Manifest]:
+        """The readable manifests of these versions; a damaged one is skipped (its reason kept in
+        ``damaged``, by ref, when given)."""
+        for version in versions:
+            try:
+                yield self.manifest(name, version)
+            except AdapterCorrupt as error:
+                if damaged is not None:
+                    damaged[f"{name}@v{version}"] = str(error)
+
+    def list(self, damaged: dict[str, str] | None = None) -> builtins.list[Manifest]:
+        """Manifests of every readable version of every adapter, by name then version: one damaged
+        version must not hide the others (with ``damaged``, a dict, it gets why each was skipped).
 
         Defined last: in the class body, ``list`` names this method from here on.
         """
-        return [self.manifest(name, version) for name in self.names() for version in self.versions(name)]
+        return [m for name in self.names() for m in self._manifests(name, self.versions(name), damaged)]
 
 
 def _is_name(name: object) -> bool:

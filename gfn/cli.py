@@ -59,8 +59,6 @@ def train(
     store: Annotated[Optional[Path], typer.Option(help="adapter store root")] = None,
 ) -> None:
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
-    import shutil
-
     from pydantic import ValidationError
 
     from adapters.store import AdapterStore
@@ -72,10 +70,8 @@ def train(
     except (ValidationError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     run_dir = run_dir or runs_root() / cfg.name
-    if fresh:
-        shutil.rmtree(run_dir, ignore_errors=True)
     try:  # a missing base model, a run dir in use or holding another run
-        trainer = Trainer(cfg, run_dir, AdapterStore(store or store_root()))
+        trainer = Trainer(cfg, run_dir, AdapterStore(store or store_root()), fresh=fresh)
     except (RunInUse, ValueError, OSError) as error:
         _fail(str(error))
     manifest = trainer.run()
@@ -107,11 +103,13 @@ def adapters_list(store: Annotated[Optional[Path], typer.Option(help="adapter st
     """Every stored adapter version with its task and headline metrics."""
     from adapters.store import AdapterStore
 
-    table = Table("adapter", "task", "created", "base model", "metrics")
-    for m in AdapterStore(store or store_root()).list():
+    table, damaged = Table("adapter", "task", "created", "base model", "metrics"), {}
+    for m in AdapterStore(store or store_root()).list(damaged):
         headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.metrics.items() if not isinstance(v, dict)}
         table.add_row(m.ref, m.task, m.created_at[:19], m.base_model.fingerprint[:19], json.dumps(headline))
     console.print(table)
+    for ref, why in damaged.items():
+        console.print(f"[red]damaged[/red] {ref}: {why}", soft_wrap=True)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Reasoning with a calculator: sample rationales, then read and weigh each one's answer.
 
 A rationale Z is sampled from the reasoning adapter; whenever its text ends with a step
-"a op b =", the calculator (adapters.calculator, as in training) writes the value. Answers
+"a op b =", the calculator (adapters.calculator.TokenCalculator, as in training) writes the value. Answers
 are read and weighted by adapters.reasoning (``read_answers``, ``answer_log_probs``), the code
 the trainer's evaluation runs, with the base model reached through this engine.
 """
@@ -14,31 +14,13 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from transformers import PreTrainedTokenizerBase
 
-from adapters.calculator import tool_output
 from adapters.manifest import Manifest
-from adapters.models import piece_ids
-from adapters.reasoning import AnswerFormat, answer_log_probs, read_answers, steps
+from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, answer_log_probs, read_answers, steps
 from service.engines.base import BASE, GenRequest
 
 if TYPE_CHECKING:
     from service.state import ServiceState
-
-ANSWER_TOKENS = 12
-"""Greedy tokens the base model may use to state an answer, e.g. ' -1234.' and some slack."""
-
-
-class Calculator:
-    """The calculator as an engine tool: after a sampled token ending in "=", the step's value."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
-        self.triggers = frozenset(i for i in range(len(tokenizer)) if tokenizer.decode([i]).endswith("="))
-
-    def __call__(self, tokens: list[int]) -> list[int] | None:
-        text = tool_output(self.tokenizer.decode(tokens))
-        return None if text is None else piece_ids(self.tokenizer, text)
 
 
 async def sample_rationales(state: ServiceState, request: Request, manifest: Manifest, question: str,

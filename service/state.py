@@ -12,6 +12,7 @@ from fastapi import Request
 from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
+from adapters.calculator import TokenCalculator
 from adapters.errors import AdapterError, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
@@ -23,7 +24,6 @@ from service.engines import start_engine
 from service.engines.base import Engine, GenRequest, GenResult
 from service.errors import AdapterRefused
 from service.metrics import Metrics
-from service.reasoning import Calculator
 from service.registry import Registry
 from service.settings import Settings
 from service.watcher import AdapterWatcher
@@ -40,7 +40,7 @@ class ServiceState:
     registry: Registry
     cache: RationaleCache
     metrics: Metrics
-    calculator: Calculator
+    calculator: TokenCalculator
     jobs: JobQueue | None
     """The training-job queue; None without Redis (then /jobs answers 503)."""
     watcher: AdapterWatcher
@@ -66,7 +66,7 @@ class ServiceState:
             jobs = JobQueue(Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2))
         state = cls(settings, str(base_model), tokenizer, engine, registry,
                     RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
-                    metrics, Calculator(tokenizer), jobs,
+                    metrics, TokenCalculator(tokenizer), jobs,
                     AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused), refused)
         for pinned, manifest in wanted:
             try:

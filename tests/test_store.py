@@ -156,6 +156,16 @@ def test_a_damaged_version_does_not_block_a_jobs_save(store: AdapterStore, src: 
     assert store.save("rng", src, fields(), job_id="job-2").version == 2  # still idempotent
 
 
+def test_a_damaged_version_is_listed_apart_and_hides_no_other(store: AdapterStore, src: Path) -> None:
+    """`gfn adapters list` and `gfn up` read the listing: one torn manifest must not fail it."""
+    for name in ("rng", "rng", "other"):
+        store.save(name, src, fields())
+    (store.root / "rng" / "v1" / "manifest.json").write_text("{torn")
+    damaged: dict[str, str] = {}
+    assert [m.ref for m in store.list(damaged)] == ["other@v1", "rng@v2"]
+    assert list(damaged) == ["rng@v1"] and "manifest.json" in damaged["rng@v1"]
+
+
 def test_other_base_model_is_refused(store: AdapterStore, src: Path) -> None:
     store.save("rng", src, fields())
     other = "sha256:" + "b" * 64

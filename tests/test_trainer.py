@@ -116,6 +116,41 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, demo_model):
     Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)  # released when it ended
 
 
+def test_a_fresh_start_waits_for_the_lock_and_a_failed_resume_releases_it(tmp_path, demo_model):
+    """--fresh must not wipe the checkpoints of a run training in that directory; a resume that
+    fails (another config) must not leave the directory locked for the next attempt."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    assert Trainer(config, run_dir, store, quiet=True, should_stop=lambda: True).run() is None
+    first = Trainer(config, run_dir, store, quiet=True)
+    with pytest.raises(RunInUse):
+        Trainer(config, run_dir, store, quiet=True, fresh=True)
+    assert (run_dir / "checkpoint.pt").exists()
+    assert first.run().version == 1 and [h["step"] for h in first.history] == [1, 2]
+    other = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=3", "evaluate=false"])
+    with pytest.raises(ValueError, match="another config"):
+        Trainer(other, run_dir, store, quiet=True)
+    fresh = Trainer(other, run_dir, store, quiet=True, fresh=True)  # not RunInUse: the failed one let go
+    assert fresh.step == 0 and not (run_dir / "checkpoint.pt").exists() and (run_dir / ".lock").exists()
+    assert fresh.run().version == 2
+
+
+def test_a_relative_base_model_path_is_stored_absolute(tmp_path, demo_model, monkeypatch):
+    """The service and `gfn eval` read the manifest's base model path from other directories."""
+    monkeypatch.chdir(demo_model.parent)
+    config = load_config("rng", SHORT + [f"base_model=./{demo_model.name}", "steps=1", "evaluate=false"])
+    manifest = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True).run()
+    assert manifest.base_model.path == str(demo_model.resolve())
+
+
+def test_a_behaviour_mix_that_leaves_no_on_policy_sample_is_refused():
+    with pytest.raises(ValidationError, match="no on-policy sample after 2 tempered and 2 replayed"):
+        load_config("rng", ["samples_per_prompt=3", "behaviour.on_policy=0", "behaviour.tempered=0.5",
+                            "behaviour.replay=0.5"])
+    assert load_config("rng", ["samples_per_prompt=3", "behaviour.on_policy=0.34", "behaviour.tempered=0.33",
+                               "behaviour.replay=0.33"]).behaviour.counts(3) == (1, 1)
+
+
 def test_resuming_on_other_base_weights_is_refused(tmp_path, demo_model):
     base = tmp_path / "base"
     shutil.copytree(demo_model, base)
@@ -128,11 +163,13 @@ def test_resuming_on_other_base_weights_is_refused(tmp_path, demo_model):
 
 
 def test_running_a_finished_run_again_stores_no_second_version(tmp_path, demo_model):
-    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2"])
     store = AdapterStore(tmp_path / "store")
     first = Trainer(config, tmp_path / "run", store, quiet=True).run()
+    evaluated = (tmp_path / "run" / "adapter" / "eval.json").stat().st_mtime_ns
     again = Trainer(config, tmp_path / "run", store, quiet=True).run()  # e.g. the command run twice
     assert again.version == first.version == 1 and store.versions("rng") == [1]
+    assert (tmp_path / "run" / "adapter" / "eval.json").stat().st_mtime_ns == evaluated  # not evaluated again
     assert Trainer(config, tmp_path / "other", store, quiet=True).run().version == 2  # a new run is a new version
 
 

@@ -59,6 +59,15 @@ class BehaviourConfig(_Strict):
             raise ValueError("temperature_low must not exceed temperature_high")
         return self
 
+    def counts(self, samples: int) -> tuple[int, int]:
+        """(tempered, replayed at most) of `samples` per prompt; the rest are on-policy, at least one
+        (the step's log-reward is measured on them), more while the replay buffer has fewer."""
+        tempered, replayed = round(samples * self.tempered), round(samples * self.replay)
+        if samples - tempered - replayed < 1:
+            raise ValueError(f"behaviour: {samples} samples_per_prompt leave no on-policy sample after "
+                             f"{tempered} tempered and {replayed} replayed; raise on_policy or samples_per_prompt")
+        return tempered, replayed
+
 
 class RewardTemperature(_Strict):
     """log R is divided by T, annealed linearly from `start` to `end`."""
@@ -110,6 +119,11 @@ class TrainConfig(_Strict):
     @classmethod
     def _valid_name(cls, name: str) -> str:
         return check_name(name)
+
+    @model_validator(mode="after")
+    def _on_policy_left(self) -> "TrainConfig":
+        self.behaviour.counts(self.samples_per_prompt)
+        return self
 
 
 def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) -> TrainConfig:

@@ -56,8 +56,8 @@ def resolve_base_model(name: str) -> str:
         from world.base_model import build
         return str(build())
     path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path)
+    if path.is_dir():  # absolute: the manifest records it, and it is read from other directories
+        return str(path.resolve())
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
         raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
     from huggingface_hub import snapshot_download
@@ -76,8 +76,9 @@ class Trainer:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         quiet: bool = False,
+        fresh: bool = False,
     ):
-        self.config, self.run_dir, self.store = config, Path(run_dir), store
+        self.config, self.run_dir, self.store, self.fresh = config, Path(run_dir), store, fresh
         self.run_id = job_id or uuid.uuid4().hex  # what the store knows this run's save by; kept on resume
         self.on_progress, self.should_stop, self.quiet = on_progress, should_stop, quiet
         self.history: list[dict[str, Any]] = []
@@ -110,8 +111,14 @@ class Trainer:
         self.rng = random.Random(config.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)
-        if (self.run_dir / CHECKPOINT).exists() or (self.run_dir / PREVIOUS).exists():
-            self._restore()
+        try:
+            if self.fresh:  # only under the lock: a run training here keeps its checkpoints
+                _clear(self.run_dir)
+            elif (self.run_dir / CHECKPOINT).exists() or (self.run_dir / PREVIOUS).exists():
+                self._restore()
+        except BaseException:
+            self._claim.close()
+            raise
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Manifest | None:
@@ -199,10 +206,10 @@ class Trainer:
         """New samples (on-policy at T=1 and tempered with T ~ U[low, high]) plus replayed
         ones; returns the batch, its untempered log-rewards and which rows are on-policy."""
         n, mix = self.config.samples_per_prompt, self.config.behaviour
+        n_tempered, n_replay = mix.counts(n)
         new_prompts, temperatures, on_policy, replayed = [], [], [], []
         for prompt in prompts:
-            entries = self.replay.sample(prompt.key, round(n * mix.replay), self.generator)
-            n_tempered = round(n * mix.tempered)
+            entries = self.replay.sample(prompt.key, n_replay, self.generator)
             n_on = n - len(entries) - n_tempered
             low, high = mix.temperature_low, mix.temperature_high
             temps = low + (high - low) * torch.rand(n_tempered, generator=self.generator)
@@ -291,6 +298,10 @@ class Trainer:
                                                  self.generator, self.tool, bias)
 
     def finish(self, train_seconds: float) -> Manifest:
+        """Evaluate and store the adapter; a run whose adapter is stored already (run again after it
+        finished) gets that version back at once, not after another evaluation."""
+        if (saved := self.store.saved_by(self.config.name, self.run_id)) is not None:
+            return saved
         out = self.run_dir / "adapter"
         shutil.rmtree(out, ignore_errors=True)
         save_lora(self.model, out)
@@ -323,6 +334,13 @@ def _claim(run_dir: Path) -> IO[str]:
         handle.close()
         raise RunInUse(f"{run_dir} is being trained by another process; wait for it, or use another run directory") from None
     return handle
+
+
+def _clear(run_dir: Path) -> None:
+    """Empty a run directory for a fresh start, all but its lock (held by this process)."""
+    for path in run_dir.iterdir():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def check_context(task: Task, prompts: list[Prompt], model_config: Any) -> None:

@@ -9,6 +9,7 @@ and renames it into place, so an interrupted build leaves nothing half-written.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -70,8 +71,18 @@ def build(config: WorldConfig = WorldConfig(), home: Path | None = None, quiet: 
     target = (home or gfn_home()) / "models" / f"demo-{config.digest()}"
     if (target / "world.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f".{target.name}.lock"), "w") as lock:  # one build at a time: a second waits, then reads it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "world.json").exists():
+            _build(config, target, quiet)
+    return target
+
+
+def _build(config: WorldConfig, target: Path, quiet: bool) -> None:
+    for stale in target.parent.glob(f".{target.name}.tmp*"):  # killed builds' (under the lock: none running)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.time()
     lines = documents(config.corpus)
@@ -86,9 +97,8 @@ def build(config: WorldConfig = WorldConfig(), home: Path | None = None, quiet: 
         "documents": len(lines),
     }
     (tmp / "world.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # a partial one, from before the lock
     os.replace(tmp, target)
-    return target
 
 
 def _new_model(config: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:

@@ -35,6 +35,12 @@ from service.engines.base import Engine, GenRequest, GenResult, Sample
 from service.errors import AdapterRefused
 
 BASE_ROW = "__base__"
+
+
+def _peft_name(ref: str | None) -> str:
+    """peft's name for a request's adapter (BASE_ROW: none). peft names cannot hold ".", which
+    adapter names may; ":" no adapter name holds, so no two names meet."""
+    return BASE_ROW if ref is None else ref.replace(".", ":")
 """peft's adapter name for a row of a mixed batch that runs on the base model."""
 
 
@@ -321,18 +327,18 @@ class HFEngine(Engine):
         ref = adapter.manifest.ref
         try:
             if self.peft is None:
-                self.peft = peft.PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=ref)
+                self.peft = peft.PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=_peft_name(ref))
             else:
-                self.peft.load_adapter(str(adapter.path), adapter_name=ref)
+                self.peft.load_adapter(str(adapter.path), adapter_name=_peft_name(ref))
         except Exception as error:  # peft raises many types; the registry reports which adapter failed
             raise AdapterRefused(f"adapter {ref} could not be loaded by peft: {error}") from error
 
     def _unload(self, ref: str) -> None:
         assert self.peft is not None
-        if list(self.peft.peft_config) == [ref]:  # peft cannot run with no adapter left: take the base back
+        if list(self.peft.peft_config) == [_peft_name(ref)]:  # peft cannot run with no adapter left: take the base back
             self.model, self.peft = self.peft.unload(), None
         else:
-            self.peft.delete_adapter(ref)
+            self.peft.delete_adapter(_peft_name(ref))
 
     def _forward(self, adapters: list[str], **inputs: Any) -> Any:
         """A mixed batch names each row's adapter; a uniform one takes peft's faster path."""
@@ -363,7 +369,7 @@ class HFEngine(Engine):
         """Read the works' prompts in one pass; each sample gets a row sharing its prompt's cache."""
         requests = [r for work in works for r in work.requests or []]
         inputs = _pack([r.prompt_ids for r in requests], self.pad_id)
-        out = self._forward([r.adapter or BASE_ROW for r in requests], **inputs, **self._last_logits, use_cache=True)
+        out = self._forward([_peft_name(r.adapter) for r in requests], **inputs, **self._last_logits, use_cache=True)
         expand = torch.tensor([k for k, r in enumerate(requests) for _ in range(r.n)])
         rows = [_Row(work, k, i, r, torch.Generator().manual_seed(
                     r.seed + i if r.seed is not None else self._seeds.getrandbits(63)))
@@ -415,7 +421,7 @@ class HFEngine(Engine):
         state["position"] = state["position"] + 1
         # Finished rows idle on a running row's adapter: their own may have left the engine already,
         # and a batch of one adapter keeps peft's fast path (a mixed batch is split per adapter).
-        adapters = [row.req.adapter or BASE_ROW for row in batch.rows]
+        adapters = [_peft_name(row.req.adapter) for row in batch.rows]
         running = next(adapter for row, adapter in zip(batch.rows, adapters) if not row.done)
         out = self._forward([running if row.done else adapter for row, adapter in zip(batch.rows, adapters)],
                             input_ids=torch.tensor([[self.pad_id if row.done else row.tokens[-1]] for row in batch.rows]),

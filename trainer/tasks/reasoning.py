@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 
-from adapters.calculator import CalculatorError, evaluate, tool_output
+from adapters.calculator import CalculatorError, TokenCalculator, evaluate
 from adapters.manifest import VocabMask
-from adapters.reasoning import AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
+from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout, Tool, tool_forced
@@ -159,10 +159,12 @@ class ReasoningTask(Task):
         return VocabMask(mode="allow", token_ids=allowed)
 
     def tool(self) -> Tool:
-        def calculator(tokens: list[int]) -> list[int] | None:
-            written = tool_output(self.tokenizer.decode(tokens))
-            return None if written is None else self.ids(written)
-        return calculator
+        return self._calculator
+
+    @cached_property
+    def _calculator(self) -> TokenCalculator:
+        """Once: finding its trigger tokens is a pass over the vocabulary."""
+        return TokenCalculator(self.tokenizer)
 
     def manifest_fields(self) -> dict[str, Any]:
         fields = super().manifest_fields()
@@ -251,7 +253,7 @@ class ReasoningTask(Task):
             "rationales": n,
         }
 
-    def completer(self, scorer: Scorer, max_new_tokens: int = 6):
+    def completer(self, scorer: Scorer, max_new_tokens: int = ANSWER_TOKENS):
         """adapters.reasoning.Complete backed by the base model's greedy decoding."""
         def complete(contexts: list[str]) -> list[str]:
             out = scorer.greedy([self.context_ids(c) for c in contexts], max_new_tokens)
@@ -296,21 +298,25 @@ def demo_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[R
     A hash, not the draws, splits them: how many are evaluated does not change the training set."""
     read = corpus.questions()
     held_rng, held_seen = random.Random(f"held {config.seed}"), set()
-    held = [_demo_record(held_rng, n, held_seen, False, lambda q: stable_tenth(q) and q not in read)
+    held = [_demo_record(held_rng, n, held_seen, False, lambda q: stable_tenth(q) and q not in read, "eval_questions")
             for n in config.eval_operands for _ in range(config.eval_questions)]
     rng, seen = random.Random(f"train {config.seed}"), set()
     train = [_demo_record(rng, rng.choice(config.train_operands), seen, i < config.demo_labelled,
-                          lambda q: not stable_tenth(q)) for i in range(config.demo_questions)]
+                          lambda q: not stable_tenth(q), "demo_questions") for i in range(config.demo_questions)]
     return train, held
 
 
 def _demo_record(rng: random.Random, operands: int, seen: set[str], labelled: bool,
-                 allowed: Callable[[str], bool]) -> ReasoningRecord:
-    for _ in range(10000):  # an allowed question not drawn before, while there are any
+                 allowed: Callable[[str], bool], field: str) -> ReasoningRecord:
+    """A question not drawn before that `allowed` admits; `field` is the setting to lower when none is left."""
+    for _ in range(10000):
         numbers, operators = corpus.random_problem(rng, operands)
         question = corpus.question(numbers, operators)
         if question not in seen and allowed(question):
             break
+    else:  # never a repeat, nor a held-out question in training: the split would leak
+        raise ValueError(f"task.{field}: no {operands}-operand question is left after {len(seen)} drawn; "
+                         f"there are too few distinct ones, lower task.{field}")
     seen.add(question)
     rationale, value = corpus.rationale(numbers, operators)
     return ReasoningRecord(question=question, answer=value, rationale=rationale if labelled else None)
