@@ -34,24 +34,36 @@ def validate(data: Mapping[str, Any]) -> dict[str, Any]:
         data = json.loads(json.dumps(data))
     except (TypeError, ValueError, RecursionError) as error:
         raise ConfigError([f"config: not representable as JSON ({error})"]) from None
-    if bad := sorted(_non_finite(data)):
-        raise ConfigError([f"{path}: must be a finite number" for path in bad])
+    if bad := sorted(_unreadable(data)):
+        raise ConfigError(bad)
     errors = sorted(set(_messages(_validator().iter_errors(data))))
     if errors:
         raise ConfigError(errors)
     return data
 
 
-def _non_finite(node: Any, path: str = "") -> Iterator[str]:
-    """Paths of NaN and infinities (Python's JSON reads them; no setting takes one)."""
+def _unreadable(node: Any, path: str = "") -> Iterator[str]:
+    """Errors for NaN and infinities, and for text with lone surrogates ("\\ud800"): JSON (Python's
+    reader) admits both, yet no setting takes a non-finite number and no tokenizer such text."""
     if isinstance(node, float) and not math.isfinite(node):
-        yield path or "config"
+        yield f"{path or 'config'}: must be a finite number"
+    elif isinstance(node, str) and not _is_unicode(node):
+        yield f"{path or 'config'}: must be valid Unicode text (it holds a lone surrogate)"
     elif isinstance(node, Mapping):
         for key, value in node.items():
-            yield from _non_finite(value, f"{path}.{key}" if path else str(key))
+            yield from _unreadable(key, f"{path}.{key!r}" if path else repr(key))
+            yield from _unreadable(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _non_finite(value, f"{path}[{i}]")
+            yield from _unreadable(value, f"{path}[{i}]")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @cache

@@ -6,7 +6,9 @@ short sample the same seeds, and only the first one's rationales join it. The ke
 adapter version and its weights' sha256, so versions (and stores sharing one Redis) never mix.
 Pools live in Redis (a list per key, with an expiry) when a URL is configured, so that service
 processes share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
-cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers.
+cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers. A pool
+that does not read as rationales (written by another release, or by hand) is dropped the same way,
+and drawn anew.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from collections import OrderedDict
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from adapters.manifest import Manifest
 from adapters.store import WEIGHTS
 from service.metrics import Metrics
+from service.schemas import Rationale
 
 log = logging.getLogger("gfn.service.cache")
 REDIS_TIMEOUT_S = 0.5
@@ -40,7 +44,7 @@ class RationaleCache:
     def __init__(self, metrics: Metrics, redis_url: str | None = None, size: int = 4096, max_pool: int = 64,
                  ttl_s: int = 7 * 24 * 3600):
         self.metrics, self.size, self.max_pool, self.ttl_s = metrics, size, max_pool, ttl_s
-        self._memory: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._memory: OrderedDict[str, list[Rationale]] = OrderedDict()
         self._redis = (aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                                socket_connect_timeout=REDIS_TIMEOUT_S) if redis_url else None)
         self._append = self._redis.register_script(_APPEND) if self._redis else None
@@ -51,7 +55,7 @@ class RationaleCache:
         blob = json.dumps([manifest.ref, manifest.files[WEIGHTS], question, sampling], sort_keys=True)
         return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()
 
-    async def take(self, key: str, n: int, adapter: str) -> list[dict[str, Any]]:
+    async def take(self, key: str, n: int, adapter: str) -> list[Rationale]:
         """Up to ``n`` pooled rationales, oldest first; counted under the adapter's name."""
         self.metrics.cache_lookups.labels(adapter).inc()
         if self._redis is None:
@@ -60,15 +64,19 @@ class RationaleCache:
                 self._memory.move_to_end(key)
         else:
             try:
-                pool = [json.loads(item) for item in await self._redis.lrange(key, 0, n - 1)]
+                pool = [Rationale.model_validate_json(item) for item in await self._redis.lrange(key, 0, n - 1)]
             except (RedisError, OSError) as error:
                 self._bypass("read", error)
+                return []
+            except ValidationError as error:
+                self._bypass("read", error)
+                await self._drop(key)
                 return []
         if len(pool) >= n:
             self.metrics.cache_hits.labels(adapter).inc()
         return pool
 
-    async def add(self, key: str, items: list[dict[str, Any]], after: int) -> None:
+    async def add(self, key: str, items: list[Rationale], after: int) -> None:
         """Append to a pool that still holds ``after`` items, what ``take`` gave (kept to
         ``max_pool`` items); else leave it: another request has grown it meanwhile."""
         if not items:
@@ -82,9 +90,16 @@ class RationaleCache:
                     self._memory.popitem(last=False)
             return
         try:
-            await self._append(keys=[key], args=[after, self.max_pool, self.ttl_s, *map(json.dumps, items)])
+            await self._append(keys=[key], args=[after, self.max_pool, self.ttl_s, *(r.model_dump_json() for r in items)])
         except (RedisError, OSError) as error:
             self._bypass("write", error)
+
+    async def _drop(self, key: str) -> None:
+        """Delete an unreadable pool, so that the next request's rationales start it again."""
+        try:
+            await self._redis.delete(key)
+        except (RedisError, OSError) as error:
+            self._bypass("drop", error)
 
     async def ping(self) -> bool | None:
         """Whether Redis answers; None when the cache is in process."""

@@ -18,13 +18,14 @@ from fastapi import Request
 from adapters.manifest import Manifest
 from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, answer_log_probs, read_answers, steps
 from service.engines.base import BASE, GenRequest
+from service.schemas import Rationale, Step
 
 if TYPE_CHECKING:
     from service.state import ServiceState
 
 
 async def sample_rationales(state: ServiceState, request: Request, manifest: Manifest, question: str,
-                            generation: GenRequest) -> list[dict[str, Any]]:
+                            generation: GenRequest) -> list[Rationale]:
     """``generation.n`` rationales with their calculator steps, the answer read and its log p(Y | X Z)."""
     result = await state.sample(request, generation)
     texts = [state.decode(s.token_ids) for s in result.samples]
@@ -36,8 +37,8 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
                                           bridge(_scorer(state, manifest)))
     finally:  # on a timeout or a disconnect, stop the engine work the worker thread waits on
         bridge.close()
-    return [{"text": text, "steps": [{"expression": e, "value": v} for e, v in steps(text)], "answer": answer,
-             "log_q": sample.log_q, "log_p_answer": weight if answer is not None else None}
+    return [Rationale(text=text, steps=[Step(expression=e, value=v) for e, v in steps(text)], answer=answer,
+                      log_q=sample.log_q, log_p_answer=weight if answer is not None else None)
             for text, sample, answer, weight in zip(texts, result.samples, answers, weights)]
 
 

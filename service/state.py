@@ -67,7 +67,9 @@ class ServiceState:
         state = cls(settings, str(base_model), tokenizer, engine, registry,
                     RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
                     metrics, TokenCalculator(tokenizer), jobs,
-                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused), refused)
+                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused,
+                                   None if settings.adapters is None else frozenset(r.partition("@")[0] for r in settings.adapters)),
+                    refused)
         for pinned, manifest in wanted:
             try:
                 await state.registry.load(manifest.name, manifest.version, pin=pinned)

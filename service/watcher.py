@@ -2,7 +2,9 @@
 Redis pub/sub (jobs.announce), and a poll of the store catches whatever the announcement
 missed (Redis down, a version saved by `gfn train`). Loading goes through the registry:
 checked, warmed, then routed; requests already running finish on their version, and the
-old version leaves once idle unless pinned."""
+old version leaves once idle unless pinned. With GFN_ADAPTERS set, only the names it lists are
+followed (the operator sized the engine for them). A refused version that leaves the store
+leaves the refused list."""
 
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ log = logging.getLogger("gfn.service")
 
 class AdapterWatcher:
     def __init__(self, registry: Registry, store: AdapterStore, redis_url: str | None, poll_s: float,
-                 refused: dict[str, str]):
+                 refused: dict[str, str], names: frozenset[str] | None = None):
         self.registry, self.store, self.redis_url, self.poll_s = registry, store, redis_url, poll_s
         self.refused = refused  # ref -> why it failed to load for good (the service's, shown in /ready); not retried
+        self.names = names  # the names followed; None: every name in the store
+        self._stored: dict[str, list[int]] = {}  # name -> versions, at the last poll
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -42,7 +46,7 @@ class AdapterWatcher:
     async def offer(self, name: str, version: int) -> None:
         """Load `name@v{version}` when it is newer than what `name` routes to."""
         routed, ref = self.registry.routed(name), f"{name}@v{version}"
-        if (routed is not None and routed.manifest.version >= version) or ref in self.refused or ref in self.registry.unloaded:
+        if (self.names is not None and name not in self.names) or (routed is not None and routed.manifest.version >= version) or ref in self.refused or ref in self.registry.unloaded:
             return
         try:
             await self.registry.load(name, version)
@@ -59,12 +63,16 @@ class AdapterWatcher:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                latest = await asyncio.to_thread(lambda: {n: self.store.latest(n) for n in self.store.names()})
+                versions = await asyncio.to_thread(lambda: {n: self.store.versions(n) for n in self.store.names()})
             except (AdapterError, OSError) as error:
                 log.warning("store poll failed", extra={"reason": str(error)})
                 continue
-            for name, version in latest.items():
-                await self.offer(name, version)
+            for ref in [r for r in self.refused if _removed(r, self._stored, versions)]:
+                del self.refused[ref]
+            self._stored = versions
+            for name, stored in versions.items():
+                if stored:
+                    await self.offer(name, stored[-1])
 
     async def _subscribe(self) -> None:
         """Listen for announcements; after every (re)connection, catch up from the latest-versions key."""
@@ -90,3 +98,10 @@ class AdapterWatcher:
                 await asyncio.sleep(2)
             finally:
                 await client.aclose()
+
+
+def _removed(ref: str, before: dict[str, list[int]], now: dict[str, list[int]]) -> bool:
+    """Whether ``name@vN`` was in the store at the last poll and is not now (a version asked for
+    in GFN_ADAPTERS that never existed stays listed)."""
+    name, _, version = ref.partition("@v")
+    return version.isdigit() and int(version) in before.get(name, []) and int(version) not in now.get(name, [])

@@ -115,11 +115,14 @@ def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue,
     assert any(e.startswith("optim.lerning_rate: unknown field") for e in refused.value.errors)
     with pytest.raises(ConfigError, match="task.name: must be one of"):
         load("rng", {"task.name": "nope"})
-    for oversized in ("steps=1000000000000", "samples_per_prompt=1000000000", "lora.dropout=0.1"):
+    for oversized in ("steps=1000000000000", "samples_per_prompt=1000000000", "lora.dropout=0.1", "lora.r=100000",
+                      "seed=18446744073709551616", "task.prompt=''"):
         with pytest.raises(ConfigError, match=oversized.partition("=")[0]):  # at submit, not three failures later
             queue.submit(config_data("rng", [oversized]))
     result = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", "steps=-1", "--redis-url", redis_server.url])
     assert result.exit_code == 2 and "steps: must be > 0" in result.output
+    with pytest.raises(ConfigError, match="task.prompt: must be valid Unicode text"):  # no tokenizer reads it
+        queue.submit(config_data("rng", {"task.prompt": "a \ud800 b"}))
     assert queue.queue.count == 0 and queue.list() == []
 
 

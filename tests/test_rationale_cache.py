@@ -10,10 +10,11 @@ import pytest
 from service.cache import RationaleCache
 from service.metrics import Metrics
 from service.reasoning import _Bridge
+from service.schemas import Rationale
 
 
-def _rationales(tag: str, n: int) -> list[dict]:
-    return [{"text": f"{tag}{i}"} for i in range(n)]
+def _rationales(tag: str, n: int) -> list[Rationale]:
+    return [Rationale(text=f"{tag}{i}", steps=[], answer=i, log_q=-1.0, log_p_answer=None) for i in range(n)]
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -31,9 +32,28 @@ def test_a_pool_grows_only_from_what_was_seen(backend, request):
         await cache.add("k", _rationales("d", 2), after=len(grown))  # seeds 3, 4 continue the pool
         pool = await cache.take("k", 10, "a")
         await cache.close()
-        return [r["text"] for r in pool]
+        return [r.text for r in pool]
 
     assert asyncio.run(scenario()) == ["a0", "a1", "a2", "d0", "d1"]
+
+
+def test_a_pool_that_does_not_read_as_rationales_is_drawn_anew(redis_server):
+    """An entry another release (or a hand) wrote must not fail every request for its question."""
+    from redis import Redis
+
+    async def scenario() -> tuple[list[str], list[str], float]:
+        metrics = Metrics()
+        cache = RationaleCache(metrics, redis_server.url)
+        await cache.add("k", _rationales("a", 2), after=0)
+        Redis.from_url(redis_server.url).lset("k", 1, '{"text": "an older format"}')
+        missed = await cache.take("k", 2, "a")
+        await cache.add("k", _rationales("b", 2), after=len(missed))
+        pool = await cache.take("k", 2, "a")
+        await cache.close()
+        return missed, [r.text for r in pool], metrics.cache_errors._value.get()
+
+    missed, pool, errors = asyncio.run(scenario())
+    assert missed == [] and pool == ["b0", "b1"] and errors == 1
 
 
 def test_closing_the_bridge_cancels_the_engine_call_a_thread_waits_on():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -133,6 +134,31 @@ def test_adapters_of_another_base_model_are_listed_from_the_start(store, demo_mo
         ready = client.get("/ready").json()
     assert ready["adapters"] == ["infill@v1", "reasoning@v1"]
     assert "another base model" in ready["refused"]["alien@v1"] and "sha256" in ready["refused"]["rng@v1"]
+
+
+def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(demo_model, tmp_path):
+    """GFN_ADAPTERS bounds what the service loads, also later; a damaged version deleted from the
+    store leaves the refused list; a name with a "." (which peft's names cannot hold) serves."""
+    store = AdapterStore(tmp_path / "adapters")
+    fields = task_fields(load_tokenizer(demo_model))
+    save_adapter(store, "in.fill", demo_model, fields["infill"], 0)
+    save_adapter(store, "rng", demo_model, fields["rng"], 1)
+    corrupt(store, "rng", 1)
+    settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                        adapters=["in.fill", "rng", "rng@v7"], watch_poll_s=0.2)
+    with Server(create_app(settings)) as server, server.client() as client:
+        assert client.get("/ready").json()["refused"].keys() == {"rng@v1", "rng@v7"}
+        save_adapter(store, "other", demo_model, fields["infill"], 2)  # not listed: not followed
+        save_adapter(store, "in.fill", demo_model, fields["infill"], 3)  # listed: v2 goes live
+        shutil.rmtree(store.root / "rng" / "v1")
+        deadline = time.time() + 60
+        while time.time() < deadline and client.get("/ready").json()["adapters"] != ["in.fill@v2"]:
+            time.sleep(0.2)
+        ready = client.get("/ready").json()
+        assert ready["adapters"] == ["in.fill@v2"]  # and not other@v1, saved before it
+        assert ready["refused"].keys() == {"rng@v7"}  # never stored: still listed
+        served = client.post("/infill", json={**INFILL, "adapter": "in.fill", "n": 2, "seed": 0})
+        assert served.status_code == 200 and served.json()["adapter"] == "in.fill@v2"
 
 
 def test_rationales_are_cached_in_redis(store, demo_model, redis_server):

@@ -88,6 +88,7 @@ class ReplayConfig(_Strict):
 
 
 class TrainLora(LoraSpec):
+    r: PositiveInt = Field(16, le=1024, description="a cap, so a typo cannot run a worker out of memory")
     dropout: float = Field(0.0, ge=0, le=0, description="0: training runs in eval mode, on the log-probabilities "
                            "the sampler draws from (dropout would make every reward and residual noisy)")
 
@@ -106,7 +107,7 @@ class TrainConfig(_Strict):
         "this minus the policy's log-probability of stopping there had it been allowed. A start near the "
         "task's log-rewards keeps early training stable: the base model puts that stop at e^-10 to e^-20 "
         "mid-sentence, so -20 starts those flows near e^-10 to e^0"))
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     lora: TrainLora = TrainLora()
     optim: OptimConfig = OptimConfig()
     behaviour: BehaviourConfig = BehaviourConfig()

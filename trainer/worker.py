@@ -35,7 +35,7 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
             TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
             on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
         )
-    except (ValueError, FileNotFoundError) as error:  # pydantic's ValidationError is a ValueError
+    except Exception as error:  # setup reads only the config, its data and the base model: a retry fails alike
         raise JobRefused(f"{type(error).__name__}: {error}") from error
     manifest = trainer.run()
     if manifest is None:

@@ -44,7 +44,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
                                   state.settings.request_timeout_s)
             await state.cache.add(key, fresh, after=cached)
             pool += fresh
-    weights = [r["log_p_answer"] or 0.0 for r in pool]  # unread answers have none; aggregate skips them
-    result = aggregate([r["answer"] for r in pool], weights, body.aggregate)
+    weights = [r.log_p_answer or 0.0 for r in pool]  # unread answers have none; aggregate skips them
+    result = aggregate([r.answer for r in pool], weights, body.aggregate)
     return ReasonResponse(adapter=manifest.ref, question=question, answer=result.answer,
                           distribution=result.distribution, counts=result.counts, rationales=pool, cached=cached)

@@ -80,7 +80,7 @@ Target = Annotated[Uniform | Binomial | Poisson | Weights, Field(discriminator="
 
 class RngConfig(TaskConfig):
     name: Literal["rng"] = "rng"
-    prompt: str = PROMPT
+    prompt: str = Field(PROMPT, min_length=1)
     target: Target = Uniform()
     min_len: MinLen = 1
     max_len: MaxLen | None = Field(None, description="default: the digits of the support's largest number "
