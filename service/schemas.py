@@ -10,12 +10,14 @@ from service.engines.base import Sample
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: "n": "2" or "n": true is a client's mistake to name, not a number to guess."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 MIN_TEMPERATURE = 0.01
 """Below it float32 logits overflow to NaN (vLLM clamps there too)."""
-Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, description="1 samples the trained posterior "
+Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, allow_inf_nan=False, description="1 samples the trained posterior "
                                     "(vLLM takes at most 2)")]
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""

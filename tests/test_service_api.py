@@ -151,6 +151,9 @@ def test_rationale_cache_returns_the_same_number(client):
     ({**INFILL, "prefix": "x" * 5000}, "prefix"),
     ({**INFILL, "temperature": 1e-300}, "temperature"),  # would turn float32 logits into NaN
     ({**INFILL, "temperature": 2.5}, "temperature"),  # vLLM refuses above 2
+    ({**INFILL, "n": "2"}, "n"),  # strict: a string or a boolean is no count
+    ({**INFILL, "n": True}, "n"),
+    ({**INFILL, "seed": 1.5}, "seed"),
 ])
 def test_bad_infill_gets_422_naming_the_field(client, body, field):
     response = client.post("/infill", json=body)
@@ -178,6 +181,9 @@ def test_bad_requests_get_clear_errors(client):
         assert bad.status_code == 422 and "keywords" in bad.json()["detail"][0]["loc"], keywords
     spaces = client.post("/reason", json={"question": "1 + 1" + " " * 4000 + "x"})  # once a regex's cubic backtracking
     assert spaces.status_code == 422 and "question" in spaces.json()["detail"][0]["loc"]
+    nan = client.post("/infill", content=b'{"prefix": "a", "suffix": "b", "temperature": NaN}',
+                      headers={"content-type": "application/json"})  # Python's JSON reads NaN
+    assert nan.status_code == 422 and "finite" in nan.json()["detail"][0]["msg"]
     for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: echoed back in the error, safely
         assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
     empty = client.post("/generate", json={"adapter": "continuation", "text": ""})  # an empty prompt
