@@ -23,12 +23,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from adapters._fs import write_atomic
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora, tokenizer_digest
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
 from trainer import plots
 from trainer.config import TrainConfig
 from trainer.objective import subtb_loss
 from trainer.policy import policy_log_probs
+from trainer.publish import publish
 from trainer.replay import ReplayBuffer
 from trainer.rollout import Rollout, sample
 from trainer.scoring import Scorer
@@ -308,19 +309,11 @@ class Trainer:
         shutil.copy(self.run_dir / "metrics.jsonl", out / "training_log.jsonl")
         plots.loss_curve(out / "loss.png", [h["step"] for h in self.history],
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
-        metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]}
-        if self.config.evaluate:
-            metrics.update(self.task.evaluate(self.sampler(), self.scorer, out))
-        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
-        fields = {
-            **self.task.manifest_fields(),
-            "base_model": {"path": str(self.model_dir), "fingerprint": self.base_fingerprint,
-                           "tokenizer": tokenizer_digest(self.tokenizer)},
-            "lora": self.config.lora.model_dump(),
-            "training": {"method": self.method, "config": self.config.model_dump(), "steps": self.step},
-            "metrics": metrics,
-        }
-        return self.store.save(self.config.name, out, fields, job_id=self.run_id)
+        return publish(self.store, self.config.name, out, self.task, model_dir=self.model_dir,
+                       base_fingerprint=self.base_fingerprint, lora=self.config.lora,
+                       training={"method": self.method, "config": self.config.model_dump(), "steps": self.step},
+                       metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},
+                       evaluation=(self.sampler(), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
 
 
 def _claim(run_dir: Path) -> IO[str]:

@@ -11,17 +11,17 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora, tokenizer_digest
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore, check_name
 from trainer.loop import check_context, resolve_base_model
 from trainer.policy import policy_log_probs
+from trainer.publish import publish
 from trainer.rollout import sample, tool_forced
 from trainer.scoring import Scorer
 from trainer.tasks import AnyTaskConfig, Prompt, Task, make_task
@@ -91,26 +91,20 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": loss.item()})
     model.eval()
-    metrics: dict[str, Any] = {"train_seconds": round(time.time() - start, 1), "final_loss": history[-1]["loss"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "adapter"
         save_lora(model, out)
         (out / "training_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        if config.evaluate:
-            generator = torch.Generator().manual_seed(config.seed)
-            def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
-                return sample(model, task.spec(), prompts, task.pad_id, 1.0, generator, task.tool(), bias)
-            metrics.update(task.evaluate(draw, Scorer(model, task.pad_id), out))
-        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
-        fields = {
-            **task.manifest_fields(),
-            "base_model": {"path": str(model_dir), "fingerprint": fingerprint(model_dir),
-                           "tokenizer": tokenizer_digest(tokenizer)},
-            "lora": config.lora.model_dump(),
-            "training": {"method": "sft", "config": config.model_dump(), "steps": config.steps, "pairs": len(pairs)},
-            "metrics": metrics,
-        }
-        return store.save(config.name, out, fields, job_id=job_id)
+        generator = torch.Generator().manual_seed(config.seed)
+
+        def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
+            return sample(model, task.spec(), prompts, task.pad_id, 1.0, generator, task.tool(), bias)
+
+        return publish(store, config.name, out, task, model_dir=model_dir, base_fingerprint=fingerprint(model_dir),
+                       lora=config.lora, training={"method": "sft", "config": config.model_dump(), "steps": config.steps,
+                                                   "pairs": len(pairs)},
+                       metrics={"train_seconds": round(time.time() - start, 1), "final_loss": history[-1]["loss"]},
+                       evaluation=(draw, Scorer(model, task.pad_id)) if config.evaluate else None, job_id=job_id)
 
 
 def _check_pairs(pairs: list[Pair], task: Task) -> None:
