@@ -85,14 +85,15 @@ def evaluate(
     store: Annotated[Optional[Path], typer.Option(help="adapter store root")] = None,
 ) -> None:
     """Evaluate a stored adapter with its task's evaluation."""
+    from adapters.errors import AdapterError
     from adapters.store import AdapterStore
     from trainer.evaluate import evaluate_adapter
 
-    from adapters.errors import AdapterError
-
-    name, _, version = adapter.partition("@v")
+    name, at, version = adapter.partition("@v")
+    if at and not version.isdigit():
+        _fail(f"adapter: {adapter!r} is neither 'name' nor 'name@vN'")
     try:
-        metrics = evaluate_adapter(AdapterStore(store or store_root()), name, int(version) if version else None, samples)
+        metrics = evaluate_adapter(AdapterStore(store or store_root()), name, int(version) if at else None, samples)
     except (AdapterError, ValueError, FileNotFoundError) as error:  # ValidationError is a ValueError
         _fail(str(error))
     console.print_json(json.dumps(metrics))

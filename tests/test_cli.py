@@ -33,7 +33,7 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
 
 
 def test_eval_names_what_it_cannot_find(tmp_path):
-    for ref, said in (("absent", "absent"), ("absent@vX", "invalid literal")):
+    for ref, said in (("absent", "absent"), ("absent@vX", "neither 'name' nor 'name@vN'"), ("absent@v", "nor")):
         missing = CliRunner().invoke(app, ["eval", ref, "--store", str(tmp_path / "store")])
         assert missing.exit_code == 2 and said in " ".join(missing.output.split()), missing.output
 

@@ -90,6 +90,14 @@ def test_jobs_package_imports_no_training_code():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_service_imports_no_training_code():
+    """Data flows one way: the service reads adapters and never imports the trainer or the demo world."""
+    code = ("import sys, service.app, service.engines.hf, service.engines.vllm, service.engines.vllm_cpu_lora; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'trainer', 'world'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_checked_in_schema_is_current():
     from jobs.configs import SCHEMA
     from trainer.config import schema_json

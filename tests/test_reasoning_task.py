@@ -5,6 +5,7 @@ inference does, and the JSONL data format."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,10 @@ def test_read_answers_and_aggregate_as_inference_does(task: ReasoningTask, world
                                    [task.ids(". The answer is 5.")]).item()
     assert weights[0] == pytest.approx(expected, abs=1e-4)
     assert all(w < 0 for w in weights[:3])
-    assert aggregate(answers[:3], weights[:3], method="weighted").answer in (5, 9)
+    weighted = aggregate(answers[:3], weights[:3], method="weighted")  # 5's two weights summed against 9's one
+    assert weighted.answer == (5 if math.log(math.exp(weights[0]) + math.exp(weights[1])) > weights[2] else 9)
+    assert weighted.distribution[9] == pytest.approx(
+        math.exp(weights[2]) / (math.exp(weights[0]) + math.exp(weights[1]) + math.exp(weights[2])), rel=1e-6)
 
 
 def test_accuracy_by_operand_count(task: ReasoningTask) -> None:
