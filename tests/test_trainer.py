@@ -213,7 +213,7 @@ def test_what_the_model_would_read_beyond_its_positions_is_refused(tmp_path, dem
 
 
 def test_training_runs_without_dropout(tmp_path, demo_model):
-    """Rewards and the loss's log-probs are those of the network that samples (REFERENCE.md §2)."""
+    """Rewards and the loss's log-probs are those of the network that samples (docs/DESIGN.md)."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])
     trainer = Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
     trainer.train_step()

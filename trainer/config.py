@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -17,6 +17,9 @@ from adapters.manifest import LoraSpec
 from adapters.store import NAME_RE, check_name
 from jobs.configs import Overrides, config_data
 from trainer.tasks import AnyTaskConfig
+
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description=(
+    "where the model trains and scores: auto (the GPU where CUDA is available, else the CPU), cpu, cuda or cuda:N"))]
 
 
 class _Strict(BaseModel):
@@ -108,6 +111,7 @@ class TrainConfig(_Strict):
         "task's log-rewards keeps early training stable: the base model puts that stop at e^-10 to e^-20 "
         "mid-sentence, so -20 starts those flows near e^-10 to e^0"))
     seed: int = Field(0, ge=0, lt=2**63)
+    device: Device = "auto"
     lora: TrainLora = TrainLora()
     optim: OptimConfig = OptimConfig()
     behaviour: BehaviourConfig = BehaviourConfig()

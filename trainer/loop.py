@@ -65,6 +65,15 @@ def resolve_base_model(name: str) -> str:
     return snapshot_download(name)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device a config names; auto: the (first visible) GPU where CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name} asked for, but CUDA is not available here (use auto or cpu)")
+    return torch.device(name)
+
+
 class Trainer:
     method = "subtb"  # recorded in the manifest; subclasses train the same LoRA another way
 
@@ -94,7 +103,7 @@ class Trainer:
         self.base_fingerprint = fingerprint(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
-        self.model = attach_lora(load_causal_lm(self.model_dir), config.lora)
+        self.model = attach_lora(load_causal_lm(self.model_dir), config.lora).to(resolve_device(config.device))
         # Eval mode throughout (gradients flow all the same): rewards and the loss's log-probs
         # must be those of the network that samples and serves; under dropout, log R would be
         # noise kept in the replay buffer and E[r²] would fit a noisy residual's mean.
@@ -190,7 +199,7 @@ class Trainer:
 
     def floor_barred(self, log_r: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Stopping where the policy may not (before min_len, away from stop_after) gets the
-        log-reward floor (REFERENCE.md §2): the policy's stop penalty there, so that the two
+        log-reward floor (docs/DESIGN.md, Conventions): the policy's stop penalty there, so that the two
         cancel in every residual and those states' flows are the policy's own to learn, plus
         barred_flow_offset, so that they start near the rewards."""
         barred = self.spec.barred(tokens)[:, : log_r.shape[1]]
@@ -260,7 +269,7 @@ class Trainer:
             if not path.exists():
                 continue
             try:
-                state = torch.load(path, weights_only=False)
+                state = torch.load(path, map_location="cpu", weights_only=False)  # loading puts each part on its device
                 if failures:
                     log.warning("resuming from the previous checkpoint: %s", "; ".join(failures))
                 return state

@@ -73,7 +73,7 @@ def subtb_loss(
         stoppable = stoppable & ~torch.cat([forced, forced.new_zeros(batch, 1)], dim=1)
 
     # Select, never multiply: 0 * inf would put NaN into the loss and 0 * NaN into gradients.
-    log_r = torch.where(stoppable, log_r.to(dtype), 0.0)
+    log_r = torch.where(stoppable, log_r.to(device=device, dtype=dtype), 0.0)  # rewards are scored on the host
     log_pterm = torch.where(stoppable, log_pterm.to(dtype), 0.0)
     log_pf = torch.where(sampled, log_pf.to(dtype), 0.0)
 

@@ -56,9 +56,11 @@ class PolicySpec:
         return one_hot * barred[..., None] * self.mask.penalty
 
 
-def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int,
+         device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Left-pad prompts and append the latent tokens, so state i of every row sits at
-    column P - 1 + i. Position ids skip the padding, as if each row were alone."""
+    column P - 1 + i. Position ids skip the padding, as if each row were alone. Built on the
+    host, handed over on ``device`` (the model's)."""
     width = max(len(p) for p in prompts)
     batch = len(prompts)
     ids = torch.full((batch, width), pad_id, dtype=torch.long)
@@ -69,7 +71,7 @@ def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> dict[st
     ids = torch.cat([ids, tokens.to(ids.device)], dim=1)
     mask = torch.cat([mask, torch.ones_like(tokens, dtype=torch.long)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 def state_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -78,7 +80,7 @@ def state_logits(model: torch.nn.Module, prompts: list[list[int]], tokens: torch
     Causal attention means state i sees only the prompt and z1..zi, so tokens past a
     row's length (padding) cannot change the states that count.
     """
-    inputs = pack(prompts, tokens, pad_id)
+    inputs = pack(prompts, tokens, pad_id, model.device)
     width = inputs["input_ids"].shape[1] - tokens.shape[1]
     logits = model(**inputs, use_cache=False).logits
     return logits[:, width - 1:].float()
@@ -113,9 +115,9 @@ def transition_log_probs(log_probs: torch.Tensor, tokens: torch.Tensor, terminat
 def policy_log_probs(model: torch.nn.Module, spec: PolicySpec, prompts: list[list[int]], tokens: torch.Tensor, pad_id: int,
                      bias: list[dict[int, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced log-probs of the masked, untempered policy, with gradients; `bias`: each
-    prompt's word bias."""
+    prompt's word bias. On the model's device."""
     logits = state_logits(model, prompts, tokens, pad_id)
-    vocab = logits.shape[-1]
+    tokens, vocab = tokens.to(logits.device), logits.shape[-1]
     logits = logits + spec.stop_penalty(spec.barred(tokens), vocab)
     log_probs = masked_log_probs(logits, spec.bias(vocab, logits.device), bias_rows(bias, vocab, logits.device))
     return transition_log_probs(log_probs, tokens, spec.terminator_id)

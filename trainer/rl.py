@@ -52,9 +52,11 @@ def load_rl_config(source: str | Path | dict, overrides: Overrides = ()) -> RLCo
 
 
 def sequence_log_prob(log_pf: torch.Tensor, log_pterm: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """log q(z1..zn ⊤) of each sample from per-state log-probs, tool-written tokens excluded: [B]."""
-    rows = torch.arange(len(rollout.lengths))
-    return torch.where(rollout.written(), log_pf, 0.0).sum(1) + log_pterm[rows, rollout.lengths]
+    """log q(z1..zn ⊤) of each sample from per-state log-probs, tool-written tokens excluded: [B],
+    on the log-probs' device."""
+    device = log_pf.device
+    rows, lengths = torch.arange(len(rollout.lengths), device=device), rollout.lengths.to(device)
+    return torch.where(rollout.written().to(device), log_pf, 0.0).sum(1) + log_pterm[rows, lengths]
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -77,9 +79,9 @@ class RLTrainer(Trainer):
         log_q = sequence_log_prob(*policy_log_probs(self.model, self.spec, rollout.prompts, rollout.tokens,
                                                     self.pad_id, rollout.bias), rollout)
         log_base = sequence_log_prob(*self.scorer.latent(rollout, self.spec.terminator_id), rollout)
-        kl = log_q.detach() - log_base
+        kl = log_q.detach().cpu() - log_base  # rewards and the base's log-probs are on the host
         advantages = rloo_advantages((final - self.config.kl_coef * kl).view(len(prompts), k))
-        loss = -(advantages.flatten() * log_q).mean()
+        loss = -(advantages.flatten().to(log_q.device) * log_q).mean()
         return loss, {"log_reward": final.mean().item(), "length": rollout.lengths.float().mean().item(),
                       "kl": kl.mean().item()}
 

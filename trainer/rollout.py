@@ -68,11 +68,15 @@ def sample(
 ) -> Rollout:
     """Sample one latent per prompt; `temperatures` (scalar or [B]) tempers the masked
     logits for exploration, `bias` is each prompt's word bias. The samples' log q (tool
-    tokens cost nothing) is no-grad: the loss takes its log-probs from a teacher-forced pass."""
+    tokens cost nothing) is no-grad: the loss takes its log-probs from a teacher-forced pass.
+
+    The model runs on its device; the samples are kept on the host (the tool and the stop rules
+    read them token by token), and `generator` is a host one: each step's uniforms are drawn
+    there, so the same seed draws the same samples on any device, up to float rounding."""
     was_training = model.training
     model.eval()
-    batch, max_len = len(prompts), spec.max_len
-    temps = torch.as_tensor(temperatures, dtype=torch.float32).expand(batch).unsqueeze(-1)
+    device, batch, max_len = model.device, len(prompts), spec.max_len
+    temps = torch.as_tensor(temperatures, dtype=torch.float32).expand(batch).unsqueeze(-1).to(device)
     tokens = torch.full((batch, max_len), pad_id, dtype=torch.long)
     forced = torch.zeros((batch, max_len), dtype=torch.bool)
     lengths = torch.full((batch,), -1, dtype=torch.long)
@@ -80,21 +84,21 @@ def sample(
     pending: list[list[int]] = [[] for _ in range(batch)]
 
     distinct, rows_of = _distinct(prompts)
-    inputs = pack(distinct, tokens[: len(distinct), :0], pad_id)
+    inputs = pack(distinct, tokens[: len(distinct), :0], pad_id, device)
     out = model(**inputs, use_cache=True)
+    rows_of = rows_of.to(device)
     cache, mask = out.past_key_values, inputs["attention_mask"][rows_of]
     cache.batch_select_indices(rows_of)
     position = inputs["position_ids"][rows_of, -1]
     logits = out.logits[rows_of, -1].float()
-    states = spec.bias(logits.shape[-1], logits.device)
-    rows = bias_rows(bias, logits.shape[-1], logits.device)
+    states = spec.bias(logits.shape[-1], device)
+    rows = bias_rows(bias, logits.shape[-1], device)
 
     for step in range(max_len + 1):
-        barred = spec.stop_penalty(spec.barred(tokens[:, :step])[:, step], logits.shape[-1])
-        tempered = (logits + states[step] + rows + barred) / temps
-        choice = torch.multinomial(torch.softmax(tempered, dim=-1), 1, generator=generator).squeeze(-1)
-        log_probs = torch.log_softmax(tempered, dim=-1)
-        picked = log_probs.gather(1, choice.unsqueeze(-1)).squeeze(-1).tolist()
+        barred = spec.stop_penalty(spec.barred(tokens[:, :step])[:, step].to(device), logits.shape[-1])
+        log_probs = torch.log_softmax((logits + states[step] + rows + barred) / temps, dim=-1)
+        choice = _draw(log_probs, torch.rand(batch, 1, generator=generator, dtype=torch.float64))
+        picked = log_probs.gather(1, choice.to(device).unsqueeze(-1)).squeeze(-1).tolist()
         stop = log_probs[:, spec.terminator_id].tolist()
         for b in range(batch):
             if lengths[b] >= 0:
@@ -113,13 +117,22 @@ def sample(
         if (lengths >= 0).all():
             break
         choice = torch.where(lengths >= 0, torch.full_like(choice, pad_id), choice)
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         position = position + 1
-        out = model(input_ids=choice.unsqueeze(-1), attention_mask=mask, position_ids=position.unsqueeze(-1),
+        out = model(input_ids=choice.unsqueeze(-1).to(device), attention_mask=mask, position_ids=position.unsqueeze(-1),
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     model.train(was_training)
     return Rollout(prompts=prompts, tokens=tokens, lengths=lengths, forced=forced, bias=bias, log_q=log_q)
+
+
+def _draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the cumulative distribution at host uniforms [B, 1]: the
+    first token whose cumulative probability exceeds u times the total. A token of probability
+    zero (masked) adds nothing to the sum, so it can never be the first to exceed it. On the host."""
+    cdf = log_probs.double().exp().cumsum(-1)
+    at = uniforms.to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1).cpu()
 
 
 def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:

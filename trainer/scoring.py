@@ -1,6 +1,7 @@
 """Scoring with the frozen base model: the same weights with the adapter switched off,
 no gradients. Rewards are computed here once per sampled batch, for all its prefixes in
-batched passes, never once per generation step."""
+batched passes, never once per generation step. The model runs on its device; what comes
+back is on the host, where the tasks build their rewards."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ class Scorer:
         """Base log p(z_{i+1} | prompt, z≤i) [B, L] and log p(⊤ | prompt, z≤i) [B, L+1]."""
         with self._base():
             logits = state_logits(self.model, rollout.prompts, rollout.tokens, self.pad_id)
-        return transition_log_probs(torch.log_softmax(logits, -1), rollout.tokens, terminator_id)
+        log_pf, log_pterm = transition_log_probs(torch.log_softmax(logits, -1), rollout.tokens.to(logits.device),
+                                                 terminator_id)
+        return log_pf.cpu(), log_pterm.cpu()
 
     @torch.no_grad()
     def continuation(self, contexts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
@@ -42,7 +45,7 @@ class Scorer:
         out: list[list[int]] = []
         for i in range(0, len(contexts), self.chunk):
             chunk = contexts[i:i + self.chunk]
-            inputs = pack(chunk, torch.zeros((len(chunk), 0), dtype=torch.long), self.pad_id)
+            inputs = pack(chunk, torch.zeros((len(chunk), 0), dtype=torch.long), self.pad_id, self.model.device)
             with self._base():
                 ids = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                           max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
@@ -58,13 +61,9 @@ class Scorer:
             valid[row, : len(continuation)] = True
         with self._base():
             logits = state_logits(self.model, contexts, tokens, self.pad_id)[:, :-1]
+        tokens, valid = tokens.to(logits.device), valid.to(logits.device)
         token_lp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        return torch.where(valid, token_lp, 0.0).sum(-1)
-
-    def suffix_at_prefixes(self, rollout: Rollout, suffixes: list[list[int]]) -> torch.Tensor:
-        """log p(suffix_b | prompt_b, z1..zi) for every prefix i ≤ n_b: [B, L+1]
-        (-inf past a row's length)."""
-        return self.prefixes_and_suffix(rollout, suffixes)[1]
+        return torch.where(valid, token_lp, 0.0).sum(-1).cpu()
 
     @torch.no_grad()
     def prefixes_and_suffix(self, rollout: Rollout, suffixes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +79,7 @@ class Scorer:
             width, lengths = int(rollout.lengths[part].max()), rollout.lengths[part]
             with self._base():
                 p, s = _packed_prefixes(self.model, [rollout.prompts[b] for b in part], rollout.tokens[part, :width],
-                                        lengths, [suffixes[b] for b in part], self.pad_id)
+                                        [suffixes[b] for b in part], self.pad_id)
             valid = torch.arange(width + 1)[None, :] <= lengths[:, None]
             prefix[part, : width + 1] = torch.where(valid, p, float("-inf"))
             suffix[part, : width + 1] = torch.where(valid, s, float("-inf"))
@@ -98,7 +97,7 @@ def _by_length(lengths: list[int], budget: int) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def _packed_prefixes(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor, lengths: torch.Tensor,
+def _packed_prefixes(model: torch.nn.Module, prompts: list[list[int]], tokens: torch.Tensor,
                      suffixes: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pass behind Scorer.prefixes_and_suffix for rows of at most W = tokens.shape[1]
     latent tokens: [B, W+1] each, meaningless past a row's length.
@@ -134,18 +133,21 @@ def _packed_prefixes(model: torch.nn.Module, prompts: list[list[int]], tokens: t
     mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
     positions = torch.where(in_copy, plen[:, None] + copy + k, torch.where(col < P, col - (P - plen[:, None]),
                                                                            plen[:, None] + z - 1)).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False).logits
+    device = model.device
+    logits = model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device), position_ids=positions.to(device),
+                   use_cache=False).logits
     log_probs = torch.log_softmax(logits.float(), -1)
+    tokens, suffix_ids, slen = tokens.to(device), suffix_ids.to(device), slen.to(device)
 
     # prefix: z_(j+1) is predicted at column P-1+j
     token_lp = log_probs[:, P - 1: P - 1 + width].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    prefix = torch.cat([torch.zeros(batch, 1), token_lp.cumsum(-1)], dim=1)
+    prefix = torch.cat([token_lp.new_zeros(batch, 1), token_lp.cumsum(-1)], dim=1)
     # suffix: copy i's first token is predicted at column P-1+i, its k-th at the copy's column k-1
     first = log_probs[:, P - 1: P + width].gather(-1, suffix_ids[:, :1, None].expand(-1, copies, 1)).squeeze(-1)
     rest = log_probs[:, P + width:].view(batch, copies, Y, -1)[:, :, :-1]
     rest = rest.gather(-1, suffix_ids[:, None, 1:, None].expand(-1, copies, -1, 1)).squeeze(-1)
-    rest = torch.where(torch.arange(1, Y)[None, None, :] < slen[:, None, None], rest, 0.0).sum(-1)
-    return prefix, torch.where(slen[:, None] > 0, first + rest, 0.0)
+    rest = torch.where(torch.arange(1, Y, device=device)[None, None, :] < slen[:, None, None], rest, 0.0).sum(-1)
+    return prefix.cpu(), torch.where(slen[:, None] > 0, first + rest, 0.0).cpu()
 
 
 def prefix_log_likelihood(log_pf: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterStore, check_name
-from trainer.loop import check_context, resolve_base_model
+from trainer.config import Device
+from trainer.loop import check_context, resolve_base_model, resolve_device
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
 from trainer.rollout import sample, tool_forced
@@ -40,6 +41,7 @@ class SFTConfig(BaseModel):
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     seed: int = 0
+    device: Device = "auto"
     lora: LoraSpec = LoraSpec()
     evaluate: bool = True
 
@@ -61,8 +63,8 @@ def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair]) -> torch.Ten
         forced[row, : len(target)] = torch.tensor(tool_forced(tool, target), dtype=torch.bool)
     log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, task.pad_id,
                                          [prompt.bias for prompt, _ in batch])
-    written = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]) & ~forced
-    total = torch.where(written, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths].sum()
+    written = ((torch.arange(tokens.shape[1])[None, :] < lengths[:, None]) & ~forced).to(log_pf.device)
+    total = torch.where(written, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths.to(log_pf.device)].sum()
     return -total / (written.sum() + len(batch))
 
 
@@ -75,7 +77,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     task = make_task(config.task, tokenizer)
     pairs = task.sft_pairs() if pairs is None else pairs
     _check_pairs(pairs, task)
-    model = attach_lora(load_causal_lm(model_dir), config.lora)
+    model = attach_lora(load_causal_lm(model_dir), config.lora).to(resolve_device(config.device))
     check_context(task, [prompt for prompt, _ in pairs], model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)

@@ -2,7 +2,7 @@
 
 The engine is configured from the adapters present at start: ``max_lora_rank`` (rounded up
 to a rank vLLM supports), ``lora_target_modules`` and ``max_loras``. Naming the target modules
-matters (REFERENCE.md §5): without them the CPU engine crashes on batched prompt log-probs, and
+matters (measured on vLLM 0.32's CPU backend): without them the CPU engine crashes on batched prompt log-probs, and
 vLLM silently ignores modules not listed, so an adapter loaded later that needs more rank or
 other modules is refused with a message saying how to restart.
 

@@ -1,4 +1,4 @@
-"""Continuation at low temperature (REFERENCE.md §3): the next sentence Z after one to
+"""Continuation at low temperature (Hu et al., ICLR 2024): the next sentence Z after one to
 three sentences X, sampled from p(Z ⊤ | X)^(1/T) with ⊤ = "." and T annealed from 1 to a
 value below 1 (the config's reward_temperature).
 

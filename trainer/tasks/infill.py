@@ -1,4 +1,4 @@
-"""Story infilling (REFERENCE.md §3): sample the middle Z of a story between a beginning
+"""Story infilling (Hu et al., ICLR 2024): sample the middle Z of a story between a beginning
 X and an ending Y from the posterior p(Z | X, Y) ∝ p(X Z Y).
 
 The policy reads both ends in the Beginning/Ending/Middle format; the reward is read by

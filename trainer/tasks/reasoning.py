@@ -1,4 +1,4 @@
-"""Arithmetic with a calculator (REFERENCE.md §3): sample a rationale Z for a question X
+"""Arithmetic with a calculator (Hu et al., ICLR 2024): sample a rationale Z for a question X
 from the posterior p(Z | X, Y) ∝ p(Z Y | X), Y = ". The answer is N." with N the true answer.
 
     X = "Question: 6 - 0 - 4 - 8 = ? Answer:"          (the policy's prompt, no few-shot)

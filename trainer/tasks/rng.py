@@ -1,4 +1,4 @@
-"""Random numbers: sample integers from any target distribution (REFERENCE.md §3).
+"""Random numbers: sample integers from any target distribution (Hu et al., ICLR 2024).
 
 The reward of a prefix is the target's probability of the integer it spells when it is
 a complete, canonical number in the support, else a floor (which also bounds the support's
