@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapters.home import runs_root, store_root
@@ -36,7 +37,7 @@ console = Console()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print("[red]error:[/red]", escape(message))  # a message may hold brackets: a pattern, pydantic's [type=...]
     raise typer.Exit(2)
 
 

@@ -36,7 +36,7 @@ def bundled_configs() -> list[str]:
 def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = ()) -> dict[str, Any]:
     """The config data of a YAML path, a bundled config's name (e.g. 'rng') or a mapping,
     with overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
-    data = source if isinstance(source, Mapping) else yaml.safe_load(_resolve(source).read_text()) or {}
+    data = source if isinstance(source, Mapping) else _read(_resolve(source))
     if not isinstance(data, Mapping):
         raise ConfigError([f"config: {source} is not a mapping of settings"])
     data = copy.deepcopy(dict(data))
@@ -46,11 +46,21 @@ def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = (
     return data
 
 
+def _read(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError([f"config: {path} is not a readable YAML file ({' '.join(str(error).split())})"]) from None
+
+
 def _parse(override: str) -> tuple[str, Any]:
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise ConfigError([f"override {override!r} is not of the form key.path=value"])
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{key}: {value!r} is not a YAML value ({' '.join(str(error).split())})"]) from None
 
 
 def _resolve(source: str | Path) -> Path:

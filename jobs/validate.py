@@ -78,9 +78,13 @@ def _messages(errors: Iterable[ValidationError]) -> Iterator[str]:
 
 def _union(error: ValidationError) -> Iterator[str]:
     """A tagged union reports the errors of the variant its tag names; an untagged one
-    (e.g. a string or null) the types it accepts."""
+    (e.g. an integer or null) those of the variant whose type the value has (a bound it
+    breaks), else the types it accepts."""
     tag = error.schema.get("discriminator")
     if tag is None:
+        if broken := [e for e in error.context if e.validator != "type"]:
+            yield from _messages(broken)
+            return
         types = [e.validator_value for e in error.context if e.validator == "type" and not e.path]
         yield f"{_path(error)}: must be {' or '.join(map(str, types))}" if types else f"{_path(error)}: {error.message}"
         return

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import time
@@ -37,6 +38,7 @@ MAINTENANCE_S = 10  # an idle worker looks for abandoned jobs this often
 WORKER_TTL_S = 20  # an idle worker wakes every WORKER_TTL_S - 15 s (RQ's rule)
 RESTART_S = 5  # pause before a worker lost to a Redis error is replaced
 PR_SET_PDEATHSIG = 1
+log = logging.getLogger("rq.worker")  # beside RQ's own lines in the worker's log
 
 
 class TrainingWorker(SpawnWorker):
@@ -78,6 +80,16 @@ class TrainingWorker(SpawnWorker):
             self.metrics.running_job = None
         self.metrics.job_ended(job.id)
 
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        """The job's process rebuilds this worker from its record in Redis: a record lost meanwhile
+        (Redis flushed, restarted without persistence, the key evicted) is written again first,
+        or the process could not start, and every job would fail in its place."""
+        if self.connection.hget(self.key, "pid") is None:
+            self.log.warning("Worker %s: its record in Redis was lost; registering again", self.name)
+            self.connection.delete(self.key)
+            self.register_birth()
+        super().fork_work_horse(job, queue)
+
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         """Runs in the job's process."""
         _die_with(self.pid)
@@ -92,16 +104,17 @@ def run(redis_url: str, metrics_port: int = 0) -> None:
     if metrics_port:
         start_http_server(metrics_port, registry=metrics.registry)
     while True:
-        worker = TrainingWorker([QUEUE], connection=redis, job_monitoring_interval=MONITOR_S,
-                                worker_ttl=WORKER_TTL_S, maintenance_interval=MAINTENANCE_S)
-        worker.metrics = metrics
-        try:
+        worker = None
+        try:  # RQ's worker reads Redis as it is made, starts and ends: Redis may be away at each
+            worker = TrainingWorker([QUEUE], connection=redis, job_monitoring_interval=MONITOR_S,
+                                    worker_ttl=WORKER_TTL_S, maintenance_interval=MAINTENANCE_S)
+            worker.metrics = metrics
             worker.work(logging_level="INFO")
-        except RedisError as error:  # raised by RQ's start-up or teardown
-            worker.log.warning("Worker %s: Redis is away (%s)", worker.name, error)
-        if worker.stopping:
+        except RedisError as error:
+            log.warning("Redis is away (%s)", error)
+        if worker is not None and worker.stopping:
             return
-        worker.log.warning("Worker %s: stopped on an error; a new worker starts in %s s", worker.name, RESTART_S)
+        log.warning("the worker stopped on an error; a new one starts in %s s", RESTART_S)
         time.sleep(RESTART_S)
 
 

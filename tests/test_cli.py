@@ -42,3 +42,14 @@ def test_train_names_a_missing_base_model(tmp_path):
     missing = CliRunner().invoke(app, ["train", "rng", "--set", f"base_model={tmp_path / 'nope'}",
                                        "--run-dir", str(tmp_path / "run"), "--store", str(tmp_path / "store")])
     assert missing.exit_code == 2 and "does not exist" in " ".join(missing.output.split()), missing.output
+
+
+def test_unreadable_configs_and_overrides_are_named_not_tracebacks(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [x\n")
+    for args, said in ((["train", str(broken)], "is not a readable YAML file"),
+                       (["train", str(tmp_path)], "is not a readable YAML file"),
+                       (["train", "rng", "--set", "steps=[1"], "steps: '[1' is not a YAML value"),
+                       (["jobs", "submit", "rng", "--set", "name=../x"], "[a-z0-9][a-z0-9._-]{0,63}")):  # brackets kept
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output

@@ -25,6 +25,7 @@ from gfn.local import free_port
 from jobs.announce import CHANNEL, NewVersion, latest_versions
 from jobs.configs import ConfigError, config_data
 from jobs.queue import RETRIES, JobQueue, JobStatus
+from jobs.worker import RESTART_S
 from jobs.validate import load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,6 +130,8 @@ def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue,
             queue.submit(config_data("rng", [oversized]))
     result = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", "steps=-1", "--redis-url", redis_server.url])
     assert result.exit_code == 2 and "steps: must be > 0" in result.output
+    with pytest.raises(ConfigError, match="task.max_len: must be <= 4096"):  # an optional integer: its bound, not "null"
+        load("rng", ["task.max_len=100000"])
     with pytest.raises(ConfigError, match="task.prompt: must be valid Unicode text"):  # no tokenizer reads it
         queue.submit(config_data("rng", {"task.prompt": "a \ud800 b"}))
     assert queue.queue.count == 0 and queue.list() == []
@@ -161,6 +164,22 @@ def test_submitted_job_trains_and_announces_its_version(workers, queue, redis_se
     assert latest_versions(queue.redis) == {"rng": 1}
     shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--redis-url", redis_server.url])
     assert json.loads(shown.output)["adapter"] == "rng@v1"
+
+
+def test_a_worker_waits_for_redis_and_outlives_redis_losing_its_data(workers, queue, redis_server, demo_model):
+    """Started before Redis answers, a worker waits for it; when Redis loses its data (flushed, restarted
+    without persistence), the worker registers again: its jobs' processes rebuild it from that record."""
+    redis_server.stop()
+    process = workers.start()
+    time.sleep(RESTART_S + 2)
+    assert process.poll() is None, (workers.home / "worker0.log").read_text()
+    redis_server.start()
+    config = load("rng", ["steps=2", f"base_model={demo_model}", *SHORT])
+    first = watch(queue, queue.submit(config), lambda s: s.status not in ("queued", "started"), 180)
+    assert first.status == "finished", first.error
+    queue.redis.flushall()
+    second = watch(queue, queue.submit(config), lambda s: s.status not in ("queued", "started"), 180)
+    assert second.status == "finished" and second.adapter == "rng@v2", second.error
 
 
 def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_version(workers, queue, demo_model):
@@ -219,3 +238,7 @@ def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):
     assert runs == 1, f"ran {runs} times: a job refused at setup would fail each retry the same way"
     assert "FileNotFoundError" in done.error and "/nonexistent/base-model does not exist" in done.error
     assert queue.list()[0].error == done.error
+    mixed = queue.submit(load("rng", ["behaviour.on_policy=0.9", *SHORT]), retries=2)  # past the schema, not pydantic
+    done = watch(queue, mixed, lambda s: s.status not in ("queued", "started"), 180)
+    assert done.status == "failed" and (workers.home / "worker0.log").read_text().count(f"({mixed})") == 1
+    assert "behaviour: Value error, on_policy + tempered + replay must be 1" in done.error, done.error

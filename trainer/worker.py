@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
@@ -36,12 +37,20 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
             on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
         )
     except Exception as error:  # setup reads only the config, its data and the base model: a retry fails alike
-        raise JobRefused(f"{type(error).__name__}: {error}") from error
+        raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
     manifest = trainer.run()
     if manifest is None:
         return {"cancelled": True, "step": trainer.step}
     announce(job.connection, NewVersion(name=manifest.name, version=manifest.version, job_id=job.id))
     return {"adapter": manifest.ref}
+
+
+def _one_line(error: Exception) -> str:
+    """The message on one line: the worker and `gfn jobs status` read a failure's last line. A
+    validation error names each field, without pydantic's links."""
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+    return " ".join(str(error).split())
 
 
 def _cancelled(job: Job) -> bool:
