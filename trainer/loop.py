@@ -4,6 +4,7 @@ checkpoints that make a killed run resume and end as if it had never stopped."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -254,6 +255,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "history": self.history,
         }
+        state["digest"] = _digest(state)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         newest = self.run_dir / CHECKPOINT
@@ -270,6 +272,8 @@ class Trainer:
                 continue
             try:
                 state = torch.load(path, map_location="cpu", weights_only=False)  # loading puts each part on its device
+                if "digest" in state and state.pop("digest") != _digest(state):  # torch.load checks no checksum
+                    raise ValueError("its contents do not match the digest written with them")
                 if failures:
                     log.warning("resuming from the previous checkpoint: %s", "; ".join(failures))
                 return state
@@ -323,6 +327,28 @@ class Trainer:
                        training={"method": self.method, "config": self.config.model_dump(), "steps": self.step},
                        metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},
                        evaluation=(self.sampler(), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
+
+
+def _digest(state: Any) -> str:
+    """sha256 of a checkpoint's contents (every tensor's bytes, every other value's repr): a bit
+    flipped on disk inside a tensor would otherwise load as a silently different run."""
+    digest = hashlib.sha256()
+
+    def add(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            digest.update(node.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in node:
+                digest.update(repr(key).encode())
+                add(node[key])
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                add(item)
+        else:
+            digest.update(repr(node).encode())
+
+    add(state)
+    return digest.hexdigest()
 
 
 def _claim(run_dir: Path) -> IO[str]:
