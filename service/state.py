@@ -71,16 +71,30 @@ class ServiceState:
                                    None if settings.adapters is None else frozenset(r.partition("@")[0] for r in settings.adapters)),
                     refused)
         for pinned, manifest in wanted:
-            try:
-                await state.registry.load(manifest.name, manifest.version, pin=pinned)
-            except (AdapterError, AdapterRefused) as error:
-                state.refused[manifest.ref] = str(error)
+            await state._load_at_start(manifest, pinned)
         for ref, reason in state.refused.items():
             log.error("adapter refused", extra={"adapter": ref, "reason": reason})
         state.watcher.start()
         log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
                                            "adapters": sorted(state.registry.entries)})
         return state
+
+    async def _load_at_start(self, manifest: Manifest, pinned: bool) -> None:
+        """Load a start-up adapter. For a name (not a pinned version), a refused version falls back to the
+        next older one trained on this base model: one damaged save must not take a name offline."""
+        store = self.registry.store
+        older = [] if pinned else [v for v in reversed(store.versions(manifest.name)) if v < manifest.version]
+        for version in [manifest.version, *older]:
+            try:
+                if version != manifest.version and not self._trained_here(manifest.name, version):
+                    continue
+                await self.registry.load(manifest.name, version, pin=pinned)
+                return
+            except (AdapterError, AdapterRefused) as error:
+                self.refused[f"{manifest.name}@v{version}"] = str(error)
+
+    def _trained_here(self, name: str, version: int) -> bool:
+        return self.registry.store.manifest(name, version).base_model.fingerprint == self.registry.base_fingerprint
 
     async def stop(self) -> None:
         await self.watcher.stop()

@@ -161,6 +161,21 @@ def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(
         assert served.status_code == 200 and served.json()["adapter"] == "in.fill@v2"
 
 
+def test_a_damaged_newest_version_falls_back_to_the_one_before(demo_model, tmp_path):
+    """One bad save must not take a name offline at start; a pinned version gets no substitute."""
+    store = AdapterStore(tmp_path / "adapters")
+    fields = task_fields(load_tokenizer(demo_model))
+    for seed in (0, 1):
+        save_adapter(store, "infill", demo_model, fields["infill"], seed)
+    corrupt(store, "infill", 2)
+    for adapters, served in ((None, ["infill@v1"]), (["infill"], ["infill@v1"]), (["infill@v2"], [])):
+        settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                            adapters=adapters, watch_poll_s=3600.0)
+        with Server(create_app(settings)) as server, server.client() as client:
+            ready = client.get("/ready").json()
+        assert ready["adapters"] == served and "sha256" in ready["refused"]["infill@v2"], (adapters, ready)
+
+
 def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
     with Server(create_app(_settings(store, demo_model, redis_url=redis_server.url))) as server, \
             server.client() as client:
