@@ -12,8 +12,8 @@ from adapters.manifest import VocabMask
 from adapters.models import load_causal_lm, load_tokenizer
 from trainer.policy import PolicySpec, masked_log_probs, policy_log_probs, state_logits
 from trainer.rollout import sample
+from world.corpus import RNG_PROMPT
 
-PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def lm(demo_model):
     return load_causal_lm(demo_model), load_tokenizer(demo_model)
 
 
-def draw(lm, spec, n=200, seed=0, tool=None, prompt=PROMPT):
+def draw(lm, spec, n=200, seed=0, tool=None, prompt=RNG_PROMPT):
     model, tok = lm
     ids = tok(prompt)["input_ids"]
     return sample(model, spec, [ids] * n, tok.eos_token_id, 1.0, torch.Generator().manual_seed(seed), tool)
@@ -69,7 +69,7 @@ def test_padding_past_a_sample_does_not_change_its_log_probs(lm):
 
 def test_left_padding_gives_the_same_log_probs_as_a_lone_prompt(lm):
     model, tok = lm
-    short, long = tok("Keywords: dog, park. Sentence:")["input_ids"], tok(PROMPT)["input_ids"]
+    short, long = tok("Keywords: dog, park. Sentence:")["input_ids"], tok(RNG_PROMPT)["input_ids"]
     tokens = torch.tensor([[tok.convert_tokens_to_ids("4")] * 3])
     together = state_logits(model, [short, long], tokens.repeat(2, 1), tok.eos_token_id)
     alone = state_logits(model, [short], tokens, tok.eos_token_id)
@@ -112,7 +112,7 @@ def test_a_sample_carries_its_log_q(lm):
 
     model, tok = lm
     marker = tok.convert_tokens_to_ids("=")
-    prompts = [tok(p)["input_ids"] for p in (PROMPT, "Anna lived in a big city.")] * 16
+    prompts = [tok(p)["input_ids"] for p in (RNG_PROMPT, "Anna lived in a big city.")] * 16
 
     def draw(terminator: int):
         return sample(model, PolicySpec(terminator, 1, 5, VocabMask()), prompts, tok.eos_token_id, 1.0,

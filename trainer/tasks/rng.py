@@ -25,8 +25,8 @@ from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
 from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
+from world.corpus import RNG_PROMPT
 
-PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
 NUMBER = re.compile(r"0|[1-9][0-9]*")
 
 
@@ -80,7 +80,7 @@ Target = Annotated[Uniform | Binomial | Poisson | Weights, Field(discriminator="
 
 class RngConfig(TaskConfig):
     name: Literal["rng"] = "rng"
-    prompt: str = Field(PROMPT, min_length=1)
+    prompt: str = Field(RNG_PROMPT, min_length=1, description="the paper's prompt, which the demo world's corpus uses")
     target: Target = Uniform()
     min_len: MinLen = 1
     max_len: MaxLen | None = Field(None, description="default: the digits of the support's largest number "
