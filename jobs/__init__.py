@@ -6,7 +6,7 @@ Nothing here imports the trainer, the demo world or torch: configs are checked a
 `jobs.metrics` (the worker process) are not re-exported.
 """
 
-from jobs.announce import CHANNEL, LATEST, NewVersion, announce, latest_versions
+from jobs.announce import CHANNEL, LATEST, NewVersion, announce
 from jobs.configs import ConfigError, bundled_configs, config_data
 from jobs.queue import JobNotFound, JobQueue, JobStatus, Progress
 from jobs.validate import load, validate
@@ -23,7 +23,6 @@ __all__ = [
     "announce",
     "bundled_configs",
     "config_data",
-    "latest_versions",
     "load",
     "validate",
 ]

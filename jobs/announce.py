@@ -31,9 +31,3 @@ def announce(redis: Redis, new: NewVersion) -> None:
         pipe.zadd(LATEST, {new.name: new.version}, gt=True)
         pipe.publish(CHANNEL, new.model_dump_json())
         pipe.execute()
-
-
-def latest_versions(redis: Redis) -> dict[str, int]:
-    """The highest version announced for each adapter name."""
-    pairs = redis.zrange(LATEST, 0, -1, withscores=True)
-    return {name if isinstance(name, str) else name.decode(): int(version) for name, version in pairs}

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from adapters.store import AdapterStore
 from gfn.cli import app
 from gfn.local import free_port
-from jobs.announce import CHANNEL, NewVersion, latest_versions
+from jobs.announce import CHANNEL, LATEST, NewVersion
 from jobs.configs import ConfigError, config_data
 from jobs.queue import RETRIES, JobQueue, JobStatus
 from jobs.worker import RESTART_S
@@ -161,7 +161,7 @@ def test_submitted_job_trains_and_announces_its_version(workers, queue, redis_se
     message = announcements.get_message(timeout=5)  # the subscribe confirmation
     message = announcements.get_message(timeout=5)
     assert NewVersion.model_validate_json(message["data"]) == NewVersion(name="rng", version=1, job_id=job_id)
-    assert latest_versions(queue.redis) == {"rng": 1}
+    assert queue.redis.zrange(LATEST, 0, -1, withscores=True) == [(b"rng", 1.0)]  # where a service catches up from
     shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--redis-url", redis_server.url])
     assert json.loads(shown.output)["adapter"] == "rng@v1"
 
