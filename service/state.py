@@ -13,7 +13,7 @@ from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
 from adapters.calculator import TokenCalculator
-from adapters.errors import AdapterError, InvalidAdapterName
+from adapters.errors import AdapterError, AdapterNotFound, InvalidAdapterName
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
@@ -58,7 +58,8 @@ class ServiceState:
         wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
         tokenizer = load_tokenizer(base_model)
         engine = await start_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
-                                    [m.lora for _, m in wanted], on_batch=metrics.batch_size.observe)
+                                    [candidates[0].lora for _, candidates in wanted if candidates],  # sized for the newest
+                                    on_batch=metrics.batch_size.observe)
         metrics.watch(engine)
         registry = Registry(store, engine, base_fingerprint, tokenizer_digest(tokenizer), metrics)
         jobs = None
@@ -70,31 +71,19 @@ class ServiceState:
                     AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused,
                                    None if settings.adapters is None else frozenset(r.partition("@")[0] for r in settings.adapters)),
                     refused)
-        for pinned, manifest in wanted:
-            await state._load_at_start(manifest, pinned)
+        for pinned, candidates in wanted:
+            for manifest in candidates:  # the first that loads; each refused one is listed
+                try:
+                    await state.registry.load(manifest.name, manifest.version, pin=pinned)
+                    break
+                except (AdapterError, AdapterRefused) as error:
+                    state.refused[manifest.ref] = str(error)
         for ref, reason in state.refused.items():
             log.error("adapter refused", extra={"adapter": ref, "reason": reason})
         state.watcher.start()
         log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
                                            "adapters": sorted(state.registry.entries)})
         return state
-
-    async def _load_at_start(self, manifest: Manifest, pinned: bool) -> None:
-        """Load a start-up adapter. For a name (not a pinned version), a refused version falls back to the
-        next older one trained on this base model: one damaged save must not take a name offline."""
-        store = self.registry.store
-        older = [] if pinned else [v for v in reversed(store.versions(manifest.name)) if v < manifest.version]
-        for version in [manifest.version, *older]:
-            try:
-                if version != manifest.version and not self._trained_here(manifest.name, version):
-                    continue
-                await self.registry.load(manifest.name, version, pin=pinned)
-                return
-            except (AdapterError, AdapterRefused) as error:
-                self.refused[f"{manifest.name}@v{version}"] = str(error)
-
-    def _trained_here(self, name: str, version: int) -> bool:
-        return self.registry.store.manifest(name, version).base_model.fingerprint == self.registry.base_fingerprint
 
     async def stop(self) -> None:
         await self.watcher.stop()
@@ -153,36 +142,40 @@ def _newest_base(store: AdapterStore) -> str:
 
 
 def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerprint: str
-                      ) -> tuple[list[tuple[bool, Manifest]], dict[str, str]]:
-    """(pinned, manifest) of each adapter to load at start, and those refused already.
+                      ) -> tuple[list[tuple[bool, list[Manifest]]], dict[str, str]]:
+    """(pinned, candidates) for each adapter to load at start, and those refused already. The
+    candidates are tried in order until one loads: for a name, its versions trained on this base
+    model, newest first (one damaged save must not take a name offline); for 'name@vN', that version.
 
-    Without a list: the newest version of every stored adapter trained on this base model.
-    With one: 'name' is its newest version, 'name@vN' that version, pinned.
-    """
-    wanted: list[tuple[bool, Manifest]] = []
+    Without a list: every stored name. With one: 'name' or 'name@vN' (pinned)."""
+    wanted: list[tuple[bool, list[Manifest]]] = []
     refused: dict[str, str] = {}
-    if refs is None:
-        for name in store.names():
-            versions = store.versions(name)
-            for version in reversed(versions):
-                try:
-                    manifest = store.manifest(name, version)
-                except AdapterError as error:
-                    refused[f"{name}@v{version}"] = str(error)
-                    continue
-                if manifest.base_model.fingerprint == base_fingerprint:
-                    wanted.append((False, manifest))
-                    break
-                if version == versions[-1]:  # the version the watcher would offer: refused now, and said why
-                    refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
-                                             f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
-        return wanted, refused
-    for ref in refs:
+    for ref in refs if refs is not None else store.names():
         name, at, version = ref.partition("@v")
         try:
             if at and not version.isdigit():
                 raise InvalidAdapterName(f"invalid adapter {ref!r} in GFN_ADAPTERS: use 'name' or 'name@vN'")
-            wanted.append((bool(at), store.manifest(name, int(version) if at else None)))
+            if at:
+                wanted.append((True, [store.manifest(name, int(version))]))
+                continue
+            versions = list(reversed(store.versions(name)))
+            if not versions:
+                raise AdapterNotFound(f"no adapter named {name!r} in {store.root}")
         except AdapterError as error:
             refused[ref] = str(error)
+            continue
+        candidates = []
+        for version in versions:
+            try:
+                manifest = store.manifest(name, version)
+            except AdapterError as error:
+                if not candidates:  # past the version that would serve, damage is for `gfn adapters list`
+                    refused[f"{name}@v{version}"] = str(error)
+                continue
+            if manifest.base_model.fingerprint == base_fingerprint:
+                candidates.append(manifest)
+            elif version == versions[0]:  # the version the watcher would offer: refused now, and said why
+                refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
+                                         f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
+        wanted.append((False, candidates))
     return wanted, refused

@@ -34,6 +34,7 @@ class AdapterWatcher:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
+        self._stored = {name: self.store.versions(name) for name in self.store.names()}  # what start-up saw
         self._tasks.append(asyncio.create_task(self._poll()))
         if self.redis_url:
             self._tasks.append(asyncio.create_task(self._subscribe()))

@@ -118,7 +118,7 @@ def test_corrupt_and_mismatched_adapters_are_refused_and_the_rest_serves(slow):
     with slow.client() as client:
         ready = client.get("/ready").json()
         assert ready["ready"] and ready["adapters"] == ["infill@v1", "reasoning@v1"]
-        assert "sha256" in ready["refused"]["rng@v1"] and "trained on base model" in ready["refused"]["alien@v1"]
+        assert "sha256" in ready["refused"]["rng@v1"] and "another base model" in ready["refused"]["alien@v1"]
         again = client.post("/adapters", json={"name": "rng"})
         assert again.status_code == 409 and "adapter_model.safetensors" in again.json()["detail"]
         alien = client.post("/adapters", json={"name": "alien"})
@@ -148,14 +148,14 @@ def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(
                         adapters=["in.fill", "rng", "rng@v7"], watch_poll_s=0.2)
     with Server(create_app(settings)) as server, server.client() as client:
         assert client.get("/ready").json()["refused"].keys() == {"rng@v1", "rng@v7"}
-        save_adapter(store, "other", demo_model, fields["infill"], 2)  # not listed: not followed
+        save_adapter(store, "another", demo_model, fields["infill"], 2)  # not listed: not followed (polled first)
         save_adapter(store, "in.fill", demo_model, fields["infill"], 3)  # listed: v2 goes live
         shutil.rmtree(store.root / "rng" / "v1")
         deadline = time.time() + 60
         while time.time() < deadline and client.get("/ready").json()["adapters"] != ["in.fill@v2"]:
             time.sleep(0.2)
         ready = client.get("/ready").json()
-        assert ready["adapters"] == ["in.fill@v2"]  # and not other@v1, saved before it
+        assert ready["adapters"] == ["in.fill@v2"]  # and not another@v1, saved and polled before it
         assert ready["refused"].keys() == {"rng@v7"}  # never stored: still listed
         served = client.post("/infill", json={**INFILL, "adapter": "in.fill", "n": 2, "seed": 0})
         assert served.status_code == 200 and served.json()["adapter"] == "in.fill@v2"
@@ -168,12 +168,15 @@ def test_a_damaged_newest_version_falls_back_to_the_one_before(demo_model, tmp_p
     for seed in (0, 1):
         save_adapter(store, "infill", demo_model, fields["infill"], seed)
     corrupt(store, "infill", 2)
-    for adapters, served in ((None, ["infill@v1"]), (["infill"], ["infill@v1"]), (["infill@v2"], [])):
-        settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
-                            adapters=adapters, watch_poll_s=3600.0)
-        with Server(create_app(settings)) as server, server.client() as client:
-            ready = client.get("/ready").json()
-        assert ready["adapters"] == served and "sha256" in ready["refused"]["infill@v2"], (adapters, ready)
+    for damage, why in ((None, "sha256"), ("{torn", "manifest.json")):  # its weights, then its manifest too
+        if damage:
+            (store.root / "infill" / "v2" / "manifest.json").write_text(damage)
+        for adapters, served in ((None, ["infill@v1"]), (["infill"], ["infill@v1"]), (["infill@v2"], [])):
+            settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                                adapters=adapters, watch_poll_s=3600.0)
+            with Server(create_app(settings)) as server, server.client() as client:
+                ready = client.get("/ready").json()
+            assert ready["adapters"] == served and why in ready["refused"]["infill@v2"], (adapters, ready)
 
 
 def test_rationales_are_cached_in_redis(store, demo_model, redis_server):

@@ -118,7 +118,7 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, demo_model):
     Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)  # released when it ended
 
 
-def test_a_fresh_start_waits_for_the_lock_and_a_failed_resume_releases_it(tmp_path, demo_model):
+def test_a_fresh_start_is_refused_while_the_run_trains_and_a_failed_resume_lets_the_lock_go(tmp_path, demo_model):
     """--fresh must not wipe the checkpoints of a run training in that directory; a resume that
     fails (another config) must not leave the directory locked for the next attempt."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])

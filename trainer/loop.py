@@ -70,9 +70,12 @@ def resolve_device(name: str) -> torch.device:
     """The device a config names; auto: the (first visible) GPU where CUDA is available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name} asked for, but CUDA is not available here (use auto or cpu)")
-    return torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device: {name} asked for, but {torch.cuda.device_count()} GPUs are visible here")
+    return device
 
 
 class Trainer:
@@ -283,7 +286,7 @@ class Trainer:
 
     def _restore(self) -> None:
         state = self._read_checkpoint()
-        if state["config"] != self.config.model_dump():
+        if _identity(state["config"]) != _identity(self.config.model_dump()):
             raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
         # .get: checkpoints written before these were recorded still resume
         if state.get("base_fingerprint", self.base_fingerprint) != self.base_fingerprint:
@@ -327,6 +330,11 @@ class Trainer:
                        training={"method": self.method, "config": self.config.model_dump(), "steps": self.step},
                        metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},
                        evaluation=(self.sampler(), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the same run: its config but the device (a run may resume on another)."""
+    return {key: value for key, value in config.items() if key != "device"}
 
 
 def _digest(state: Any) -> str:

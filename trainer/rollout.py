@@ -98,8 +98,9 @@ def sample(
         barred = spec.stop_penalty(spec.barred(tokens[:, :step])[:, step].to(device), logits.shape[-1])
         log_probs = torch.log_softmax((logits + states[step] + rows + barred) / temps, dim=-1)
         choice = _draw(log_probs, torch.rand(batch, 1, generator=generator, dtype=torch.float64))
-        picked = log_probs.gather(1, choice.to(device).unsqueeze(-1)).squeeze(-1).tolist()
-        stop = log_probs[:, spec.terminator_id].tolist()
+        picked = log_probs.gather(1, choice.unsqueeze(-1)).squeeze(-1)
+        host = torch.stack([choice.double(), picked.double(), log_probs[:, spec.terminator_id].double()]).cpu()
+        choice, picked, stop = host[0].long(), host[1].tolist(), host[2].tolist()  # one transfer a step
         for b in range(batch):
             if lengths[b] >= 0:
                 continue
@@ -127,12 +128,16 @@ def sample(
 
 
 def _draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row by inverting the cumulative distribution at host uniforms [B, 1]: the
-    first token whose cumulative probability exceeds u times the total. A token of probability
-    zero (masked) adds nothing to the sum, so it can never be the first to exceed it. On the host."""
+    """One token per row, a draw from exp(log_probs): the first token whose cumulative probability
+    exceeds u times the total, for host uniforms u [B, 1]. A token of probability zero adds nothing
+    to the sum, so it is never the first to exceed it; rounding at the top end falls back to the
+    last token with mass. On the log-probs' device."""
     cdf = log_probs.double().exp().cumsum(-1)
-    at = uniforms.to(cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1).cpu()
+    total = cdf[:, -1:]
+    if not torch.isfinite(total).all():  # torch.multinomial refused these too
+        raise FloatingPointError("the policy's probabilities are not finite (NaN logits?)")
+    choice = torch.searchsorted(cdf, uniforms.to(cdf.device) * total, right=True).squeeze(-1)
+    return torch.minimum(choice, (cdf < total).sum(-1))
 
 
 def _distinct(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:

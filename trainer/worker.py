@@ -36,7 +36,7 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
             TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
             on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
         )
-    except Exception as error:  # setup reads only the config, its data and the base model: a retry fails alike
+    except (ValueError, FileNotFoundError) as error:  # the config, its data, the base model: a retry fails alike
         raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
     manifest = trainer.run()
     if manifest is None:

@@ -35,13 +35,13 @@ from service.engines.base import Engine, GenRequest, GenResult, Sample
 from service.errors import AdapterRefused
 
 BASE_ROW = "__base__"
+"""peft's adapter name for a row of a mixed batch that runs on the base model."""
 
 
 def _peft_name(ref: str | None) -> str:
     """peft's name for a request's adapter (BASE_ROW: none). peft names cannot hold ".", which
     adapter names may; ":" no adapter name holds, so no two names meet."""
     return BASE_ROW if ref is None else ref.replace(".", ":")
-"""peft's adapter name for a row of a mixed batch that runs on the base model."""
 
 
 @dataclass(eq=False)

@@ -205,10 +205,12 @@ class ReasoningTask(Task):
         return torch.cat([torch.zeros_like(own[:, :1]), own], dim=1) + suffix
 
     def read_length(self, prompt: Prompt) -> int:
-        """The reward reads the few-shot prefix, the question, Z and Y."""
-        answer = self.ids(self.format.answer_text(prompt.fields["answer"]))
+        """The reward reads the few-shot prefix, the question, Z and Y; the evaluation, after Z, the
+        answer prompt and the ANSWER_TOKENS the base model may take to state an answer."""
+        answer = max(len(self.ids(self.format.answer_text(prompt.fields["answer"]))),
+                     len(self.ids(self.format.answer_prompt)) + ANSWER_TOKENS)
         context = self.context_ids(self.format.context(prompt.fields["question"], ""))
-        return max(super().read_length(prompt), len(context) + self.config.max_len + len(answer))
+        return max(super().read_length(prompt), len(context) + self.config.max_len + answer)
 
     def as_read(self, prompts: list[Prompt], rollout: Rollout) -> Rollout:
         """The rollout as the reward reads it: after the few-shot prefix and the question."""
