@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from service import errors, logs
-from service.deps import admit, require_key
+from service.auth import require_key
+from service.deps import admit
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
 from service.routes import adapters, generate, health, infill, jobs, reason

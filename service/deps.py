@@ -1,15 +1,13 @@
-"""What the routes share: the service state, the API key, admission, caps, and guarded engine work."""
+"""What the routes share: the service state, admission, caps, and guarded engine work."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, HTTPException, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, HTTPException, Request
 
 from adapters.manifest import Manifest, word_bias
 from service.engines.base import GenRequest, Sample
@@ -27,25 +25,6 @@ def get_state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(get_state)]
-
-_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the service's API key")
-_bearer = HTTPBearer(auto_error=False, description="the service's API key as a bearer token")
-
-
-async def require_key(
-    state: State,
-    key: Annotated[str | None, Security(_api_key)] = None,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
-) -> None:
-    """With GFN_API_KEY set, the key must come as ``X-API-Key`` or ``Authorization: Bearer``."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    given = key or (bearer.credentials if bearer is not None else "")
-    if not secrets.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
-
 
 async def admit(state: State) -> AsyncIterator[None]:
     """Count the request in flight, or answer 429 above GFN_MAX_IN_FLIGHT."""

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
+from service.auth import key_refused
 
 
 class AdapterRefused(Exception):
@@ -66,7 +67,9 @@ def install(app: FastAPI) -> None:
 
 
 async def _invalid(request: Request, error: RequestValidationError) -> ErrorResponse:
-    """FastAPI's own 422 body, encoded safely."""
+    """FastAPI's own 422 body, encoded safely; a 401 first to a client without the API key."""
+    if (refused := await key_refused(request)) is not None:
+        return ErrorResponse({"detail": refused.detail}, status_code=401, headers=refused.headers)
     # a body that is not JSON comes back as raw bytes, which need not be UTF-8
     detail = jsonable_encoder(error.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
     return ErrorResponse({"detail": detail}, status_code=422)

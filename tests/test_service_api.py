@@ -203,6 +203,9 @@ def test_key_is_required_except_on_probes(hf):
         assert anonymous.get("/adapters").status_code == 401
         assert anonymous.post("/infill", json=INFILL, headers={"X-API-Key": "wrong"}).status_code == 401
         assert anonymous.post("/infill", json=INFILL, headers={"X-API-Key": KEY}).status_code == 200
+        malformed = anonymous.post("/infill", content=b'{"prefix": ', headers={"content-type": "application/json"})
+        assert malformed.status_code == 401 and "prefix" not in malformed.text  # the key before the body
+        assert anonymous.post("/infill", json={"n": "x"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 422
         for probe in ("/health", "/ready", "/metrics"):
             assert anonymous.get(probe).status_code == 200
 
