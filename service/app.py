@@ -61,5 +61,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(adapters.router, dependencies=[Depends(require_key)], responses=_errors(401, 404, 409, 413))
     app.include_router(jobs.router, dependencies=[Depends(require_key)], responses=_errors(401, 413))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413 included
+    app.add_middleware(RequestContext, metrics=metrics,  # outermost: sees every response, 413 included
+                       paths=frozenset(route.path for route in app.routes))
     return app

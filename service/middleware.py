@@ -23,10 +23,11 @@ _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 class RequestContext:
     """Gives every request an id (the client's X-Request-ID when it is sane), returns it in a
-    header, logs one JSON line per request and counts it by endpoint, adapter and status."""
+    header, logs one JSON line per request and counts it by endpoint, adapter and status. A
+    request answered before routing (413) counts under its path when that is one of ``paths``."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str] = frozenset()):
+        self.app, self.metrics, self.paths = app, metrics, paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,7 +56,7 @@ class RequestContext:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
-            endpoint = getattr(route, "path", "other")
+            endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")
             adapter = scope["state"].get("adapter", "")
             self.metrics.e2e.labels(endpoint, adapter).observe(elapsed)
             self.metrics.requests.labels(endpoint, adapter, str(status)).inc()

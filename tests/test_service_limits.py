@@ -64,6 +64,7 @@ def test_bodies_over_the_cap_get_413(slow):
         assert big.status_code == 413 and "2048" in big.json()["detail"] and big.headers["x-request-id"]
         chunks = (b'{"prefix": "' + b"y" * 1000 for _ in range(3))  # streamed: no content-length
         assert client.post("/infill", content=chunks, headers={"content-type": "application/json"}).status_code == 413
+    assert _metric(slow, "gfn:requests_total", endpoint="/infill", status="413") == 2  # refused before routing
 
 
 def test_slow_requests_time_out_with_504(slow):
