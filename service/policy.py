@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from string import Formatter
 
+from fastapi.exceptions import RequestValidationError
+
 from adapters.manifest import Manifest
 from service.engines.base import GenRequest, Tool
 from service.errors import invalid
@@ -23,9 +25,9 @@ def render(manifest: Manifest, fields: dict[str, str | None]) -> str:
     for name, value in fields.items():
         if value is not None and name not in needed:
             raise invalid(name, f"{who} does not take '{name}'; its prompt takes {sorted(needed) or 'no fields'}")
-    for name in sorted(needed):
-        if fields.get(name) is None:
-            raise invalid(name, f"{who} needs '{name}'")
+    if missing := [name for name in sorted(needed) if fields.get(name) is None]:  # all of them, in one answer
+        raise RequestValidationError([{"type": "missing", "loc": ("body", name), "msg": f"{who} needs '{name}'",
+                                       "input": None} for name in missing])
     return manifest.prompt_template.format(**{name: fields[name] for name in needed})
 
 

@@ -163,6 +163,8 @@ def test_bad_infill_gets_422_naming_the_field(client, body, field):
 
 def test_bad_requests_get_clear_errors(client):
     assert client.post("/reason", json={"question": "what is love?"}).status_code == 422
+    neither = client.post("/generate", json={})  # the constrained template needs both: both named at once
+    assert neither.status_code == 422 and [e["loc"][-1] for e in neither.json()["detail"]] == ["avoid", "keywords"]
     wrong_field = client.post("/generate", json={"adapter": "rng", "keywords": ["cat"]})
     assert wrong_field.status_code == 422 and "keywords" in wrong_field.json()["detail"][0]["loc"]
     missing = client.post("/infill", json={**INFILL, "adapter": "nope"})
