@@ -11,8 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
 from service.auth import key_refused
@@ -60,8 +62,13 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
+_UNPARSED = "There was an error parsing the body"
+"""FastAPI's 400 for a body its JSON reader cannot take: bytes that are not UTF-8, nesting too deep."""
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http)
     for error, status in _STATUS.items():
         app.add_exception_handler(error, _handler(status))
 
@@ -73,6 +80,15 @@ async def _invalid(request: Request, error: RequestValidationError) -> ErrorResp
     # a body that is not JSON comes back as raw bytes, which need not be UTF-8
     detail = jsonable_encoder(error.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
     return ErrorResponse({"detail": detail}, status_code=422)
+
+
+async def _http(request: Request, error: StarletteHTTPException) -> Response:
+    """A body that is no JSON at all gets the 422 of one that is malformed; any other HTTP error, FastAPI's answer."""
+    if error.status_code == 400 and error.detail == _UNPARSED:
+        return await _invalid(request, RequestValidationError([{
+            "type": "json_invalid", "loc": ("body",), "input": None,
+            "msg": "the body is not JSON: its bytes are not UTF-8, or it nests too deep"}]))
+    return await http_exception_handler(request, error)
 
 
 def _handler(status: int):

@@ -186,6 +186,9 @@ def test_bad_requests_get_clear_errors(client):
     nan = client.post("/infill", content=b'{"prefix": "a", "suffix": "b", "temperature": NaN}',
                       headers={"content-type": "application/json"})  # Python's JSON reads NaN
     assert nan.status_code == 422 and "finite" in nan.json()["detail"][0]["msg"]
+    for body in (b'{"prefix": "\xff\xfe", "suffix": "b"}', b"[" * 20000):  # not UTF-8; nested past the reader
+        unread = client.post("/infill", content=body, headers={"content-type": "application/json"})
+        assert unread.status_code == 422 and unread.json()["detail"][0]["loc"] == ["body"], unread.text
     for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: echoed back in the error, safely
         assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
     empty = client.post("/generate", json={"adapter": "continuation", "text": ""})  # an empty prompt
