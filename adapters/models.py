@@ -95,6 +95,18 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token rows batched as both sides feed them to the model: left-padded to end at the last
+    column, with position ids that skip the padding, as if each row were alone."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0)}
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()

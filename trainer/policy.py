@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.manifest import VocabMask
+from adapters.models import left_pad
 
 MUST_STOP_PENALTY = -1e4  # at max_len every other token is (numerically) impossible
 
@@ -61,15 +62,10 @@ def pack(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int,
     """Left-pad prompts and append the latent tokens, so state i of every row sits at
     column P - 1 + i. Position ids skip the padding, as if each row were alone. Built on the
     host, handed over on ``device`` (the model's)."""
-    width = max(len(p) for p in prompts)
-    batch = len(prompts)
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    ids = torch.cat([ids, tokens.to(ids.device)], dim=1)
-    mask = torch.cat([mask, torch.ones_like(tokens, dtype=torch.long)], dim=1)
+    padded = left_pad(prompts, pad_id)
+    tokens = tokens.cpu()
+    ids = torch.cat([padded["input_ids"], tokens], dim=1)
+    mask = torch.cat([padded["attention_mask"], torch.ones_like(tokens, dtype=torch.long)], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 

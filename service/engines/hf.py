@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from adapters.models import load_causal_lm
+from adapters.models import left_pad, load_causal_lm
 from adapters.store import LoadedAdapter
 from service.engines.base import Engine, GenRequest, GenResult, Sample
 from service.errors import AdapterRefused
@@ -368,7 +368,7 @@ class HFEngine(Engine):
     def _admit(self, works: list[_Work]) -> None:
         """Read the works' prompts in one pass; each sample gets a row sharing its prompt's cache."""
         requests = [r for work in works for r in work.requests or []]
-        inputs = _pack([r.prompt_ids for r in requests], self.pad_id)
+        inputs = left_pad([r.prompt_ids for r in requests], self.pad_id)
         out = self._forward([_peft_name(r.adapter) for r in requests], **inputs, **self._last_logits, use_cache=True)
         expand = torch.tensor([k for k, r in enumerate(requests) for _ in range(r.n)])
         rows = [_Row(work, k, i, r, torch.Generator().manual_seed(
@@ -441,7 +441,7 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def _score(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[float]:
-        inputs = _pack([c + x for c, x in zip(contexts, continuations)], self.pad_id)
+        inputs = left_pad([c + x for c, x in zip(contexts, continuations)], self.pad_id)
         logits = self._forward([BASE_ROW] * len(contexts), **inputs, use_cache=False).logits[:, :-1].float()
         targets = inputs["input_ids"][:, 1:]
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -487,14 +487,3 @@ def _aligned(parts: list[torch.Tensor], width: int, room: int) -> torch.Tensor:
         out[row:row + part.shape[0], :, width - part.shape[2]:width] = part
         row += part.shape[0]
     return out
-
-
-def _pack(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad rows so that they all end at the last column; position ids skip the padding."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention[i, width - len(row):] = 1
-    return {"input_ids": ids, "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0)}
