@@ -12,7 +12,7 @@ from adapters.errors import (
 )
 from adapters.fingerprint import fingerprint
 from adapters.manifest import BaseModelRef, LoraSpec, Manifest, VocabMask
-from adapters.store import AdapterStore, LoadedAdapter, check_name
+from adapters.store import AdapterStore, LoadedAdapter, check_name, parse_ref
 
 __all__ = [
     "AdapterCorrupt",
@@ -28,4 +28,5 @@ __all__ = [
     "VocabMask",
     "check_name",
     "fingerprint",
+    "parse_ref",
 ]

@@ -28,9 +28,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from adapters._fs import fsync_path, sha256_file, write_atomic
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
@@ -43,6 +43,8 @@ WEIGHTS = "adapter_model.safetensors"
 REQUIRED_FILES = ("adapter_config.json", WEIGHTS)
 _STORE_FIELDS = frozenset({"name", "version", "created_at", "job_id", "files"})
 _VERSION_RE = re.compile(r"v([1-9][0-9]*)")
+_REF_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
+MAX_VERSION = 2**31 - 1
 _LAST_VERSION = ".last_version"
 
 
@@ -65,6 +67,26 @@ def check_name(name: str) -> str:
             "starting with a letter or digit and without '..'"
         )
     return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``name`` or ``name@vN`` as (name, N or None), or InvalidAdapterName saying which form to use."""
+    name, at, version = ref.partition("@v")
+    if at and not (_REF_VERSION_RE.fullmatch(version) and int(version) <= MAX_VERSION):
+        raise InvalidAdapterName(f"invalid adapter {ref!r}: use 'name' or 'name@vN' (N from 1 to {MAX_VERSION})")
+    return check_name(name), int(version) if at else None
+
+
+def _valid_ref(ref: str) -> str:
+    parse_ref(ref)
+    return ref
+
+
+AdapterName = Annotated[str, AfterValidator(check_name), Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})]
+AdapterRef = Annotated[str, AfterValidator(_valid_ref),
+                       Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}(@v{_REF_VERSION_RE.pattern})?$"})]
+"""Field types: a malformed name or ref fails validation with the field named (a 422 in the
+service, a settings error at start), before any adapter is looked up."""
 
 
 class AdapterStore:

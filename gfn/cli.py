@@ -87,14 +87,11 @@ def evaluate(
 ) -> None:
     """Evaluate a stored adapter with its task's evaluation."""
     from adapters.errors import AdapterError
-    from adapters.store import AdapterStore
+    from adapters.store import AdapterStore, parse_ref
     from trainer.evaluate import evaluate_adapter
 
-    name, at, version = adapter.partition("@v")
-    if at and not version.isdigit():
-        _fail(f"adapter: {adapter!r} is neither 'name' nor 'name@vN'")
     try:
-        metrics = evaluate_adapter(AdapterStore(store or store_root()), name, int(version) if at else None, samples)
+        metrics = evaluate_adapter(AdapterStore(store or store_root()), *parse_ref(adapter), samples)
     except (AdapterError, ValueError, FileNotFoundError) as error:  # ValidationError is a ValueError
         _fail(str(error))
     console.print_json(json.dumps(metrics))

@@ -10,20 +10,16 @@ version takes no new requests and leaves the engine once its last request has fi
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from adapters.errors import InvalidAdapterName
 from adapters.manifest import Manifest
-from adapters.store import AdapterStore, check_name
+from adapters.store import AdapterStore, parse_ref
 from service.engines.base import Engine, GenRequest
 from service.errors import AdapterBusy, AdapterRefused, AdapterUnavailable
 from service.metrics import Metrics
-
-_REF_RE = re.compile(r"(?P<name>[^@]+)(?:@v(?P<version>[1-9][0-9]*))?")
 
 
 @dataclass(eq=False)
@@ -58,11 +54,8 @@ class Registry:
         """``name`` (its routed version), ``name@vN`` (that version), or None (the task's default)."""
         if adapter is None:
             return self._default(task)
-        match = _REF_RE.fullmatch(adapter)
-        if match is None:
-            raise InvalidAdapterName(f"invalid adapter {adapter!r}: use 'name' or 'name@vN'")
-        check_name(match["name"])
-        entry = self.entries.get(adapter) if match["version"] else self.routed(adapter)
+        _, version = parse_ref(adapter)
+        entry = self.entries.get(adapter) if version else self.routed(adapter)
         if entry is None or entry.retiring:
             raise AdapterUnavailable(
                 f"adapter {adapter!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'} "

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from adapters.store import MAX_VERSION, AdapterName, AdapterRef
 from service.engines.base import Sample
 
 
@@ -22,9 +23,11 @@ Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, allow_inf_nan=Fal
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
 
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+
 
 class Sampling(_Body):
-    adapter: str | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
+    adapter: AdapterRef | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
                                                   "default: the endpoint's task adapter")
     n: int = Field(1, ge=1, description="samples; at most the service's max_n")
     max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
@@ -59,7 +62,7 @@ class GenerateRequest(Sampling):
 class ReasonRequest(_Body):
     question: str = Field(max_length=200, description="'Question: 6 - 0 - 4 = ? Answer:' or just '6 - 0 - 4'",
                           examples=["6 - 0 - 4 - 8"])
-    adapter: str | None = Field(None, description="default: the reasoning adapter")
+    adapter: AdapterRef | None = Field(None, description="default: the reasoning adapter")
     n_rationales: int = Field(10, ge=1, description="rationales sampled (or taken from the cache)")
     aggregate: Literal["vote", "weighted"] = Field("vote", description="majority, or weighted by log p(Y | X Z)")
     max_tokens: int | None = Field(None, ge=1)
@@ -109,8 +112,8 @@ class ReasonResponse(BaseModel):
 
 
 class LoadRequest(_Body):
-    name: str
-    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the newest stored version")
+    name: AdapterName
+    version: Version | None = Field(None, description="default: the newest stored version")
     pin: bool = Field(False, description="keep it loaded when a newer version arrives")
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.device import Device, resolve_device
 from adapters.home import store_root
+from adapters.store import AdapterRef
 
 
 class Settings(BaseSettings):
@@ -22,7 +24,7 @@ class Settings(BaseSettings):
     store: Path = Field(default_factory=store_root, description="adapter store root")
     engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM; without CUDA, transformers "
                                                                       "where vLLM cannot start on the model")
-    adapters: list[str] | None = Field(
+    adapters: list[AdapterRef] | None = Field(
         None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
         "of every stored adapter trained on the base model")
     redis_url: str | None = Field(None, description="rationale cache in Redis; in-process when unset")
@@ -37,6 +39,8 @@ class Settings(BaseSettings):
     request_timeout_s: PositiveFloat = 120.0
 
     # engines
+    device: Device = Field("auto", description="transformers engine: where the model serves, auto: the GPU where "
+                           "CUDA is available (vLLM places itself)")
     batch_max_size: PositiveInt = Field(256, description="transformers engine: samples generated together")
     batch_wait_ms: float = Field(5.0, ge=0, description="transformers engine, when idle: wait for more requests")
     torch_threads: PositiveInt | None = Field(None, description="transformers engine (and vLLM's lm_head scorer): "
@@ -59,3 +63,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _here(cls, device: str) -> str:
+        """A GPU that is not here is named when the settings are read, before the model loads."""
+        resolve_device(device)
+        return device

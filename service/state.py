@@ -13,11 +13,11 @@ from redis import Redis
 from transformers import PreTrainedTokenizerBase
 
 from adapters.calculator import TokenCalculator
-from adapters.errors import AdapterError, AdapterNotFound, InvalidAdapterName
+from adapters.errors import AdapterError, AdapterNotFound
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, parse_ref
 from jobs import JobQueue
 from service.cache import RationaleCache
 from service.engines import start_engine
@@ -151,12 +151,10 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
     wanted: list[tuple[bool, list[Manifest]]] = []
     refused: dict[str, str] = {}
     for ref in refs if refs is not None else store.names():
-        name, at, version = ref.partition("@v")
         try:
-            if at and not version.isdigit():
-                raise InvalidAdapterName(f"invalid adapter {ref!r} in GFN_ADAPTERS: use 'name' or 'name@vN'")
-            if at:
-                wanted.append((True, [store.manifest(name, int(version))]))
+            name, version = parse_ref(ref)
+            if version:
+                wanted.append((True, [store.manifest(name, version)]))
                 continue
             versions = list(reversed(store.versions(name)))
             if not versions:

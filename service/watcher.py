@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.errors import AdapterError
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, parse_ref
 from jobs import CHANNEL, LATEST, NewVersion
 from service.errors import AdapterBusy, AdapterRefused
 from service.registry import Registry
@@ -104,5 +104,5 @@ class AdapterWatcher:
 def _removed(ref: str, before: dict[str, list[int]], now: dict[str, list[int]]) -> bool:
     """Whether ``name@vN`` was in the store at the last poll and is not now (a version asked for
     in GFN_ADAPTERS that never existed stays listed)."""
-    name, _, version = ref.partition("@v")
-    return version.isdigit() and int(version) in before.get(name, []) and int(version) not in now.get(name, [])
+    name, version = parse_ref(ref)
+    return version in before.get(name, []) and version not in now.get(name, [])

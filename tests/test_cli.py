@@ -30,10 +30,12 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     assert busy.exit_code == 2 and f"127.0.0.1:{port}" in " ".join(busy.output.split())
     bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"], env={"GFN_ENGINE": "transformers"})
     assert bad.exit_code == 2 and "engine" in bad.output
+    pinned = CliRunner().invoke(app, ["up"], env={"GFN_ADAPTERS": '["rng@v1x"]'})  # refused at start, not at load
+    assert pinned.exit_code == 2 and "adapters" in pinned.output and "name@vN" in pinned.output, pinned.output
 
 
 def test_eval_names_what_it_cannot_find(tmp_path):
-    for ref, said in (("absent", "absent"), ("absent@vX", "neither 'name' nor 'name@vN'"), ("absent@v", "nor")):
+    for ref, said in (("absent", "absent"), ("absent@vX", "use 'name' or 'name@vN'"), ("absent@v", "use 'name'")):
         missing = CliRunner().invoke(app, ["eval", ref, "--store", str(tmp_path / "store")])
         assert missing.exit_code == 2 and said in " ".join(missing.output.split()), missing.output
 

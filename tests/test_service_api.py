@@ -170,7 +170,11 @@ def test_bad_requests_get_clear_errors(client):
     missing = client.post("/infill", json={**INFILL, "adapter": "nope"})
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
     assert client.post("/infill", json={**INFILL, "adapter": "infill@v99"}).status_code == 404
-    assert client.post("/infill", json={**INFILL, "adapter": "../etc"}).status_code == 422
+    for bad in (client.post("/infill", json={**INFILL, "adapter": "../etc"}),  # each names where the name was
+                client.post("/reason", json={"question": "1 + 2", "adapter": "rng@v0"}),
+                client.post("/adapters", json={"name": "Infill"}), client.delete("/adapters/in fill/1")):
+        error = bad.json()["detail"][0]
+        assert bad.status_code == 422 and error["loc"][-1] in ("adapter", "name") and "adapter" in error["msg"], bad.text
     assert client.post("/reason", json={"question": "1 + 2", "adapter": "rng"}).status_code == 422
     assert client.post("/adapters", json={"name": "absent"}).status_code == 404
     assert client.delete("/adapters/absent/1").status_code == 404

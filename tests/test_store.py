@@ -20,6 +20,7 @@ from adapters import (
     VocabMask,
     check_name,
     fingerprint,
+    parse_ref,
 )
 
 BASE_FP = "sha256:" + "a" * 64
@@ -194,6 +195,13 @@ def test_invalid_names_are_refused(store: AdapterStore, src: Path, name: str) ->
     with pytest.raises(InvalidAdapterName):
         store.load(name)
     assert not (store.root.parent / "x").exists()
+
+
+def test_refs_name_a_version_or_none() -> None:
+    assert parse_ref("rng") == ("rng", None) and parse_ref("in.fill@v12") == ("in.fill", 12)
+    for ref in ("rng@v", "rng@v0", "rng@v01", "rng@vx", "rng@v²", f"rng@v{2**31}", "../x@v1", "@v1"):
+        with pytest.raises(InvalidAdapterName, match="adapter"):
+            parse_ref(ref)
 
 
 def test_unknown_adapter_or_version(store: AdapterStore, src: Path) -> None:

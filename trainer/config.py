@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from adapters.device import Device
 from adapters.manifest import LoraSpec
-from adapters.store import NAME_RE, check_name
+from adapters.store import AdapterName
 from jobs.configs import Overrides, config_data
 from trainer.tasks import AnyTaskConfig
-
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description=(
-    "where the model trains and scores: auto (the GPU where CUDA is available, else the CPU), cpu, cuda or cuda:N"))]
 
 
 class _Strict(BaseModel):
@@ -97,7 +95,7 @@ class TrainLora(LoraSpec):
 
 
 class TrainConfig(_Strict):
-    name: str = Field(json_schema_extra={"pattern": f"^{NAME_RE.pattern}$"})
+    name: AdapterName
     base_model: str = Field("demo", description="a model directory, a hub id, or 'demo' (the demo world)")
     task: AnyTaskConfig
     # Caps a job's size, so a typo cannot hold a worker for days or run it out of memory
@@ -119,11 +117,6 @@ class TrainConfig(_Strict):
     replay: ReplayConfig = ReplayConfig()
     checkpoint_every: PositiveInt = 25
     evaluate: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        return check_name(name)
 
     @model_validator(mode="after")
     def _on_policy_left(self) -> "TrainConfig":

@@ -22,6 +22,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from adapters._fs import write_atomic
+from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
@@ -64,18 +65,6 @@ def resolve_base_model(name: str) -> str:
         raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
     from huggingface_hub import snapshot_download
     return snapshot_download(name)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a config names; auto: the (first visible) GPU where CUDA is available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name} asked for, but CUDA is not available here (use auto or cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device: {name} asked for, but {torch.cuda.device_count()} GPUs are visible here")
-    return device
 
 
 class Trainer:

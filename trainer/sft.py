@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from adapters.device import Device, resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
-from adapters.store import AdapterStore, check_name
-from trainer.config import Device
-from trainer.loop import check_context, resolve_base_model, resolve_device
+from adapters.store import AdapterName, AdapterStore
+from trainer.loop import check_context, resolve_base_model
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
 from trainer.rollout import sample, tool_forced
@@ -33,7 +33,7 @@ Pair = tuple[Prompt, list[int]]  # the prompt, target ids (without the terminato
 class SFTConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: AdapterName
     base_model: str = Field("demo", description="a model directory, a hub id, or 'demo' (the demo world)")
     task: AnyTaskConfig
     steps: PositiveInt = 200
@@ -44,11 +44,6 @@ class SFTConfig(BaseModel):
     device: Device = "auto"
     lora: LoraSpec = LoraSpec()
     evaluate: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        return check_name(name)
 
 
 def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair]) -> torch.Tensor:

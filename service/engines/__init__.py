@@ -57,4 +57,4 @@ def make_engine(settings: Settings, kind: str, model_dir: str | Path, pad_id: in
     from service.engines.hf import HFEngine
 
     return HFEngine(model_dir, pad_id, settings.batch_max_size, settings.batch_wait_ms, on_batch,
-                    settings.torch_threads)
+                    settings.torch_threads, settings.device)

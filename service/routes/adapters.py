@@ -6,7 +6,7 @@ from fastapi import APIRouter, Path
 
 from service.deps import State
 from service.registry import Entry
-from service.schemas import AdapterOut, AdaptersResponse, LoadRequest
+from service.schemas import AdapterName, AdapterOut, AdaptersResponse, LoadRequest, Version
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -35,7 +35,7 @@ async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
 
 
 @router.delete("/{name}/{version}")
-async def unload_adapter(name: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)], state: State) -> dict[str, str]:
+async def unload_adapter(name: Annotated[AdapterName, Path()], version: Annotated[Version, Path()], state: State) -> dict[str, str]:
     """Stop routing to a version and unload it once its in-flight requests have finished."""
     ref = f"{name}@v{version}"
     await state.registry.unload(ref)
