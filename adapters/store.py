@@ -6,7 +6,8 @@ Layout::
                                    every other file's sha256) and manifest.sha256 (its own)
     <root>/<name>/.lock            flock held by every writer of <name>
     <root>/<name>/.last_version    highest version ever allocated
-    <root>/.tmp/<name>~<hex>/      staging and deletion; leftovers of a crash
+    <root>/.tmp/<name>~<hex>/      staging and deletion; a crash's leftovers go at the name's next
+                                   save or delete
 
 A version appears by one ``os.rename`` of a fully written, fsynced staging directory, so no
 reader ever sees half a version. Its files never change afterwards and its number is never
@@ -210,6 +211,7 @@ class AdapterStore:
         self._locate(name, version)  # fail before a lock file is created for an unknown name
         with self._lock(name) as name_dir:
             path = self._locate(name, version)  # again under the lock: a concurrent delete may have won
+            self._clean_staging(name)
             trash = self._staging_dir(name)
             trash.mkdir()
             os.rename(path, trash / path.name)  # atomic: a crash leaves the version whole or gone

@@ -235,6 +235,9 @@ def test_crash_leftovers_are_not_versions_and_are_cleaned(store: AdapterStore, s
     store.save("rng", src, fields())
     assert store.versions("rng") == [1]
     assert not crashed.exists() and foreign.exists()
+    shutil.copytree(src, crashed)  # a save killed after the last one: a delete cleans it too
+    store.delete("rng", 1)
+    assert not crashed.exists() and foreign.exists() and store.versions("rng") == []
 
 
 def make_model(d: Path, weight: torch.Tensor, **config: object) -> Path:

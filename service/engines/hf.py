@@ -400,9 +400,11 @@ class HFEngine(Engine):
         rows = batch.rows
         barred = self._tensor([not row.req.may_stop(row.tokens) for row in rows])
         logits = state["logits"] + state["bias"]
-        logits[torch.arange(len(rows), device=self.device), state["terminator"]] += torch.where(barred, state["early_stop_penalty"], 0.0)
+        stop_penalty = torch.where(barred, state["early_stop_penalty"], 0.0)
+        logits[torch.arange(len(rows), device=self.device), state["terminator"]] += stop_penalty
         log_probs = torch.log_softmax(logits / state["temperature"], dim=-1)
-        uniform = torch.stack([torch.rand(self.vocab_size, generator=row.generator, device=self.device) for row in rows])
+        uniform = torch.stack([torch.rand(self.vocab_size, generator=row.generator, device=self.device)
+                               for row in rows])
         picked = torch.where(state["greedy"], logits.argmax(-1), (log_probs - torch.log(-torch.log(uniform))).argmax(-1))
         choices, picked_lp = picked.tolist(), log_probs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()
         for i, row in enumerate(rows):
