@@ -33,6 +33,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(configs_app, name="configs")
 RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue")]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
 console = Console()
 
 
@@ -57,7 +58,7 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override: key.path=value")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="checkpoints and logs; the same dir resumes")] = None,
     fresh: Annotated[bool, typer.Option(help="discard an existing checkpoint in the run dir")] = False,
-    store: Annotated[Optional[Path], typer.Option(help="adapter store root")] = None,
+    store: StoreOption = None,
 ) -> None:
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
     from pydantic import ValidationError
@@ -83,7 +84,7 @@ def train(
 def evaluate(
     adapter: Annotated[str, typer.Argument(help="name or name@vN")],
     samples: Annotated[Optional[int], typer.Option(help="samples to draw")] = None,
-    store: Annotated[Optional[Path], typer.Option(help="adapter store root")] = None,
+    store: StoreOption = None,
 ) -> None:
     """Evaluate a stored adapter with its task's evaluation."""
     from adapters.errors import AdapterError
@@ -98,7 +99,7 @@ def evaluate(
 
 
 @adapters_app.command("list")
-def adapters_list(store: Annotated[Optional[Path], typer.Option(help="adapter store root")] = None) -> None:
+def adapters_list(store: StoreOption = None) -> None:
     """Every stored adapter version with its task and headline metrics."""
     from adapters.store import AdapterStore
 
@@ -109,6 +110,74 @@ def adapters_list(store: Annotated[Optional[Path], typer.Option(help="adapter st
     console.print(table)
     for ref, why in damaged.items():
         console.print(f"[red]damaged[/red] {ref}: {why}", soft_wrap=True)
+
+
+@adapters_app.command("show")
+def adapters_show(adapter: Annotated[str, typer.Argument(help="name or name@vN")], store: StoreOption = None) -> None:
+    """A version's manifest (the newest for a bare name): task, base model, template, masks,
+    training config, metrics and checksums."""
+    from adapters.errors import AdapterError
+    from adapters.store import AdapterStore, parse_ref
+
+    try:
+        manifest = AdapterStore(store or store_root()).manifest(*parse_ref(adapter))
+    except AdapterError as error:
+        _fail(str(error))
+    console.print_json(manifest.model_dump_json())
+
+
+@adapters_app.command("verify")
+def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name or name@vN; default: all")] = None,
+                    store: StoreOption = None) -> None:
+    """Check every file of every version (of a name, or one version) against its manifest's
+    checksums, as loading does; exit 1 if any is damaged."""
+    from adapters.errors import AdapterError, AdapterNotFound
+    from adapters.store import AdapterStore, parse_ref
+
+    adapters = AdapterStore(store or store_root())
+    try:
+        name, version = parse_ref(adapter) if adapter else (None, None)
+        refs = [(n, v) for n in ([name] if name else adapters.names())
+                for v in ([version] if version else adapters.versions(n) or [adapters.latest(n)])]
+    except AdapterError as error:  # a malformed ref, an unknown name
+        _fail(str(error))
+    damaged = 0
+    for name, version in refs:
+        try:
+            adapters.load(name, version)
+            console.print(f"[green]ok[/green] {name}@v{version}")
+        except AdapterNotFound as error:  # a version named that is not there
+            _fail(str(error))
+        except AdapterError as error:
+            damaged += 1
+            console.print(f"[red]damaged[/red] {name}@v{version}: {escape(str(error))}", soft_wrap=True)
+    console.print(f"{len(refs)} versions checked, {damaged} damaged")
+    if damaged:
+        raise typer.Exit(1)
+
+
+@adapters_app.command("delete")
+def adapters_delete(adapter: Annotated[str, typer.Argument(help="name@vN")],
+                    yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+                    store: StoreOption = None) -> None:
+    """Delete one version. Its number is never given again, so name@vN keeps meaning the weights
+    it meant; a service holding it loaded keeps serving it until it is unloaded."""
+    from adapters.errors import AdapterError
+    from adapters.store import AdapterStore, parse_ref
+
+    try:
+        name, version = parse_ref(adapter)
+        if version is None:
+            raise ValueError(f"adapter: name the version to delete ({adapter}@vN); "
+                             "`gfn adapters list` shows them")
+        adapters = AdapterStore(store or store_root())
+        adapters.manifest(name, version)  # names what is missing before asking
+        if not yes:
+            typer.confirm(f"delete {adapter} from {adapters.root}?", abort=True)
+        adapters.delete(name, version)
+    except (AdapterError, ValueError) as error:
+        _fail(str(error))
+    console.print(f"deleted {adapter}")
 
 
 @app.command()

@@ -319,6 +319,37 @@ def test_gfn_store_moves_the_store_for_the_command_line_and_the_service(tmp_path
     assert listed.exit_code == 0 and "rng@v1" in listed.output
 
 
+def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
+    """`gfn adapters verify` finds a byte changed in a weights file (exit 1) and names the version;
+    `show` prints the manifest; `delete` takes one named version, and only after asking."""
+    from typer.testing import CliRunner
+
+    from gfn.cli import app
+
+    def gfn(*args: str, answer: str = "") -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["adapters", *args, "--store", str(store.root)], input=answer)
+        return result.exit_code, " ".join(result.output.split())
+
+    for _ in range(2):
+        store.save("rng", src, fields())
+    assert gfn("verify") == (0, "ok rng@v1 ok rng@v2 2 versions checked, 0 damaged")
+    weights = store.root / "rng" / "v2" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    code, said = gfn("verify")
+    assert code == 1 and "damaged rng@v2" in said and "adapter_model.safetensors" in said and "ok rng@v1" in said
+    assert gfn("verify", "rng@v1")[0] == 0
+    assert gfn("verify", "rng@v9")[0] == 2 and gfn("verify", "absent")[0] == 2 and gfn("verify", "rng@vx")[0] == 2
+    code, said = gfn("show", "rng")
+    assert code == 0 and json.loads(said)["version"] == 2 and json.loads(said)["task"] == "rng"
+    assert gfn("delete", "rng")[0] == 2  # a bare name could mean every version: refused
+    assert gfn("delete", "rng@v2", answer="n\n")[0] == 1 and store.versions("rng") == [1, 2]
+    assert gfn("delete", "rng@v2", answer="y\n")[0] == 0 and store.versions("rng") == [1]
+    assert gfn("delete", "rng@v1", "--yes")[0] == 0 and store.versions("rng") == []
+    assert gfn("delete", "rng@v1", "--yes")[0] == 2
+
+
 def test_concurrent_writers_get_distinct_versions_and_none_is_lost(tmp_path, src):
     """Several workers saving one name at once: every save gets its own version, numbered without
     gaps, each intact, and a retried job (same job id) still gets back the version it saved."""
