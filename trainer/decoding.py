@@ -30,9 +30,9 @@ class _PolicyBias(LogitsProcessor):
 def nucleus(model: torch.nn.Module, spec: PolicySpec, prompts: list[list[int]], pad_id: int, top_p: float = 0.95,
             seed: int = 0) -> list[list[int]]:
     """One latent per prompt by nucleus sampling (top-p, temperature 1) of the masked model."""
-    inputs = pack(prompts, torch.zeros((len(prompts), 0), dtype=torch.long), pad_id)
+    inputs = pack(prompts, torch.zeros((len(prompts), 0), dtype=torch.long), pad_id, model.device)
     width = inputs["input_ids"].shape[1]
-    bias = spec.bias(model.config.vocab_size)
+    bias = spec.bias(model.config.vocab_size, model.device)
     torch.manual_seed(seed)  # generate draws from the global generator
     out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], do_sample=True,
                          top_p=top_p, top_k=0, temperature=1.0, max_new_tokens=spec.max_len + 1,
@@ -66,14 +66,14 @@ def beam_search(model: torch.nn.Module, spec: PolicySpec, prompt: list[int], pad
             break
         tokens = torch.tensor([t for _, t, _ in rows], dtype=torch.long).view(len(rows), step)
         logits = state_logits(model, [prompt] * len(rows), tokens, pad_id)[:, -1]
-        scores = torch.log_softmax(logits, -1) + spec.bias(logits.shape[-1])[step]
-        scores += torch.tensor([s for _, _, s in rows])[:, None]
+        scores = torch.log_softmax(logits, -1) + spec.bias(logits.shape[-1], logits.device)[step]
+        scores += torch.tensor([s for _, _, s in rows], device=logits.device)[:, None]
         chosen: Counter[int] = Counter()
         for g in range(groups):
             mine = [k for k, row in enumerate(rows) if row[0] == g]
             if not mine:
                 continue
-            penalty = torch.zeros(scores.shape[-1])
+            penalty = torch.zeros(scores.shape[-1], device=scores.device)
             for token, count in chosen.items():
                 penalty[token] = diversity * count
             ranked = (scores[mine] - penalty).flatten().argsort(descending=True)

@@ -27,7 +27,8 @@ class LoadedPolicy:
         loaded = store.load(name, manifest.version, fingerprint(base), tokenizer_digest(self.tokenizer))
         self.manifest = loaded.manifest
         self.pad_id = pad_id(self.tokenizer)
-        self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path).eval()
+        # torch_device: peft would read the weights onto a GPU first wherever there is one
+        self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path, torch_device="cpu").eval()
         task_type = TASKS[self.manifest.task]
         self.task: Task = task_type(task_type.config_type.model_validate(self.manifest.task_config), self.tokenizer)
         self.spec, self.tool = self.task.spec(), self.task.tool()

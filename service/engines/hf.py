@@ -329,9 +329,10 @@ class HFEngine(Engine):
         ref = adapter.manifest.ref
         try:
             if self.peft is None:
-                self.peft = peft.PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=_peft_name(ref))
+                self.peft = peft.PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=_peft_name(ref),
+                                                           torch_device=str(self.device))
             else:
-                self.peft.load_adapter(str(adapter.path), adapter_name=_peft_name(ref))
+                self.peft.load_adapter(str(adapter.path), adapter_name=_peft_name(ref), torch_device=str(self.device))
         except Exception as error:  # peft raises many types; the registry reports which adapter failed
             raise AdapterRefused(f"adapter {ref} could not be loaded by peft: {error}") from error
 
