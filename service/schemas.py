@@ -28,7 +28,7 @@ Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 
 class Sampling(_Body):
     adapter: AdapterRef | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
-                                                  "default: the endpoint's task adapter")
+                                                         "default: the endpoint's task adapter")
     n: int = Field(1, ge=1, description="samples; at most the service's max_n")
     max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
     temperature: Temperature = 1.0
