@@ -21,12 +21,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new content, never a torn one."""
+def write_atomic(path: Path, data: bytes, previous: Path | None = None) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a torn one.
+    With ``previous``, the old content moves there once the new one is durable: only a crash
+    between those two renames leaves ``previous`` alone."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if previous is not None and path.exists():
+        os.replace(path, previous)
     os.replace(tmp, path)
     fsync_path(path.parent)

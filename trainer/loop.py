@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -250,10 +249,7 @@ class Trainer:
         state["digest"] = _digest(state)
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        newest = self.run_dir / CHECKPOINT
-        if newest.exists():  # a crash from here until the write is durable leaves PREVIOUS to resume from
-            os.replace(newest, self.run_dir / PREVIOUS)
-        write_atomic(newest, buffer.getvalue())
+        write_atomic(self.run_dir / CHECKPOINT, buffer.getvalue(), previous=self.run_dir / PREVIOUS)
 
     def _read_checkpoint(self) -> dict[str, Any]:
         """The newest checkpoint that reads; a damaged one falls back to the one before it."""
