@@ -137,8 +137,10 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
     adapters = AdapterStore(store or store_root())
     try:
         name, version = parse_ref(adapter) if adapter else (None, None)
+        if name:
+            adapters.latest(name)  # an unknown name is named, not checked as zero versions
         refs = [(n, v) for n in ([name] if name else adapters.names())
-                for v in ([version] if version else adapters.versions(n) or [adapters.latest(n)])]
+                for v in ([version] if version else adapters.versions(n))]
     except AdapterError as error:  # a malformed ref, an unknown name
         _fail(str(error))
     damaged = 0
