@@ -206,6 +206,22 @@ def test_bad_requests_get_clear_errors(client):
     assert client.delete(f"/adapters/infill/{10**300}").status_code == 422
 
 
+def test_the_openapi_page_states_the_name_pattern_wherever_an_adapter_is_named() -> None:
+    """Clients generated from /openapi.json check a name before sending it, in a body and in a path."""
+    spec = create_app(Settings()).openapi()
+    requests = {schema: body for schema, body in spec["components"]["schemas"].items() if schema.endswith("Request")}
+    taken = [(f"{schema} {field}", prop) for schema, body in requests.items()
+             for field, prop in body["properties"].items() if field in ("adapter", "name")]
+    taken += [(f"DELETE {path} name", p["schema"]) for path, ops in spec["paths"].items()
+              for p in ops.get("delete", {}).get("parameters", []) if p["name"] == "name"]
+    pattern = {where: next(s["pattern"] for s in prop.get("anyOf", [prop]) if s["type"] == "string")
+               for where, prop in taken}
+    name = "^[a-z0-9][a-z0-9._-]{0,63}$"
+    ref = name[:-1] + "(@v[1-9][0-9]{0,9})?$"
+    assert pattern == {"GenerateRequest adapter": ref, "InfillRequest adapter": ref, "ReasonRequest adapter": ref,
+                       "LoadRequest name": name, "DELETE /adapters/{name}/{version} name": name}
+
+
 def test_key_is_required_except_on_probes(hf):
     with hf.client() as anonymous:
         assert anonymous.post("/infill", json=INFILL).status_code == 401

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from service.deps import State
 from service.registry import Entry
@@ -35,8 +33,7 @@ async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
 
 
 @router.delete("/{name}/{version}")
-async def unload_adapter(name: Annotated[AdapterName, Path()], version: Annotated[Version, Path()],
-                         state: State) -> dict[str, str]:
+async def unload_adapter(name: AdapterName, version: Version, state: State) -> dict[str, str]:
     """Stop routing to a version and unload it once its in-flight requests have finished."""
     ref = f"{name}@v{version}"
     await state.registry.unload(ref)
