@@ -27,10 +27,10 @@ world: setup
 serve: setup system
 	$(PY) -m gfn.cli up
 
-test: setup system
+test: setup system world
 	$(PY) -m pytest -q
 
-test-slow: setup system
+test-slow: setup system world
 	$(PY) -m pytest -q -m slow
 
 lock:
