@@ -1,21 +1,23 @@
 """Base models unlike the demo's. A GPT-2, whose LoRAs vLLM 0.32 cannot serve: the "auto" engine
 falls back to transformers. A tokenizer that starts every document with a BOS, as Llama's and Gemma's
 do: the trainer and the service read every context with it, and they agree on the prompt, the
-policy's log q and the base model's scores. A SentencePiece one, as Llama-2's and Mistral's: a
-piece (a terminator, an ending, a sample's text) is spelled as inside a document, without the
-word-start mark a text encoded alone gets."""
+policy's log q and the base model's scores. A SentencePiece `tokenizer.model`, as Llama-2's (trained by
+sentencepiece, converted by transformers at each load): a piece (a terminator, an ending, a sample's
+text) is spelled as inside a document, without the word-start mark a text encoded alone gets."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import peft
 import pytest
+import sentencepiece as sentencepiece_trainer
 import torch
 from service_world import Server, policy_log_q, save_adapter
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import processors
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from adapters.errors import BaseModelMismatch
 from adapters.fingerprint import fingerprint
@@ -60,45 +62,53 @@ def test_the_document_prefix_is_what_the_tokenizer_puts_first(demo_model: Path, 
     assert document_prefix(tokenizer) == [tokenizer.bos_token_id] == tokenizer("Tom")["input_ids"][:1]
 
 
-@pytest.fixture(scope="module")
-def sentencepiece() -> PreTrainedTokenizerFast:
-    """Word starts marked "▁" and digits alone, as in Llama-2's vocabulary; trained on demo lines."""
-    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([  # digits alone, as Llama-2's: " 6" is "▁" "6"
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
-        pre_tokenizers.Digits(individual_digits=True)])
-    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                           decoders.Strip(" ", 1, 0)])
-    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokenizer.train_from_iterator(documents(CorpusConfig())[:3000],
-                                  trainers.BpeTrainer(vocab_size=600, special_tokens=special))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+LLAMA2_TOKENIZER_CONFIG = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": False}
 
 
 @pytest.fixture(scope="module")
-def llama2_like(sentencepiece: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random Llama with the SentencePiece tokenizer and a BOS before every document, as Llama-2."""
-    out = tmp_path_factory.mktemp("llama2") / "model"
-    sentencepiece.save_pretrained(out)
-    tokenizer, bos = load_tokenizer(out), sentencepiece.bos_token_id  # a copy: the fixture stays as it is
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", bos)])
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
-                                 initializer_range=0.3,  # a sharp random model: the BOS moves its log-probs
-                                 bos_token_id=bos, eos_token_id=tokenizer.eos_token_id)).save_pretrained(out)
+def sentencepiece_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer as Llama-2's repository ships it: a SentencePiece `tokenizer.model` (BPE, byte
+    fallback, digits alone, a "▁" before each document) and a config naming LlamaTokenizer, no
+    tokenizer.json, so that every load converts it; trained by sentencepiece on demo lines."""
+    out = tmp_path_factory.mktemp("sentencepiece")
+    sentencepiece_trainer.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents(CorpusConfig())[:3000]), model_prefix=str(out / "tokenizer"),
+        vocab_size=600, model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps(LLAMA2_TOKENIZER_CONFIG))
     return out
 
 
-def _served(model_dir: Path, root: Path):
-    """The service (transformers engine) on ``model_dir`` with an infill and a reasoning adapter."""
+@pytest.fixture(scope="module")
+def sentencepiece(sentencepiece_dir: Path) -> PreTrainedTokenizerBase:
+    return load_tokenizer(sentencepiece_dir)
+
+
+@pytest.fixture(scope="module")
+def llama2_like(sentencepiece_dir: Path, sentencepiece: PreTrainedTokenizerBase,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random Llama with the SentencePiece tokenizer (a BOS before every document), as Llama-2."""
+    out = tmp_path_factory.mktemp("llama2") / "model"
+    shutil.copytree(sentencepiece_dir, out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(sentencepiece), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256,
+                                 initializer_range=0.3,  # a sharp random model: the BOS moves its log-probs
+                                 bos_token_id=sentencepiece.bos_token_id,
+                                 eos_token_id=sentencepiece.eos_token_id)).save_pretrained(out)
+    return out
+
+
+def _served(model_dir: Path, root: Path, engine: str = "transformers"):
+    """The service on ``model_dir`` with an infill and a reasoning adapter."""
     tokenizer = load_tokenizer(model_dir)
     store = AdapterStore(root / "adapters")
     for seed, task in enumerate([InfillTask(InfillConfig(), tokenizer), ReasoningTask(ReasoningConfig(), tokenizer)]):
         save_adapter(store, task.name, model_dir, task.manifest_fields(), seed=seed, scale=0.1)
-    settings = Settings(engine="transformers", store=store.root, base_model=str(model_dir), torch_threads=1)
+    settings = Settings(engine=engine, store=store.root, base_model=str(model_dir), torch_threads=1)
     with Server(create_app(settings)) as server, server.client() as client:
         yield model_dir, store, client
 
@@ -113,7 +123,13 @@ def served_llama2(llama2_like: Path, tmp_path_factory: pytest.TempPathFactory):
     yield from _served(llama2_like, tmp_path_factory.mktemp("served-llama2"))
 
 
-@pytest.mark.parametrize("served", ["served_bos", "served_llama2"])
+@pytest.fixture(scope="module")
+def served_llama2_vllm(llama2_like: Path, tmp_path_factory: pytest.TempPathFactory):
+    yield from _served(llama2_like, tmp_path_factory.mktemp("served-llama2-vllm"), "vllm")
+
+
+@pytest.mark.parametrize("served", ["served_bos", "served_llama2",
+                                    pytest.param("served_llama2_vllm", marks=pytest.mark.slow)])
 def test_infill_prompts_scores_and_rewards_agree_between_trainer_and_service(served: str, request):
     """Prompts and contexts are encoded as the tokenizer encodes a document (BOS first), the ending
     as it reads inside the story; the service's log q and score are the trainer's policy and reward."""
@@ -198,6 +214,17 @@ def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served_bos):
     for served_one, answer, weight in zip(reply.json()["rationales"], answers, weights):
         assert served_one["answer"] == answer
         assert served_one["log_p_answer"] == (None if answer is None else pytest.approx(weight, rel=1e-3))
+
+
+def test_a_tokenizer_model_file_loads_as_sentencepiece_spells_it(sentencepiece_dir: Path, sentencepiece):
+    """transformers converts `tokenizer.model` at every load: the ids are those sentencepiece (which
+    the base model was trained with) gives, BOS first, and the digest an adapter records is the
+    same at the next load, so a restart does not refuse its adapters."""
+    own = sentencepiece_trainer.SentencePieceProcessor(model_file=str(sentencepiece_dir / "tokenizer.model"))
+    assert not (sentencepiece_dir / "tokenizer.json").exists()
+    for line in documents(CorpusConfig())[::50] + ["Tom said:\n\"é, ü; 漢字!\"", "a  b\tc"]:
+        assert sentencepiece(line)["input_ids"] == [sentencepiece.bos_token_id] + own.encode(line), line
+    assert tokenizer_digest(load_tokenizer(sentencepiece_dir)) == tokenizer_digest(sentencepiece)
 
 
 def test_sentencepiece_pieces_are_spelled_as_inside_a_document(sentencepiece):
