@@ -54,12 +54,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="gfn-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
-    inference = [Depends(require_key), Depends(admit)]
+    # the OpenAPI page states what this deployment asks: the key and its 401 only where one is set
+    keyed, refused = ([Depends(require_key)], (401,)) if settings.api_key is not None else ([], ())
     app.include_router(health.router)
     for router in (infill.router, reason.router, generate.router):
-        app.include_router(router, dependencies=inference, responses=_errors(401, 404, 413, 429, 504))
-    app.include_router(adapters.router, dependencies=[Depends(require_key)], responses=_errors(401, 404, 409, 413))
-    app.include_router(jobs.router, dependencies=[Depends(require_key)], responses=_errors(401, 413))
+        app.include_router(router, dependencies=[*keyed, Depends(admit)], responses=_errors(*refused, 404, 413, 429, 504))
+    app.include_router(adapters.router, dependencies=keyed, responses=_errors(*refused, 404, 409, 413))
+    app.include_router(jobs.router, dependencies=keyed, responses=_errors(*refused, 413))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics,  # outermost: sees every response, 413 included
                        paths=frozenset(route.path for route in app.routes))

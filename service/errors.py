@@ -15,6 +15,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
 from service.auth import key_refused
@@ -88,7 +89,15 @@ async def _http(request: Request, error: StarletteHTTPException) -> Response:
         return await _invalid(request, RequestValidationError([{
             "type": "json_invalid", "loc": ("body",), "input": None,
             "msg": "the body is not JSON: its bytes are not UTF-8, or it nests too deep"}]))
+    if error.status_code == 405:  # Starlette's Allow names the methods of the first route on the path only
+        error.headers = {**(error.headers or {}), "Allow": ", ".join(_methods(request))}
     return await http_exception_handler(request, error)
+
+
+def _methods(request: Request) -> list[str]:
+    """Every method some route takes on this path."""
+    on_path = (route for route in request.app.routes if route.matches(request.scope)[0] != Match.NONE)
+    return sorted({method for route in on_path for method in getattr(route, "methods", None) or ()})
 
 
 def _handler(status: int):

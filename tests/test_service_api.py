@@ -222,6 +222,24 @@ def test_the_openapi_page_states_the_name_pattern_wherever_an_adapter_is_named()
                        "LoadRequest name": name, "DELETE /adapters/{name}/{version} name": name}
 
 
+def test_the_openapi_page_asks_for_a_key_only_where_one_is_set() -> None:
+    """A client generated from /openapi.json sends the key, and expects 401s, as the deployment does."""
+    for key, asked in ((None, False), (KEY, True)):
+        spec = create_app(Settings(api_key=key)).openapi()
+        assert ("securitySchemes" in spec.get("components", {})) is asked
+        for path, operations in spec["paths"].items():
+            for operation in operations.values():
+                probe = path in ("/health", "/ready", "/metrics")
+                assert ("security" in operation) is ("401" in operation["responses"]) is (asked and not probe), path
+
+
+def test_a_wrong_method_is_told_every_method_of_the_path(hf):
+    with hf.client() as client:
+        for path, methods in (("/adapters", "GET, POST"), ("/jobs/abc", "DELETE, GET"), ("/infill", "POST")):
+            reply = client.request("PUT", path)
+            assert reply.status_code == 405 and reply.headers["allow"] == methods, path
+
+
 def test_key_is_required_except_on_probes(hf):
     with hf.client() as anonymous:
         assert anonymous.post("/infill", json=INFILL).status_code == 401
