@@ -39,6 +39,6 @@ def test_no_request_breaks_the_service(demo_model: Path, redis_server, tmp_path:
         with server.client(headers={"X-API-Key": KEY}) as client:  # and it still serves
             reply = client.post("/infill", json={"prefix": "Tom went out.", "suffix": "He came home.", "n": 2})
             assert reply.status_code == 200, reply.text
-    for name in store.names():  # what the fuzz left in the store (it may unload and delete) loads whole
+    for name in store.names():  # and every stored version still loads whole
         for version in store.versions(name):
             store.load(name, version)
