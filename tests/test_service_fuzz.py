@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from service_world import Server, make_store
 
 from service.app import create_app
@@ -24,9 +25,10 @@ LEFT_OUT = {
 }
 
 
-def test_no_request_breaks_the_service(demo_model: Path, redis_server, tmp_path: Path):
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_no_request_breaks_the_service(engine: str, demo_model: Path, redis_server, tmp_path: Path):
     store = make_store(tmp_path / "adapters", demo_model)
-    settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), api_key=KEY,
+    settings = Settings(engine=engine, store=store.root, base_model=str(demo_model), api_key=KEY,
                         redis_url=redis_server.url, torch_threads=1, max_tokens=32)
     with Server(create_app(settings)) as server:
         run = subprocess.run(
