@@ -103,12 +103,15 @@ def ensure_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS
 
 
 def start_worker(redis_url: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_url])
+    """In a session of its own: a Ctrl-C in the terminal reaches `gfn up`, which stops the worker
+    with one SIGTERM (a second signal would stop its job at once, without a checkpoint)."""
+    return subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_url],
+                            start_new_session=True)
 
 
-def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL: a worker waits for its job on SIGTERM, and a killed job
-    resumes from its checkpoint on the next start (Redis persists the queue)."""
+def stop_process(process: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL: on SIGTERM a worker's job checkpoints at its next step and goes
+    back to the queue, which Redis persists; the next start resumes it."""
     process.terminate()
     try:
         process.wait(grace_s)

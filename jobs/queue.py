@@ -3,8 +3,10 @@ keys the worker reports through.
 
 A job is one training config. The job function is named by its dotted path, so nothing
 here imports the trainer; a worker (`gfn worker`) runs it. A job is retried a bounded
-number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused), resuming from its checkpoint in
-`runs/<job id>`; the store keeps at most one adapter version per job id.
+number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused),
+resuming from its checkpoint in `runs/<job id>`; the store keeps at most one adapter version
+per job id. A worker asked to stop (SIGTERM) has its job checkpoint and go back to the queue,
+its retries untouched (Interrupted).
 
 Cancelling is cooperative: a flag in Redis that the trainer reads at every step
 boundary, after which it checkpoints and stops. The flag's value is a deadline after
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from redis import Redis
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.results import Result
@@ -46,6 +48,11 @@ _STATES: dict[RQStatus, State] = {
 class JobRefused(Exception):
     """The job's config, data or run directory is refused at setup: retrying cannot help, so
     the worker fails it at once (a crash or a killed worker is still retried)."""
+
+
+class Interrupted(Exception):
+    """The worker is stopping (SIGTERM: a redeploy, a scale-down): the job checkpointed at a step
+    boundary and goes back to the queue without spending a retry; the next worker resumes it."""
 
 
 class JobNotFound(LookupError):
@@ -102,7 +109,7 @@ class JobQueue:
         ids = set(q.get_job_ids(max(0, q.count - limit), limit))  # the newest queued: the list's tail
         for registry in (q.started_job_registry, q.finished_job_registry, q.failed_job_registry,
                          q.canceled_job_registry, q.scheduled_job_registry, q.deferred_job_registry):
-            ids.update(registry.get_job_ids(0, limit - 1, desc=True))
+            ids.update(registry.get_job_ids(0, limit - 1, desc=True, cleanup=False))  # a read: workers clean up
         jobs = [job for job in Job.fetch_many(sorted(ids), connection=self.redis) if job is not None]
         jobs.sort(key=lambda job: job.enqueued_at or job.created_at, reverse=True)
         return [self._status(job) for job in jobs[:limit]]
@@ -116,7 +123,10 @@ class JobQueue:
             return self._status(job)
         self.redis.set(cancel_key(job_id), time.time() + grace_s, nx=True, ex=KEEP_S)
         if state in (RQStatus.QUEUED, RQStatus.SCHEDULED, RQStatus.DEFERRED):
-            job.cancel()
+            try:
+                job.cancel()
+            except InvalidJobOperation:  # a cancel at the same moment got there first
+                pass
         return self.status(job_id)
 
     def _fetch(self, job_id: str) -> Job:

@@ -6,6 +6,9 @@
   sending heartbeats: within MONITOR_S + HEARTBEAT_GRACE_S RQ counts the job as abandoned
   and, while it has retries left, queues it again for any worker; it resumes from its
   checkpoint.
+- A worker asked to stop (SIGTERM, as `docker stop` and `gfn up` send) passes it to its job's
+  process: the job checkpoints at its next step boundary and goes back to the queue without
+  spending a retry (a second SIGTERM, or SIGKILL, stops it at once: then it is abandoned).
 - A cancelled job still running at its deadline is stopped by force (RQ's stop).
 - Redis going away does not stop it: a running job trains on (its progress is not saved
   meanwhile), and where RQ's worker loop gives up on a lost connection, a new worker
@@ -18,6 +21,7 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import time
 
 from prometheus_client import start_http_server
@@ -30,7 +34,7 @@ from rq.job import Job
 from rq.worker import SpawnWorker
 
 from jobs.metrics import WorkerMetrics
-from jobs.queue import QUEUE, JobQueue, JobRefused, cancel_deadline
+from jobs.queue import QUEUE, Interrupted, JobQueue, JobRefused, cancel_deadline
 
 MONITOR_S = 5  # the worker looks at its job's process (and heartbeats) this often
 HEARTBEAT_GRACE_S = 20  # a job whose worker missed its heartbeats this long is abandoned
@@ -39,6 +43,7 @@ WORKER_TTL_S = 20  # an idle worker wakes every WORKER_TTL_S - 15 s (RQ's rule)
 RESTART_S = 5  # pause before a worker lost to a Redis error is replaced
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger("rq.worker")  # beside RQ's own lines in the worker's log
+_stopping = threading.Event()  # in the job's process: its worker passed on a SIGTERM
 
 
 class TrainingWorker(SpawnWorker):
@@ -63,14 +68,25 @@ class TrainingWorker(SpawnWorker):
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "",
                            execution: Execution | None = None) -> None:
-        """A job refused at setup fails at once: each retry would be refused the same way."""
-        if exc_string.rstrip().rpartition("\n")[2].startswith(f"{JobRefused.__module__}.{JobRefused.__name__}"):
+        """A job refused at setup fails at once: each retry would be refused the same way. An
+        interrupted one is queued again, with the retry RQ takes for it given back."""
+        raised = exc_string.rstrip().rpartition("\n")[2]
+        if raised.startswith(_name(JobRefused)):
             job.retries_left = 0
+        elif raised.startswith(_name(Interrupted)):
+            job.retries_left = (job.retries_left or 0) + 1
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def handle_warm_shutdown_request(self) -> None:
         self.stopping = True
         super().handle_warm_shutdown_request()
+        if self.horse_pid:  # the running job checkpoints at its next step and goes back to the queue
+            self.kill_horse(signal.SIGTERM)
+
+    def setup_work_horse_signals(self) -> None:
+        """In the job's process: SIGTERM (the worker's, passed on) asks it to stop at a step boundary."""
+        super().setup_work_horse_signals()
+        signal.signal(signal.SIGTERM, lambda *_: _stopping.set())
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.metrics.running_job = job.id
@@ -96,9 +112,19 @@ class TrainingWorker(SpawnWorker):
         super().main_work_horse(job, queue)
 
 
+def stopping() -> bool:
+    """In the job's process: its worker is stopping, so the job should checkpoint and step aside."""
+    return _stopping.is_set()
+
+
+def _name(error: type[Exception]) -> str:
+    """How an exception's class leads the last line of its traceback."""
+    return f"{error.__module__}.{error.__name__}"
+
+
 def run(redis_url: str, metrics_port: int = 0) -> None:
-    """Work on the training queue until stopped (SIGTERM: after the running job ends;
-    a second SIGTERM: at once). With `metrics_port`, serve /metrics on it."""
+    """Work on the training queue until stopped (SIGTERM: once the running job has checkpointed
+    and gone back to the queue; a second SIGTERM: at once). With `metrics_port`, serve /metrics on it."""
     redis = Redis.from_url(redis_url)
     metrics = WorkerMetrics(JobQueue(redis))
     if metrics_port:

@@ -1,6 +1,6 @@
 """Training jobs through a real redis-server and real `gfn worker` processes: progress,
-new-version announcements, SIGKILL recovery from the checkpoint, cancel, bad configs
-and failing jobs."""
+new-version announcements, SIGKILL recovery from the checkpoint, SIGTERM handing the job back,
+cancel, bad configs and failing jobs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from gfn.local import free_port
 from jobs.announce import CHANNEL, LATEST, NewVersion
 from jobs.configs import ConfigError, config_data
 from jobs.queue import RETRIES, JobQueue, JobStatus
-from jobs.worker import RESTART_S
+from jobs.worker import HEARTBEAT_GRACE_S, MONITOR_S, RESTART_S
 from jobs.validate import load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,6 +193,9 @@ def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_versi
     first.wait()
     killed = queue.status(job_id)
     assert killed.status == "started", f"the job ended before its worker was killed ({killed.progress}): lengthen it"
+    time.sleep(MONITOR_S + HEARTBEAT_GRACE_S + 2)  # its heartbeat has expired: abandoned, for a worker to requeue
+    listed = {j.id: j for j in queue.list()}  # what GET /jobs reads: a read, which leaves that to workers
+    assert listed[job_id].status == "started" and listed[job_id].retries_left == RETRIES
 
     workers.start()
     after: list[JobStatus] = []
@@ -203,6 +207,53 @@ def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_versi
     store = AdapterStore(workers.home / "adapters")
     assert store.versions("rng") == [1] and store.manifest("rng", 1).job_id == job_id
     assert done.retries_left == RETRIES - 1
+
+
+def test_a_stopped_workers_job_checkpoints_and_resumes_on_the_next_without_spending_a_retry(workers, queue,
+                                                                                            demo_model):
+    """SIGTERM, as `docker stop`, a redeploy or a scale-down send it: the job checkpoints at its next
+    step and goes back to the queue, its retries untouched (here none: a retry spent would fail it)."""
+    total = 60
+    first = workers.start()
+    job_id = queue.submit(load("rng", [f"steps={total}", f"base_model={demo_model}", *SHORT]), retries=0)
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 3, 180)
+    first.terminate()
+    assert first.wait(60) == 0
+    stopped = queue.status(job_id)
+    assert stopped.status == "queued" and stopped.retries_left == 0, stopped
+    checkpoint = torch.load(workers.home / "runs" / job_id / "checkpoint.pt", weights_only=False)
+    assert stopped.progress.step <= checkpoint["step"] < total  # progress is reported once a second
+
+    workers.start()
+    after: list[JobStatus] = []
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 240, after)
+    assert done.status == "finished" and done.adapter == "rng@v1", done
+    assert steps(after) == sorted(steps(after)), f"the job restarted from zero: steps seen after {steps(after)}"
+    log = [json.loads(line) for line in (workers.home / "runs" / job_id / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, total + 1))
+    assert AdapterStore(workers.home / "adapters").versions("rng") == [1]
+
+
+def test_cancels_at_the_same_moment_all_answer_cancelled(queue, demo_model):
+    for _ in range(10):
+        job_id = queue.submit(load("rng", [f"base_model={demo_model}", *SHORT]))
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: queue.cancel(job_id).status, range(4)))
+        assert answers == ["cancelled"] * 4
+
+
+def test_a_job_whose_announcement_fails_still_finishes_with_its_version(workers, queue, redis_server, demo_model):
+    """Stored is done: a service that missed the announcement finds the version by polling the store.
+    The worker's Redis user may not PUBLISH here, so announcing fails as when Redis goes away."""
+    queue.redis.acl_setuser("worker", enabled=True, passwords=["+pw"], commands=["+@all", "-publish"],
+                            keys=["~*"], channels=["*"])
+    workers.redis_url = redis_server.url.replace("redis://", "redis://worker:pw@")
+    workers.start()
+    job_id = queue.submit(load("rng", ["steps=2", f"base_model={demo_model}", *SHORT]), retries=0)
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 180)
+    assert done.status == "finished" and done.adapter == "rng@v1", done
+    assert queue.redis.zrange(LATEST, 0, -1) == []  # not announced
+    assert "but Redis is away to announce it" in (workers.home / "worker0.log").read_text()
 
 
 def test_running_job_reports_progress_and_stops_at_a_step_boundary_when_cancelled(workers, queue, demo_model):

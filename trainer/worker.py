@@ -3,11 +3,13 @@
 Its run directory is `runs/<job id>`, so a job retried after its worker died resumes from
 its checkpoint, and the store maps the job id to at most one version. Progress goes to
 the job's meta (read by `JobQueue.status`), at most every PROGRESS_EVERY_S; the cancel
-flag is read at every step boundary. While Redis is away the job trains on, unobserved.
+flag, and whether its worker is stopping, are read at every step boundary. While Redis is
+away the job trains on, unobserved.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +22,13 @@ from rq.job import Job
 from adapters.home import runs_root, store_root
 from adapters.store import AdapterStore
 from jobs.announce import NewVersion, announce
-from jobs.queue import JobRefused, cancel_requested, save_progress
+from jobs.queue import Interrupted, JobRefused, cancel_requested, save_progress
+from jobs.worker import stopping
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
 
 PROGRESS_EVERY_S = 1.0
+log = logging.getLogger("rq.worker")  # the job's lines beside its worker's
 
 
 def run_job(config: dict[str, Any]) -> dict[str, Any]:
@@ -34,14 +38,19 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     try:  # the cross-field rules the schema cannot check, a missing base model, data, a damaged run
         trainer = Trainer(
             TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
-            on_progress=_reporter(job), should_stop=lambda: _cancelled(job), quiet=True,
+            on_progress=_reporter(job), should_stop=lambda: _cancelled(job) or stopping(), quiet=True,
         )
     except (ValueError, FileNotFoundError) as error:  # the config, its data, the base model: a retry fails alike
         raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
     manifest = trainer.run()
+    if manifest is None and not _cancelled(job):  # its worker is stopping: the next one resumes it
+        raise Interrupted(f"the worker stopped; the job resumes from its checkpoint at step {trainer.step}")
     if manifest is None:
         return {"cancelled": True, "step": trainer.step}
-    announce(job.connection, NewVersion(name=manifest.name, version=manifest.version, job_id=job.id))
+    try:  # stored is done: a service that misses the announcement finds the version by polling the store
+        announce(job.connection, NewVersion(name=manifest.name, version=manifest.version, job_id=job.id))
+    except RedisError as error:
+        log.warning("job %s: stored %s, but Redis is away to announce it (%s)", job.id, manifest.ref, error)
     return {"adapter": manifest.ref}
 
 
