@@ -25,3 +25,7 @@ class BaseModelMismatch(AdapterError):
 
 class InvalidAdapterName(AdapterError, ValueError):
     """The name is not a safe single path component (it would allow path traversal)."""
+
+
+class StoreNotADirectory(AdapterError, NotADirectoryError):
+    """The store's root is a file: no adapter can be stored under it (a mistyped --store or GFN_STORE)."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def gfn_home() -> Path:
-    return Path(os.environ.get("GFN_HOME", ".gfn")).resolve()
+    """An empty GFN_HOME counts as unset: as "." it would put the store into the source tree."""
+    return Path(os.environ.get("GFN_HOME") or ".gfn").resolve()
 
 
 def store_root() -> Path:

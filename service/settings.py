@@ -18,7 +18,7 @@ from adapters.store import AdapterRef
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GFN_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="GFN_", extra="forbid", allow_inf_nan=False)  # inf: a wait never ending
 
     base_model: str | None = Field(None, description="model directory; default: the one the newest stored adapter was trained on")
     store: Path = Field(default_factory=store_root, description="adapter store root")
@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("store")
+    @classmethod
+    def _a_directory(cls, store: Path) -> Path:
+        """Named at start, not when the first adapter is looked up."""
+        if store.exists() and not store.is_dir():
+            raise ValueError(f"{store} is a file, not a directory")
+        return store
 
     @field_validator("device")
     @classmethod

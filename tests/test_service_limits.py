@@ -200,3 +200,16 @@ def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
         assert client.get("/ready").status_code == 200
         client.post("/reason", json=QUESTION)
         assert client.post("/reason", json=QUESTION).json()["cached"] == 4
+
+
+def test_settings_refuse_values_that_are_not_finite(monkeypatch):
+    """An infinite batch wait would never end: the engine thread died and `gfn serve` hung at start."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for name in ("GFN_BATCH_WAIT_MS", "GFN_WATCH_POLL_S", "GFN_VLLM_KV_CACHE_GIB", "GFN_REQUEST_TIMEOUT_S"):
+        monkeypatch.setenv(name, "inf")
+        with pytest.raises(ValidationError, match=name.removeprefix("GFN_").lower()):
+            Settings()
+        monkeypatch.delenv(name)

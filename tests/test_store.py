@@ -319,6 +319,31 @@ def test_gfn_store_moves_the_store_for_the_command_line_and_the_service(tmp_path
     assert listed.exit_code == 0 and "rng@v1" in listed.output
 
 
+def test_a_store_that_is_a_file_is_refused_at_once(tmp_path, monkeypatch):
+    """By the store, and by the service's settings naming `store`, before any training or serving."""
+    from pydantic import ValidationError
+
+    from adapters.errors import StoreNotADirectory
+    from service.settings import Settings
+
+    file = tmp_path / "store"
+    file.write_text("")
+    with pytest.raises(StoreNotADirectory, match="is a file"):
+        AdapterStore(file)
+    monkeypatch.setenv("GFN_STORE", str(file))
+    with pytest.raises(ValidationError, match="store"):
+        Settings()
+
+
+def test_an_empty_gfn_home_is_unset(tmp_path, monkeypatch):
+    """`GFN_HOME=` as "." would put the store into the source tree (its `adapters/` package)."""
+    from adapters.home import gfn_home
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GFN_HOME", "")
+    assert gfn_home() == tmp_path / ".gfn"
+
+
 def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
     """`gfn adapters verify` finds a byte changed in a weights file (exit 1) and names the version;
     `show` prints the manifest; `delete` takes one named version, and only after asking."""

@@ -137,6 +137,25 @@ def test_a_fresh_start_is_refused_while_the_run_trains_and_a_failed_resume_lets_
     assert fresh.run().version == 2
 
 
+def test_a_directory_holding_other_files_is_refused_as_a_run_directory_never_cleared(tmp_path, demo_model):
+    """`--run-dir ~/project --fresh` emptied the directory; a run's end rewrote any adapter/ in it."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])
+    store, mine = AdapterStore(tmp_path / "store"), tmp_path / "project"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    for fresh in (False, True):
+        with pytest.raises(ValueError, match=r"not a training run's \(notes.txt, sub\)"):
+            Trainer(config, mine, store, quiet=True, fresh=fresh)
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "sub").is_dir()
+    with pytest.raises(NotADirectoryError):
+        Trainer(config, mine / "notes.txt", store, quiet=True)
+    run = tmp_path / "run"  # a run's own files, a killed write's temporary one among them
+    assert Trainer(config, run, store, quiet=True, should_stop=lambda: True).run() is None
+    (run / ".checkpoint.pt.0123.tmp").write_bytes(b"")
+    assert Trainer(config, run, store, quiet=True).run().version == 1
+    assert Trainer(config, run, store, quiet=True, fresh=True).run().version == 2
+
+
 def test_a_relative_base_model_path_is_stored_absolute(tmp_path, demo_model, monkeypatch):
     """The service and `gfn eval` read the manifest's base model path from other directories."""
     monkeypatch.chdir(demo_model.parent)

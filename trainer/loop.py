@@ -38,6 +38,8 @@ from trainer.tasks import Prompt, Task, make_task
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the one before, kept until the next is durable: a fallback if the newest is damaged
+METRICS = "metrics.jsonl"  # one line a step
+ADAPTER = "adapter"  # the adapter as the run saved it, before the store took it
 
 log = logging.getLogger("gfn.trainer")
 
@@ -111,6 +113,7 @@ class Trainer:
         self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
+        _check_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)
         try:
@@ -286,11 +289,11 @@ class Trainer:
         self.rng.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = state["step"], state["history"]
-        with open(self.run_dir / "metrics.jsonl", "w") as log:  # drop steps after the checkpoint
+        with open(self.run_dir / METRICS, "w") as log:  # drop steps after the checkpoint
             log.writelines(json.dumps(h) + "\n" for h in self.history)
 
     def _log(self, metrics: dict[str, Any]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as log:
+        with open(self.run_dir / METRICS, "a") as log:
             log.write(json.dumps(metrics) + "\n")
 
     # ------------------------------------------------------------------ the result
@@ -304,10 +307,10 @@ class Trainer:
         finished) gets that version back at once, not after another evaluation."""
         if (saved := self.store.saved_by(self.config.name, self.run_id)) is not None:
             return saved
-        out = self.run_dir / "adapter"
+        out = self.run_dir / ADAPTER
         shutil.rmtree(out, ignore_errors=True)
         save_lora(self.model, out)
-        shutil.copy(self.run_dir / "metrics.jsonl", out / "training_log.jsonl")
+        shutil.copy(self.run_dir / METRICS, out / "training_log.jsonl")
         plots.loss_curve(out / "loss.png", [h["step"] for h in self.history],
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
         return publish(self.store, self.config.name, out, self.task, model_dir=self.model_dir,
@@ -355,6 +358,25 @@ def _claim(run_dir: Path) -> IO[str]:
         handle.close()
         raise RunInUse(f"{run_dir} is being trained by another process; wait for it, or use another run directory") from None
     return handle
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """A run directory holds one run's files and nothing else: --fresh empties it and a run's end
+    rewrites its adapter/, so a directory that holds other files (a mistyped --run-dir) is refused,
+    never cleared."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"run directory {run_dir} is a file")
+    ours = {".lock", CHECKPOINT, PREVIOUS, METRICS, ADAPTER}
+    other = sorted(p.name for p in run_dir.iterdir() if p.name not in ours and not _is_partial(p.name)) \
+        if run_dir.is_dir() else []
+    if other:
+        raise ValueError(f"{run_dir} holds files that are not a training run's ({', '.join(other[:5])}"
+                         f"{', ...' if len(other) > 5 else ''}): pass a new or empty run directory")
+
+
+def _is_partial(name: str) -> bool:
+    """A checkpoint's temporary file, left by a process killed while writing it (adapters._fs.write_atomic)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _clear(run_dir: Path) -> None:
