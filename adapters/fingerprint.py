@@ -55,7 +55,10 @@ def _compute(config: Path, weights: list[Path]) -> str:
     Compact JSON has no raw newline, file names no NUL and digests are 64 hex characters,
     so distinct inputs cannot be framed alike.
     """
-    canonical = json.dumps(json.loads(config.read_text()), sort_keys=True, separators=(",", ":"))
+    try:
+        canonical = json.dumps(json.loads(config.read_text()), sort_keys=True, separators=(",", ":"))
+    except ValueError as error:  # json's message names no file
+        raise ValueError(f"{config} is not JSON: {error}") from error
     digest = hashlib.sha256(canonical.encode())
     for path in weights:
         digest.update(f"\n{path.name}\0{sha256_file(path)}".encode())

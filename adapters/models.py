@@ -8,13 +8,16 @@ importing transformers takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.manifest import LoraSpec
@@ -23,9 +26,24 @@ if TYPE_CHECKING:
     import peft
 
 
+class BaseModelUnreadable(ValueError):
+    """The base model's directory does not load: a config, weights or tokenizer file is damaged."""
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Tokenizer saved alongside the base model."""
-    return AutoTokenizer.from_pretrained(str(path))
+    with _naming(path):
+        return AutoTokenizer.from_pretrained(str(path))
+
+
+@contextlib.contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """transformers' errors for a damaged file ("Expecting property name", a safetensors header)
+    name neither the model nor the file: say which model failed to load."""
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as error:
+        raise BaseModelUnreadable(f"cannot load the model at {path}: {type(error).__name__}: {error}") from error
 
 
 def document_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -109,7 +127,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    with _naming(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 
 def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> peft.PeftModel:

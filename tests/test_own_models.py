@@ -268,3 +268,25 @@ def test_auto_serves_with_transformers_where_vllm_cannot(demo_model: Path, tmp_p
         assert client.get("/ready").json()["engine"] == "transformers"
         reply = client.post("/infill", json={"prefix": PREFIX, "suffix": SUFFIX, "n": 2, "seed": 0})
     assert reply.status_code == 200 and len(reply.json()["samples"]) == 2
+
+
+def test_a_damaged_or_missing_base_model_is_named(demo_model: Path, tmp_path: Path):
+    """transformers' and json's own messages name neither the model nor the file."""
+    from adapters.models import BaseModelUnreadable
+    from trainer.loop import resolve_base_model
+
+    broken = tmp_path / "model"
+    shutil.copytree(demo_model, broken)
+    (broken / "config.json").write_text('{"model_type": ')
+    with pytest.raises(ValueError, match=f"{broken / 'config.json'} is not JSON"):
+        fingerprint(broken)
+    with pytest.raises(BaseModelUnreadable, match=f"cannot load the model at {broken}"):
+        load_causal_lm(broken)
+    shutil.copy(demo_model / "config.json", broken)
+    weights = bytearray((broken / "model.safetensors").read_bytes())
+    weights[3] ^= 0xFF  # the header's length
+    (broken / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(BaseModelUnreadable, match="SafetensorError"):
+        load_causal_lm(broken)
+    with pytest.raises(FileNotFoundError, match="base model 'dmeo' is no directory here, nor found on the hub"):
+        resolve_base_model("dmeo")

@@ -65,7 +65,11 @@ def resolve_base_model(name: str) -> str:
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
         raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(name)
+    try:
+        return snapshot_download(name)
+    except (OSError, ValueError) as error:  # not found, offline, not a valid id: the hub's errors say neither
+        raise FileNotFoundError(f"base model {name!r} is no directory here, nor found on the hub: "
+                                f"{' '.join(str(error).split())}") from error
 
 
 class Trainer:
