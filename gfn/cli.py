@@ -20,6 +20,7 @@ from rich.table import Table
 from adapters.home import runs_root, store_root
 
 if TYPE_CHECKING:
+    from adapters.store import AdapterStore
     from service.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -31,7 +32,20 @@ app.add_typer(demo, name="demo")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(configs_app, name="configs")
-RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue")]
+
+
+def _redis_url(url: str) -> str:
+    """A URL redis can parse, checked before anything connects (redis raises a bare ValueError)."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as error:
+        raise typer.BadParameter(f"{url!r}: {error}") from None
+    return url
+
+
+RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue", callback=_redis_url)]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
 console = Console()
@@ -63,17 +77,18 @@ def train(
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
     from pydantic import ValidationError
 
-    from adapters.store import AdapterStore
-    from trainer.config import load_config
+    from trainer.config import config_errors, load_config
     from trainer.loop import RunInUse, Trainer
 
     try:
         cfg = load_config(config, set_ or [])
-    except (ValidationError, ValueError, FileNotFoundError) as error:
+    except ValidationError as error:
+        _fail("\n".join(config_errors(error)))
+    except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     run_dir = run_dir or runs_root() / cfg.name
     try:  # a missing base model, a run dir in use or holding another run
-        trainer = Trainer(cfg, run_dir, AdapterStore(store or store_root()), fresh=fresh)
+        trainer = Trainer(cfg, run_dir, _store(store), fresh=fresh)
     except (RunInUse, ValueError, OSError) as error:
         _fail(str(error))
     manifest = trainer.run()
@@ -83,28 +98,38 @@ def train(
 @app.command("eval")
 def evaluate(
     adapter: Annotated[str, typer.Argument(help="name or name@vN")],
-    samples: Annotated[Optional[int], typer.Option(help="samples to draw")] = None,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="samples to draw (default: the task's)")] = None,
     store: StoreOption = None,
 ) -> None:
     """Evaluate a stored adapter with its task's evaluation."""
     from adapters.errors import AdapterError
-    from adapters.store import AdapterStore, parse_ref
+    from adapters.store import parse_ref
     from trainer.evaluate import evaluate_adapter
 
     try:
-        metrics = evaluate_adapter(AdapterStore(store or store_root()), *parse_ref(adapter), samples)
+        metrics = evaluate_adapter(_store(store), *parse_ref(adapter), samples)
     except (AdapterError, ValueError, FileNotFoundError) as error:  # ValidationError is a ValueError
         _fail(str(error))
     console.print_json(json.dumps(metrics))
 
 
+def _store(root: Path | None) -> AdapterStore:
+    """The store at `root` (default: GFN_STORE, else under GFN_HOME); one that is a file is named."""
+    from adapters.errors import StoreNotADirectory
+    from adapters.store import AdapterStore
+
+    try:
+        return AdapterStore(root or store_root())
+    except StoreNotADirectory as error:
+        _fail(str(error))
+
+
 @adapters_app.command("list")
 def adapters_list(store: StoreOption = None) -> None:
     """Every stored adapter version with its task and headline metrics."""
-    from adapters.store import AdapterStore
 
     table, damaged = Table("adapter", "task", "created", "base model", "metrics"), {}
-    for m in AdapterStore(store or store_root()).list(damaged):
+    for m in _store(store).list(damaged):
         headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.metrics.items() if not isinstance(v, dict)}
         table.add_row(m.ref, m.task, m.created_at[:19], m.base_model.fingerprint[:19], json.dumps(headline))
     console.print(table)
@@ -117,10 +142,10 @@ def adapters_show(adapter: Annotated[str, typer.Argument(help="name or name@vN")
     """A version's manifest (the newest for a bare name): task, base model, template, masks,
     training config, metrics and checksums."""
     from adapters.errors import AdapterError
-    from adapters.store import AdapterStore, parse_ref
+    from adapters.store import parse_ref
 
     try:
-        manifest = AdapterStore(store or store_root()).manifest(*parse_ref(adapter))
+        manifest = _store(store).manifest(*parse_ref(adapter))
     except AdapterError as error:
         _fail(str(error))
     console.print_json(manifest.model_dump_json())
@@ -132,9 +157,9 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
     """Check every file of every version (of a name, or one version) against its manifest's
     checksums, as loading does; exit 1 if any is damaged."""
     from adapters.errors import AdapterError, AdapterNotFound
-    from adapters.store import AdapterStore, parse_ref
+    from adapters.store import parse_ref
 
-    adapters = AdapterStore(store or store_root())
+    adapters = _store(store)
     try:
         name, version = parse_ref(adapter) if adapter else (None, None)
         if name:
@@ -162,20 +187,24 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
 def adapters_delete(adapter: Annotated[str, typer.Argument(help="name@vN")],
                     yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
                     store: StoreOption = None) -> None:
-    """Delete one version. Its number is never given again, so name@vN keeps meaning the weights
-    it meant; a service holding it loaded keeps serving it until it is unloaded."""
-    from adapters.errors import AdapterError
-    from adapters.store import AdapterStore, parse_ref
+    """Delete one version, a damaged one too. Its number is never given again, so name@vN keeps meaning
+    the weights it meant; a service holding it loaded keeps serving it until it is unloaded."""
+    from adapters.errors import AdapterCorrupt, AdapterError
+    from adapters.store import parse_ref
 
     try:
         name, version = parse_ref(adapter)
         if version is None:
             raise ValueError(f"adapter: name the version to delete ({adapter}@vN); "
                              "`gfn adapters list` shows them")
-        adapters = AdapterStore(store or store_root())
-        adapters.manifest(name, version)  # names what is missing before asking
+        adapters = _store(store)
+        try:
+            adapters.manifest(name, version)  # names what is missing before asking
+            damaged = ""
+        except AdapterCorrupt as error:  # a damaged version is deleted as any other
+            damaged = f" (damaged: {error})"
         if not yes:
-            typer.confirm(f"delete {adapter} from {adapters.root}?", abort=True)
+            typer.confirm(f"delete {adapter}{damaged} from {adapters.root}?", abort=True)
         adapters.delete(name, version)
     except (AdapterError, ValueError) as error:
         _fail(str(error))
@@ -185,7 +214,7 @@ def adapters_delete(adapter: Annotated[str, typer.Argument(help="name@vN")],
 @app.command()
 def worker(
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
-    metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this port; 0: none")] = 0,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus /metrics on this port; 0: none")] = 0,
 ) -> None:
     """Run queued training jobs, each in a fresh process; one worker per device."""
     from jobs.worker import run
@@ -246,7 +275,8 @@ def jobs_cancel(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
 
 
 @jobs_app.command("list")
-def jobs_list(limit: int = 20, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+def jobs_list(limit: Annotated[int, typer.Option(min=1, help="jobs to show")] = 20,
+              redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """The most recent jobs, newest first."""
     table = Table("job", "adapter", "status", "step", "result", "queued at")
     with _job_errors(redis_url):

@@ -9,7 +9,7 @@ thing on both sides.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,33 @@ def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = (
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML without duplicate keys: PyYAML keeps the last silently (`name: rng` then `name: other`
+    would train `other`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _read(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return _load_yaml(path.read_text()) or {}
+    except _DuplicateKey as error:
+        raise ConfigError([f"config: {path}: {error}"]) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError([f"config: {path} is not a readable YAML file ({' '.join(str(error).split())})"]) from None
 
@@ -58,7 +82,7 @@ def _parse(override: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError([f"override {override!r} is not of the form key.path=value"])
     try:
-        return key, yaml.safe_load(value)
+        return key, _load_yaml(value)
     except yaml.YAMLError as error:
         raise ConfigError([f"{key}: {value!r} is not a YAML value ({' '.join(str(error).split())})"]) from None
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from typer.testing import CliRunner
 
 from gfn.cli import app
@@ -55,3 +57,49 @@ def test_unreadable_configs_and_overrides_are_named_not_tracebacks(tmp_path):
                        (["jobs", "submit", "rng", "--set", "name=../x"], "[a-z0-9][a-z0-9._-]{0,63}")):  # brackets kept
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
+def test_out_of_range_options_are_refused_naming_them(tmp_path):
+    for args, option in ((["jobs", "list", "--limit", "0"], "--limit"), (["jobs", "list", "--limit", "-1"], "--limit"),
+                         (["worker", "--metrics-port", "70000"], "--metrics-port"),
+                         (["worker", "--metrics-port", "-1"], "--metrics-port"),
+                         (["worker", "--redis-url", "foo"], "--redis-url"),
+                         (["jobs", "status", "x", "--redis-url", "foo"], "--redis-url"),
+                         (["jobs", "submit", "rng", "--redis-url", "redis://h:port"], "--redis-url"),
+                         (["eval", "rng@v1", "--samples", "0", "--store", str(tmp_path)], "--samples"),
+                         (["eval", "rng@v1", "--samples", "-5", "--store", str(tmp_path)], "--samples")):
+        result = CliRunner().invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in said and "Traceback" not in said, said
+    from_env = CliRunner().invoke(app, ["jobs", "status", "x"], env={"GFN_REDIS_URL": "foo"})
+    assert from_env.exit_code == 2 and "GFN_REDIS_URL" in from_env.output and "redis://" in from_env.output
+
+
+def test_eval_refuses_a_sample_count_below_one_before_loading_anything(tmp_path):
+    from adapters.store import AdapterStore
+    from trainer.evaluate import evaluate_adapter
+
+    for bad in (0, -5):  # 0 once meant the default, fewer divided by zero after the model loaded
+        with pytest.raises(ValueError, match=f"samples: must be at least 1, got {bad}"):
+            evaluate_adapter(AdapterStore(tmp_path), "absent", samples=bad)  # not AdapterNotFound: checked first
+
+
+def test_train_and_submit_name_the_field_of_a_bad_config(tmp_path):
+    """Refused as the config is read, before a model loads or Redis is asked (nothing listens on port 1)."""
+    bad = ["rng", "--set", "task.target={kind: uniform, low: 0, high: 1000000000}"]
+    for args, said in ((["train", *bad, "--store", str(tmp_path)], "task.target.high: Input should be less than or equal to 9999"),
+                       (["jobs", "submit", *bad, "--redis-url", "redis://127.0.0.1:1/0"], "task.target.high: must be <= 9999")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
+def test_duplicate_keys_in_a_yaml_config_are_refused(tmp_path):
+    config = tmp_path / "dup.yaml"
+    config.write_text("name: rng\ntask:\n  name: rng\n  target: {kind: uniform, low: 0, high: 9}\nname: other\n")
+    for command in (["train", str(config), "--store", str(tmp_path)],
+                    ["jobs", "submit", str(config), "--redis-url", "redis://127.0.0.1:1/0"]):
+        result = CliRunner().invoke(app, command)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"{config}: key 'name' appears twice (lines 1 and 5)" in said, said
+    nested = CliRunner().invoke(app, ["train", "rng", "--set", "task.target={kind: uniform, kind: weights}"])
+    assert nested.exit_code == 2 and "key 'kind' appears twice" in " ".join(nested.output.split()), nested.output

@@ -1,7 +1,7 @@
 """Constrained generation: violations are counted on whole words, the reward is the base
 model's log p(Z ⊤ | keywords prompt) minus the configured penalty per violation at every
 prefix, held-out keyword sets stay out of training, and bad data lines are reported by
-number and field."""
+number and field, and templates with placeholders the task does not fill are refused."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from pydantic import ValidationError
 
 from adapters.manifest import WordBias, word_bias
 from adapters.models import load_causal_lm, load_tokenizer
+from jobs.configs import ConfigError
+from jobs.validate import load as jobs_load
+from trainer.config import config_errors, load_config
 from trainer.jsonl import DataError, load_jsonl
 from trainer.policy import policy_log_probs
 from trainer.rollout import Rollout, sample
 from trainer.scoring import Scorer
+from trainer.tasks.base import check_template
 from trainer.tasks.constrained import (
     ConstrainedConfig,
     ConstrainedRecord,
@@ -24,6 +28,9 @@ from trainer.tasks.constrained import (
     is_heldout,
     violations,
 )
+from trainer.tasks.continuation import ContinuationTask
+from trainer.tasks.infill import InfillTask
+from trainer.tasks.reasoning import ReasoningTask
 from world.corpus import keywords_prompt
 
 
@@ -150,3 +157,44 @@ def test_template_must_show_avoided_words_when_the_data_has_them(setup, tmp_path
     assert len(plain.records) == 3 and len(plain.eval_records) == 1
     with pytest.raises(ValidationError, match="task.prompt_template|must contain {keywords}"):
         ConstrainedConfig(prompt_template="Sentence:")
+
+
+@pytest.mark.parametrize("field, template, said", [
+    ("prompt_template", "Keywords: {keywords} {foo}. Avoid: {avoid}. Sentence:", "placeholder {foo} is not one"),
+    ("prompt_template", "Keywords: {keywords} {0}. Avoid: {avoid}.", "placeholder {0} is not one"),
+    ("prompt_template", "Keywords: {keywords} {}. Avoid: {avoid}.", "placeholder {} is not one"),
+    ("prompt_template", "Keywords: {keywords}. Avoid: {avoid}. {", "Single '{'"),
+    ("prompt_template", "Keywords: {keywords} {. Avoid: {avoid}.", "unmatched '{'"),
+    ("prompt_template", "Keywords: {keywords}}. Avoid: {avoid}.", "Single '}'"),
+    ("prompt_template", "Keywords: {keywords:d}. Avoid: {avoid}.", "placeholder {keywords:d} is not one"),
+    ("prompt_template", "Avoid: {avoid}. Keywords: {{keywords}}.", "must contain {keywords}"),  # a literal
+    ("reward_template", "Keywords: {keywords}. Sentence: {x}", "placeholder {x} is not one"),
+    ("reward_template", "Keywords: {keywords}. Avoid: {avoid}.", "placeholder {avoid} is not one"),  # it fills keywords only
+])
+def test_templates_take_only_the_placeholders_the_task_fills(field, template, said):
+    """Refused when the config is read (so `gfn train`, `gfn jobs submit` and POST /jobs refuse it), not
+    with a KeyError or IndexError once the model has loaded; the message names the field."""
+    with pytest.raises(ValidationError) as refused:
+        load_config("constrained", {f"task.{field}": template})
+    lines = config_errors(refused.value)
+    assert any(line.startswith(f"task.{field}: ") and said in line for line in lines), lines
+    if "must contain" not in said:  # the schema names the field; only pydantic checks what must be there
+        with pytest.raises(ConfigError) as schema:
+            jobs_load("constrained", {f"task.{field}": template})
+        assert any(line.startswith(f"task.{field}: ") for line in schema.value.errors), schema.value.errors
+
+
+def test_escaped_braces_in_templates_are_text(setup):
+    task, _ = setup
+    config = ConstrainedConfig(demo_sets=5, eval_prompts=1, prompt_template="{{set}} {keywords}. Avoid: {avoid}.",
+                               reward_template="{{set}} {keywords}.")
+    braced = ConstrainedTask(config, task.tokenizer)
+    record = ConstrainedRecord(keywords=["dog", "park"], avoid=["cat"])
+    assert braced.prompt(record).key == "{set} dog, park. Avoid: cat."
+    assert braced.context(record.keywords) == braced.context_ids("{set} dog, park.")
+
+
+@pytest.mark.parametrize("task_type, fields", [(InfillTask, ["prefix", "suffix"]), (ReasoningTask, ["question"]),
+                                               (ContinuationTask, ["text"])])
+def test_the_fixed_templates_of_the_other_tasks_name_only_what_they_fill(task_type, fields):
+    assert check_template(task_type.prompt_template, fields, required=fields) == task_type.prompt_template

@@ -292,4 +292,4 @@ def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):
     mixed = queue.submit(load("rng", ["behaviour.on_policy=0.9", *SHORT]), retries=2)  # past the schema, not pydantic
     done = watch(queue, mixed, lambda s: s.status not in ("queued", "started"), 180)
     assert done.status == "failed" and (workers.home / "worker0.log").read_text().count(f"({mixed})") == 1
-    assert "behaviour: Value error, on_policy + tempered + replay must be 1" in done.error, done.error
+    assert "behaviour: on_policy + tempered + replay must be 1" in done.error, done.error

@@ -346,7 +346,8 @@ def test_an_empty_gfn_home_is_unset(tmp_path, monkeypatch):
 
 def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
     """`gfn adapters verify` finds a byte changed in a weights file (exit 1) and names the version;
-    `show` prints the manifest; `delete` takes one named version, and only after asking."""
+    `show` prints the manifest; `delete` takes one named version, a damaged one too, and only after
+    asking; a store that is a file is named."""
     from typer.testing import CliRunner
 
     from gfn.cli import app
@@ -373,6 +374,15 @@ def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
     assert gfn("delete", "rng@v2", answer="y\n")[0] == 0 and store.versions("rng") == [1]
     assert gfn("delete", "rng@v1", "--yes")[0] == 0 and store.versions("rng") == []
     assert gfn("delete", "rng@v1", "--yes")[0] == 2
+    store.save("rng", src, fields())
+    (store.root / "rng" / "v3" / "manifest.json").write_text("{")  # a version that no longer reads
+    code, said = gfn("delete", "rng@v3", answer="y\n")
+    assert code == 0 and "delete rng@v3 (damaged: " in said and store.versions("rng") == []
+    file = store.root.parent / "a-file"
+    file.write_text("")
+    for args in (["list"], ["verify"], ["show", "rng"], ["delete", "rng@v1", "--yes"]):
+        result = CliRunner().invoke(app, ["adapters", *args, "--store", str(file)])
+        assert result.exit_code == 2 and "is a file, not a directory" in " ".join(result.output.split()), args
 
 
 def test_concurrent_writers_get_distinct_versions_and_none_is_lost(tmp_path, src):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from adapters.device import Device
 from adapters.manifest import LoraSpec
@@ -128,6 +128,29 @@ def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) 
     """A config from a YAML path (or a bundled config's name, e.g. 'rng') or a dict, with
     overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
     return TrainConfig.model_validate(config_data(source, overrides))
+
+
+def config_errors(error: ValidationError) -> list[str]:
+    """Each problem as "task.target.high: message": the field as the config spells it, without the
+    union tags pydantic puts in its path (task.rng.target.uniform.high) or its links."""
+    return [f"{field_path(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in error.errors()]
+
+
+def field_path(loc: tuple[int | str, ...], model: Any = TrainConfig) -> str:
+    """A pydantic error location as a config key path: the tag after a tagged union's field is dropped."""
+    parts, rest = [], list(loc)
+    while rest:
+        key = rest.pop(0)
+        parts.append(str(key))
+        if rest and rest[0] == "[key]":  # the key of a mapping (a weight's number) is what is wrong
+            parts[-1] += f" ({rest.pop(0)[1:-1]})"
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = field.annotation if field else None
+        if field is not None and isinstance(field.discriminator, str) and rest:  # the member the tag picks
+            tag, kind = rest.pop(0), field.discriminator
+            model = next((m for m in get_args(field.annotation) if get_args(m.model_fields[kind].annotation) == (tag,)),
+                         None)
+    return ".".join(parts) or "config"
 
 
 def schema_json() -> str:

@@ -46,9 +46,12 @@ class LoadedPolicy:
 
 def evaluate_adapter(store: AdapterStore, name: str, version: int | None = None, samples: int | None = None,
                      out_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """The task's metrics of a stored adapter; `samples` (default: the task's) is checked before the model loads."""
+    if samples is not None and samples < 1:  # 0 would silently mean the default, fewer divide by zero
+        raise ValueError(f"samples: must be at least 1, got {samples}")
     policy = LoadedPolicy(store, name, version)
     generator = torch.Generator().manual_seed(seed)
     out = out_dir or Path(mkdtemp(prefix="gfn-eval-"))
-    kwargs = {"samples": samples} if samples else {}
+    kwargs = {"samples": samples} if samples is not None else {}
     return {"adapter": policy.manifest.ref, "plot_dir": str(out),
             **policy.task.evaluate(policy.sampler(generator), policy.scorer, out, **kwargs)}

@@ -24,7 +24,7 @@ from adapters.store import AdapterStore
 from jobs.announce import NewVersion, announce
 from jobs.queue import Interrupted, JobRefused, cancel_requested, save_progress
 from jobs.worker import stopping
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, config_errors
 from trainer.loop import Trainer
 
 PROGRESS_EVERY_S = 1.0
@@ -58,7 +58,7 @@ def _one_line(error: Exception) -> str:
     """The message on one line: the worker and `gfn jobs status` read a failure's last line. A
     validation error names each field, without pydantic's links."""
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+        return "; ".join(config_errors(error))
     return " ".join(str(error).split())
 
 

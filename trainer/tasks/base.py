@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Formatter
 from typing import Annotated, Any, ClassVar, Protocol
 
 import torch
@@ -44,6 +45,31 @@ def single_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"the tokenizer spells {text!r} with {len(ids)} tokens; it must be one")
     return ids[0]
+
+
+def check_template(template: str, fields: Sequence[str], required: Sequence[str] = ()) -> str:
+    """`template` if its only placeholders are `{name}` of `fields` and it has every one of `required`:
+    str.format fails on any other (KeyError, IndexError) only once the model has loaded."""
+    try:
+        parts = list(Formatter().parse(template))
+    except ValueError as error:  # a lone { or }
+        raise ValueError(f"{error}; write {{{{ or }}}} for a literal brace") from None
+    allowed = ", ".join(f"{{{name}}}" for name in fields)
+    for _, name, spec, conversion in parts:
+        if name is not None and (name not in fields or spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"placeholder {shown} is not one this task fills (it fills {allowed}; "
+                             f"write {{{{ or }}}} for a literal brace)")
+    named = {name for _, name, _, _ in parts}
+    if missing := [name for name in required if name not in named]:
+        raise ValueError(f"the template must contain {{{missing[0]}}}")
+    return template
+
+
+def template_pattern(fields: Sequence[str]) -> dict[str, str]:
+    """check_template's rule as a JSON-schema pattern, so the service refuses a bad template at submit."""
+    names = "|".join(fields)
+    return {"pattern": rf"^(?:[^{{}}]|\{{\{{|\}}\}}|\{{(?:{names})\}})*$"}
 
 
 MinLen = Annotated[int, Field(ge=0, description="tokens before the sample may stop")]

@@ -32,11 +32,12 @@ from trainer.metrics import distinct_n
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer, prefix_log_likelihood
-from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
+from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, check_template, template_pattern
 from world import corpus
 
 PROMPT_TEMPLATE = "Keywords: {keywords}. Avoid: {avoid}. Sentence:"
 REWARD_TEMPLATE = "Keywords: {keywords}. Sentence:"  # world.corpus.keywords_prompt
+PROMPT_FIELDS, REWARD_FIELDS = ["keywords", "avoid"], ["keywords"]  # what prompt() and context() fill
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -75,8 +76,8 @@ class ConstrainedConfig(TaskConfig):
     name: Literal["constrained"] = "constrained"
     min_len: MinLen = 0
     max_len: MaxLen = 16
-    prompt_template: str = PROMPT_TEMPLATE
-    reward_template: str = REWARD_TEMPLATE
+    prompt_template: str = Field(PROMPT_TEMPLATE, json_schema_extra=template_pattern(PROMPT_FIELDS))
+    reward_template: str = Field(REWARD_TEMPLATE, json_schema_extra=template_pattern(REWARD_FIELDS))
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
     keyword_bias: float = Field(8.0, description="the policy's logit bias on the keywords' tokens (0: none)")
     avoid_bias: float = Field(-99.0, description="the policy's logit bias on the avoided words' tokens (0: none)")
@@ -88,12 +89,15 @@ class ConstrainedConfig(TaskConfig):
     eval_samples: PositiveInt = 32
     seed: int = 0
 
-    @field_validator("prompt_template", "reward_template")
+    @field_validator("prompt_template")
     @classmethod
-    def _names_keywords(cls, template: str) -> str:
-        if "{keywords}" not in template:
-            raise ValueError("the template must contain {keywords}")
-        return template
+    def _prompt_fields(cls, template: str) -> str:
+        return check_template(template, PROMPT_FIELDS, required=["keywords"])
+
+    @field_validator("reward_template")
+    @classmethod
+    def _reward_fields(cls, template: str) -> str:
+        return check_template(template, REWARD_FIELDS, required=["keywords"])
 
 
 class ConstrainedTask(Task):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator,
+                      model_validator)
 
 from adapters.manifest import VocabMask
 from trainer.plots import bar_chart
@@ -28,16 +29,29 @@ from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
 from world.corpus import RNG_PROMPT
 
 NUMBER = re.compile(r"0|[1-9][0-9]*")
+# The support is numbers of at most MAX_DIGITS digits: a typo (high: 1000000000) must not build a
+# 10^9-entry pmf, and the evaluation plots one bar per number (10^4 bars: 8 s; 10^5: 97 s, 1.2 GB).
+MAX_DIGITS = 4
+MAX_NUMBER = 10**MAX_DIGITS - 1
+# The task writes digits only (the mask, and NUMBER has no sign), so a negative number is never sampled
+Number = Annotated[int, Field(ge=0, le=MAX_NUMBER, description=f"a number the task can write: 0..{MAX_NUMBER}")]
 
 
 class _Target(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Uniform(_Target):
     kind: Literal["uniform"] = "uniform"
-    low: int = 0
-    high: int = 99
+    low: Number = 0
+    high: Number = 99
+
+    @field_validator("high")
+    @classmethod
+    def _not_below_low(cls, high: int, info: ValidationInfo) -> int:
+        if "low" in info.data and high < info.data["low"]:
+            raise ValueError(f"{high} is below low {info.data['low']}: the support would be empty")
+        return high
 
     def pmf(self) -> dict[int, float]:
         return {k: 1.0 / (self.high - self.low + 1) for k in range(self.low, self.high + 1)}
@@ -45,7 +59,7 @@ class Uniform(_Target):
 
 class Binomial(_Target):
     kind: Literal["binomial"] = "binomial"
-    n: int = 99
+    n: Number = 99
     p: float = Field(0.5, gt=0, lt=1)
 
     def pmf(self) -> dict[int, float]:
@@ -58,21 +72,27 @@ class Binomial(_Target):
 class Poisson(_Target):
     kind: Literal["poisson"] = "poisson"
     rate: PositiveFloat = 20.0
-    max: int = 99
+    max: Number = 99
 
     def pmf(self) -> dict[int, float]:
-        weights = {k: math.exp(k * math.log(self.rate) - self.rate - math.lgamma(k + 1)) for k in range(self.max + 1)}
+        """Normalised in log space: with a rate far above max every weight underflows to 0."""
+        logs = {k: k * math.log(self.rate) - math.lgamma(k + 1) for k in range(self.max + 1)}
+        top = max(logs.values())
+        weights = {k: math.exp(v - top) for k, v in logs.items()}
         total = sum(weights.values())
         return {k: w / total for k, w in weights.items()}
 
 
 class Weights(_Target):
     kind: Literal["weights"] = "weights"
-    weights: dict[int, PositiveFloat]
+    # the schema names the keys' bound too: JSON keys are text, which minimum/maximum do not check
+    weights: dict[Number, PositiveFloat] = Field(min_length=1, json_schema_extra={
+        "propertyNames": {"pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$"}})
 
     def pmf(self) -> dict[int, float]:
-        total = sum(self.weights.values())
-        return {k: w / total for k, w in sorted(self.weights.items())}
+        top = max(self.weights.values())  # divided first: two weights near the float maximum sum to inf
+        total = sum(w / top for w in self.weights.values())
+        return {k: w / top / total for k, w in sorted(self.weights.items())}
 
 
 Target = Annotated[Uniform | Binomial | Poisson | Weights, Field(discriminator="kind")]
@@ -87,7 +107,7 @@ class RngConfig(TaskConfig):
                                                   "(a longer string can only be invalid)")
     floor_log_reward: float = -10.0
     digits_only: bool = True
-    eval_samples: int = 10000
+    eval_samples: PositiveInt = 10000
 
     @model_validator(mode="after")
     def _support_fits(self) -> "RngConfig":
