@@ -65,6 +65,7 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--save", "", "--appendonly", "yes" if self.persist else "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal must not stop it before the worker hands its job back
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
