@@ -125,6 +125,7 @@ class JobQueue:
         if state in (RQStatus.QUEUED, RQStatus.SCHEDULED, RQStatus.DEFERRED):
             try:
                 job.cancel()
+                job.cleanup(KEEP_S)  # kept as long as an ended job, not forever
             except InvalidJobOperation:  # a cancel at the same moment got there first
                 pass
         return self.status(job_id)

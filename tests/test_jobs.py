@@ -18,6 +18,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
+from rq.job import Job
 from typer.testing import CliRunner
 
 from adapters.store import AdapterStore
@@ -25,7 +26,7 @@ from gfn.cli import app
 from gfn.local import free_port
 from jobs.announce import CHANNEL, LATEST, NewVersion
 from jobs.configs import ConfigError, config_data
-from jobs.queue import RETRIES, JobQueue, JobStatus
+from jobs.queue import KEEP_S, RETRIES, JobQueue, JobStatus
 from jobs.worker import HEARTBEAT_GRACE_S, MONITOR_S, RESTART_S
 from jobs.validate import load
 
@@ -278,6 +279,7 @@ def test_running_job_reports_progress_and_stops_at_a_step_boundary_when_cancelle
 def test_queued_job_cancelled_never_runs(queue, demo_model):
     job_id = queue.submit(load("rng", [f"base_model={demo_model}", *SHORT]))
     assert queue.cancel(job_id).status == "cancelled" and queue.queue.count == 0
+    assert 0 < queue.redis.ttl(Job.key_for(job_id)) <= KEEP_S  # kept as long as an ended job, then gone
 
 
 def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):
