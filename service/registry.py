@@ -95,9 +95,8 @@ class Registry:
             adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint,
                                               self.base_tokenizer)
             manifest = adapter.manifest
-            self.unloaded.discard(manifest.ref)  # asked for again
             entry = self.entries.get(manifest.ref)
-            if entry is not None and entry.retiring:
+            if entry is not None and entry.retiring:  # refused: an operator's unload stands, the watcher keeps off it
                 raise AdapterBusy(f"adapter {manifest.ref} is being unloaded; load it again when that is done")
             if entry is not None:
                 entry.pinned |= pin
@@ -110,6 +109,7 @@ class Registry:
                 raise AdapterRefused(f"adapter {manifest.ref} failed its warm-up request: {error}") from error
             previous = self.routed(manifest.name)
             entry = self.entries[manifest.ref] = Entry(manifest, pinned=pin)
+            self.unloaded.discard(manifest.ref)  # asked for again, and loaded
             self.metrics.adapter_info.labels(manifest.name, str(manifest.version), str(manifest.lora.r)).set(1)
             self.metrics.adapter_loaded(manifest.name)
             self.metrics.adapter_load.observe(time.perf_counter() - started)

@@ -162,6 +162,33 @@ def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(
         assert served.status_code == 200 and served.json()["adapter"] == "in.fill@v2"
 
 
+def test_a_load_refused_while_the_version_retires_leaves_the_operators_unload_standing(demo_model, tmp_path):
+    """DELETE /adapters while a request holds the version, then POST /adapters for it (409: it is
+    being unloaded): the unload stands, and the watcher, polling the store, does not load it back."""
+    store = AdapterStore(tmp_path / "adapters")
+    save_adapter(store, "continuation", demo_model, task_fields(load_tokenizer(demo_model))["continuation"], 1)
+    settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                        max_n=64, watch_poll_s=0.2)
+    long = {"adapter": "continuation@v1", "text": "The cat sat.", "n": 64, "temperature": 2.0, "seed": 3}
+    with Server(create_app(settings)) as server, server.client() as client, ThreadPoolExecutor(2) as pool:
+        def until(state: str) -> None:
+            deadline = time.time() + 30
+            while not any(a[state] for a in client.get("/adapters").json()["loaded"]):
+                assert time.time() < deadline and not running.done(), f"never {state} while the request ran"
+                time.sleep(0.01)
+
+        running = pool.submit(client.post, "/generate", json=long)
+        until("in_flight")
+        deleting = pool.submit(client.delete, "/adapters/continuation/1")
+        until("retiring")
+        refused = client.post("/adapters", json={"name": "continuation", "version": 1})
+        assert refused.status_code == 409 and "being unloaded" in refused.text
+        assert running.result().status_code == 200 and deleting.result().json() == {"unloaded": "continuation@v1"}
+        time.sleep(1.0)  # five polls of the store
+        assert client.get("/adapters").json()["loaded"] == []
+        assert client.post("/adapters", json={"name": "continuation", "version": 1}).status_code == 201
+
+
 def test_a_damaged_newest_version_falls_back_to_the_one_before(demo_model, tmp_path):
     """One bad save must not take a name offline at start; a pinned version gets no substitute."""
     store = AdapterStore(tmp_path / "adapters")
