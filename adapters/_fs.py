@@ -5,6 +5,13 @@ import os
 import uuid
 from pathlib import Path
 
+PARTIAL = ".tmp"  # how write_atomic's temporary files end: one a killed writer left is no content
+
+
+def is_partial(name: str) -> bool:
+    """A temporary file of `write_atomic`, left by a process killed while writing."""
+    return name.startswith(".") and name.endswith(PARTIAL)
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, streamed so multi-GB weights never sit in memory."""
@@ -25,7 +32,7 @@ def write_atomic(path: Path, data: bytes, previous: Path | None = None) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new content, never a torn one.
     With ``previous``, the old content moves there once the new one is durable: only a crash
     between those two renames leaves ``previous`` alone."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL}")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()

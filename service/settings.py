@@ -14,7 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.device import Device, resolve_device
 from adapters.home import store_root
-from adapters.store import AdapterRef
+from adapters.errors import StoreNotADirectory
+from adapters.store import AdapterRef, AdapterStore
 
 
 class Settings(BaseSettings):
@@ -67,9 +68,11 @@ class Settings(BaseSettings):
     @field_validator("store")
     @classmethod
     def _a_directory(cls, store: Path) -> Path:
-        """Named at start, not when the first adapter is looked up."""
-        if store.exists() and not store.is_dir():
-            raise ValueError(f"{store} is a file, not a directory")
+        """The store's own check, as a settings error naming `store` at start."""
+        try:
+            AdapterStore(store)
+        except StoreNotADirectory as error:
+            raise ValueError(str(error)) from None
         return store
 
     @field_validator("device")

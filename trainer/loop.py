@@ -20,7 +20,7 @@ import peft
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from adapters._fs import write_atomic
+from adapters._fs import is_partial, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
@@ -96,6 +96,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         config = self.config
+        _check_run_dir(self.run_dir)  # before the base model loads: a refusal costs nothing
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)
@@ -117,7 +118,6 @@ class Trainer:
         self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
-        _check_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)
         try:
@@ -368,19 +368,15 @@ def _check_run_dir(run_dir: Path) -> None:
     """A run directory holds one run's files and nothing else: --fresh empties it and a run's end
     rewrites its adapter/, so a directory that holds other files (a mistyped --run-dir) is refused,
     never cleared."""
-    if run_dir.exists() and not run_dir.is_dir():
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
         raise NotADirectoryError(f"run directory {run_dir} is a file")
     ours = {".lock", CHECKPOINT, PREVIOUS, METRICS, ADAPTER}
-    other = sorted(p.name for p in run_dir.iterdir() if p.name not in ours and not _is_partial(p.name)) \
-        if run_dir.is_dir() else []
+    other = sorted(p.name for p in run_dir.iterdir() if p.name not in ours and not is_partial(p.name))
     if other:
         raise ValueError(f"{run_dir} holds files that are not a training run's ({', '.join(other[:5])}"
                          f"{', ...' if len(other) > 5 else ''}): pass a new or empty run directory")
-
-
-def _is_partial(name: str) -> bool:
-    """A checkpoint's temporary file, left by a process killed while writing it (adapters._fs.write_atomic)."""
-    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _clear(run_dir: Path) -> None:
