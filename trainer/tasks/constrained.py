@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from adapters.manifest import WordBias
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
@@ -37,7 +37,7 @@ from world import corpus
 
 PROMPT_TEMPLATE = "Keywords: {keywords}. Avoid: {avoid}. Sentence:"
 REWARD_TEMPLATE = "Keywords: {keywords}. Sentence:"  # world.corpus.keywords_prompt
-PROMPT_FIELDS, REWARD_FIELDS = ["keywords", "avoid"], ["keywords"]  # what prompt() and context() fill
+FILLS = {"prompt_template": ["keywords", "avoid"], "reward_template": ["keywords"]}  # what prompt() and context() fill
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -76,8 +76,8 @@ class ConstrainedConfig(TaskConfig):
     name: Literal["constrained"] = "constrained"
     min_len: MinLen = 0
     max_len: MaxLen = 16
-    prompt_template: str = Field(PROMPT_TEMPLATE, json_schema_extra=template_pattern(PROMPT_FIELDS))
-    reward_template: str = Field(REWARD_TEMPLATE, json_schema_extra=template_pattern(REWARD_FIELDS))
+    prompt_template: str = Field(PROMPT_TEMPLATE, json_schema_extra=template_pattern(FILLS["prompt_template"]))
+    reward_template: str = Field(REWARD_TEMPLATE, json_schema_extra=template_pattern(FILLS["reward_template"]))
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
     keyword_bias: float = Field(8.0, description="the policy's logit bias on the keywords' tokens (0: none)")
     avoid_bias: float = Field(-99.0, description="the policy's logit bias on the avoided words' tokens (0: none)")
@@ -89,15 +89,10 @@ class ConstrainedConfig(TaskConfig):
     eval_samples: PositiveInt = 32
     seed: int = 0
 
-    @field_validator("prompt_template")
+    @field_validator("prompt_template", "reward_template")
     @classmethod
-    def _prompt_fields(cls, template: str) -> str:
-        return check_template(template, PROMPT_FIELDS, required=["keywords"])
-
-    @field_validator("reward_template")
-    @classmethod
-    def _reward_fields(cls, template: str) -> str:
-        return check_template(template, REWARD_FIELDS, required=["keywords"])
+    def _fills(cls, template: str, info: ValidationInfo) -> str:
+        return check_template(template, FILLS[info.field_name], required=["keywords"])
 
 
 class ConstrainedTask(Task):
