@@ -12,17 +12,20 @@ Methods (the task's masks, terminator "." and length limits for all):
   diverse_beam  diverse beam search: one group per beam pair, Hamming diversity penalty 1.0
 Metrics: mean_loglik (log p(Z. | X) over all samples), max_loglik (mean over prompts of the
 best sample), distinct2 (distinct word bigrams within a prompt's samples), diversity
-(1 - mean pairwise cosine similarity of token counts).
+(1 - mean pairwise cosine similarity of token counts). `gfn_minus_temperature` pairs the two
+by prompt: the mean over prompts of the difference of their mean log-likelihoods, with its
+standard error, says whether gfn's margin is more than sampling noise.
 
 Last stdout line: {"train_seconds", "temperature", "methods": {name: {mean_loglik, max_loglik,
-distinct2, diversity, seconds}}, "goals"}. Goals: gfn mean_loglik above temperature's, gfn
-distinct2 above beam's.
+distinct2, diversity, seconds}}, "gfn_minus_temperature": {mean, stderr}, "goals"}. Goals: gfn
+mean_loglik above temperature's, gfn distinct2 above beam's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +54,14 @@ def sampling(model: torch.nn.Module, task: ContinuationTask, temperature: float,
                          temperature, generator).latents()
         return [latents[k * n:(k + 1) * n] for k in range(len(prompts))]
     return draw
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean of a - b over prompts and its standard error: prompts differ far more than methods."""
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+    return {"mean": round(mean, 4), "stderr": round(math.sqrt(variance / len(diffs)), 4)}
 
 
 def main() -> None:
@@ -82,13 +93,13 @@ def main() -> None:
         "diverse_beam": lambda ps, k: [beam_search(base, spec, p, pad, beams=k, groups=max(1, k // 2), diversity=1.0)
                                        for p in ps],
     }
-    results = {}
+    results, per_prompt = {}, {}
     for name, method in methods.items():
         tick = time.perf_counter()
         latents = method(prompts, n)
         seconds = time.perf_counter() - tick
         metrics = task.sample_metrics(scorer, prompts, latents)
-        metrics.pop("per_prompt")
+        per_prompt[name] = metrics.pop("per_prompt")["mean"]
         results[name] = {**{k: round(v, 4) for k, v in metrics.items()}, "seconds": round(seconds, 2)}
         log(f"{name}: {json.dumps(results[name])}")
 
@@ -100,6 +111,7 @@ def main() -> None:
         "samples": n,
         "torch_threads": torch.get_num_threads(),
         "methods": results,
+        "gfn_minus_temperature": paired_difference(per_prompt["gfn"], per_prompt["temperature"]),
         "goals": {
             "gfn_mean_loglik_above_temperature": results["gfn"]["mean_loglik"] > results["temperature"]["mean_loglik"],
             "gfn_distinct2_above_beam": results["gfn"]["distinct2"] > results["beam"]["distinct2"],
