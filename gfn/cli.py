@@ -330,16 +330,22 @@ EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
     "prefix": "Anna lived in a big city. Every morning she walked to the market. One day she found an old key.",
     "suffix": "Anna cried all night.", "n": 4}}'
 """
+TRAINING = ("The demo adapters {names} are training as jobs, in that order (once; on 2 cores rng and reasoning "
+            "take minutes, infill and constrained half an hour each); each goes live as it is stored, and a request "
+            "for one still training answers 404 meanwhile. Follow them with\n"
+            "  .venv/bin/gfn jobs list --redis-url {url}\n")
 
 
 @app.command()
 def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = None) -> None:
-    """Run the whole system locally: the demo world and adapters (built once), a
-    redis-server on loopback, one training worker and the service. Ctrl-C stops it all."""
+    """Run the whole system locally: the demo world (built once), a redis-server on loopback,
+    one training worker and the service. The first start queues the demo adapters' training as
+    jobs and serves at once; each adapter goes live as its job stores it. Ctrl-C stops it all."""
     import uvicorn
 
     from adapters.home import gfn_home
-    from gfn.local import RedisServer, ensure_demo_adapters, port_in_use, start_worker, stop_process
+    from gfn.local import (RedisServer, ensure_demo_adapters, lora_settings, port_in_use, queue_demo_adapters,
+                           start_worker, stop_process)
     from service.app import create_app
     from world.base_model import build
 
@@ -348,17 +354,24 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
     if (reason := port_in_use(host, port)) is not None:
         _fail(f"cannot serve on {host}:{port}: {reason}; pass another --port")
     model = build()
-    ensure_demo_adapters(model)
-    redis, worker = RedisServer(gfn_home() / "redis", persist=True), None
+    redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
     try:
         redis.start()
-        worker = start_worker(redis.url)
     except RuntimeError as error:
-        console.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503)[/yellow]")
+        console.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503), "
+                      "once the demo adapters are trained here[/yellow]")
         redis = None
-    settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None})
-    console.print(EXAMPLE.format(host=host, port=port))
     try:
+        if redis is None:
+            ensure_demo_adapters(model)
+        else:
+            worker = start_worker(redis.url)
+            training = queue_demo_adapters(redis.url, model)
+        settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None,
+                                               **(lora_settings(training, settings) if training else {})})
+        console.print(EXAMPLE.format(host=host, port=port))
+        if training:
+            console.print(TRAINING.format(names=", ".join(training), url=redis.url))
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
     finally:
         if worker is not None:

@@ -10,8 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-DEMO_ADAPTERS = ("rng", "infill", "reasoning", "constrained")
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+DEMO_ADAPTERS = ("rng", "reasoning", "infill", "constrained")  # the quickest to train first
 
 
 def free_port() -> int:
@@ -84,10 +88,21 @@ class RedisServer:
             self.process = None
 
 
-def ensure_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS) -> None:
-    """Train each demo adapter that the store does not hold for this demo model yet (default
-    configs). A rebuilt demo world is another base model: its adapters train anew, in run
-    directories of their own (an older model's checkpoint is never resumed onto it)."""
+def missing_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS) -> list[str]:
+    """The demo adapters the store does not hold for this demo model yet. A rebuilt demo world
+    is another base model: its adapters train anew."""
+    from adapters.fingerprint import fingerprint
+    from adapters.home import store_root
+    from adapters.store import AdapterStore
+
+    base = fingerprint(model_dir)
+    held = {m.name for m in AdapterStore(store_root()).list() if m.base_model.fingerprint == base}
+    return [name for name in names if name not in held]
+
+
+def ensure_demo_adapters(model_dir: Path) -> None:
+    """Train the missing demo adapters here, one after another (default configs), in run
+    directories of their own per demo model (an older model's checkpoint is never resumed onto it)."""
     from adapters.fingerprint import fingerprint
     from adapters.home import runs_root, store_root
     from adapters.store import AdapterStore
@@ -95,12 +110,37 @@ def ensure_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS
     from trainer.loop import Trainer
 
     base = fingerprint(model_dir)
-    store = AdapterStore(store_root())
-    held = {m.name for m in store.list() if m.base_model.fingerprint == base}
-    for name in names:
-        if name not in held:
-            print(f"training the demo adapter {name!r} (once; it is cached in the store)", flush=True)
-            Trainer(load_config(name), runs_root() / f"{name}-{base[:12]}", store).run()
+    for name in missing_demo_adapters(model_dir):
+        print(f"training the demo adapter {name!r} (once; it is cached in the store)", flush=True)
+        Trainer(load_config(name), runs_root() / f"{name}-{base[:12]}", AdapterStore(store_root())).run()
+
+
+def queue_demo_adapters(redis_url: str, model_dir: Path) -> list[str]:
+    """Queue a training job for each missing demo adapter, unless a queued or running job trains
+    it already (one an earlier `gfn up` left, which Redis kept); returns the names in training.
+    The service starts at once and loads each version as its job stores it."""
+    from redis import Redis
+
+    from jobs import JobQueue, load
+
+    queue = JobQueue(Redis.from_url(redis_url))
+    training = {job.name for job in queue.list(200) if job.status in ("queued", "started")}
+    missing = missing_demo_adapters(model_dir)
+    for name in missing:
+        if name not in training:
+            queue.submit(load(name, {"base_model": str(model_dir)}))
+    return missing
+
+
+def lora_settings(names: list[str], settings: Settings) -> dict[str, Any]:
+    """Service settings under which a vLLM engine started before these demo adapters exist can
+    serve them: it fixes the LoRA modules and rank it serves at start."""
+    from trainer.config import load_config
+
+    loras = [load_config(name).lora for name in names]
+    modules = {m for lora in loras for m in lora.target_modules} | set(settings.lora_target_modules)
+    return {"lora_target_modules": sorted(modules),
+            "max_lora_rank": max([lora.r for lora in loras] + [settings.max_lora_rank or 0])}
 
 
 def start_worker(redis_url: str) -> subprocess.Popen:

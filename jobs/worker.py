@@ -69,13 +69,21 @@ class TrainingWorker(SpawnWorker):
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "",
                            execution: Execution | None = None) -> None:
         """A job refused at setup fails at once: each retry would be refused the same way. An
-        interrupted one is queued again, with the retry RQ takes for it given back."""
+        interrupted one is queued again, first in line, with the retry RQ takes for it given back."""
         raised = exc_string.rstrip().rpartition("\n")[2]
         if raised.startswith(_name(JobRefused)):
             job.retries_left = 0
         elif raised.startswith(_name(Interrupted)):
             job.retries_left = (job.retries_left or 0) + 1
+            job.enqueue_at_front_on_retry = True  # it was running: it resumes before the jobs queued behind it
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        """A job handed back (Interrupted) is a planned stop, not an error: one line, no traceback."""
+        if isinstance(exc_info[1], Interrupted):
+            self.log.warning("job %s: back to the queue: %s", job.id, exc_info[1])
+            return
+        super().handle_exception(job, *exc_info)
 
     def handle_warm_shutdown_request(self) -> None:
         self.stopping = True

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
                                               "intra-op threads; default: torch's (1 is faster on a busy machine)")
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: default: the largest rank present")
+    lora_target_modules: list[str] = Field(
+        default_factory=list, description="vLLM: modules to serve LoRAs on besides those of the adapters present at "
+        'start (JSON, e.g. ["gate_proj", "lm_head"]), for adapters trained after it starts: vLLM fixes them at start')
     vllm_kv_cache_gib: PositiveFloat = 1.0
     vllm_block_size: PositiveInt | None = Field(
         None, description="vLLM: tokens per KV block; default: 32 on CPU (the smallest its attention takes), "

@@ -103,29 +103,3 @@ def test_duplicate_keys_in_a_yaml_config_are_refused(tmp_path):
     nested = CliRunner().invoke(app, ["train", "rng", "--set", "task.target={kind: uniform, kind: weights}"])
     assert nested.exit_code == 2 and "key 'kind' appears twice" in " ".join(nested.output.split()), nested.output
 
-
-def test_gfn_ups_children_are_out_of_reach_of_a_terminals_ctrl_c(tmp_path):
-    """Ctrl-C signals the terminal's whole process group: it must reach `gfn up` alone, which then
-    stops the worker with one SIGTERM (its job checkpoints and goes back to the queue) and Redis
-    after it, not Redis before the worker could hand the job back."""
-    import os
-    import time
-
-    from redis import Redis
-    from rq import Worker
-
-    from gfn.local import RedisServer, start_worker, stop_process
-
-    redis = RedisServer(tmp_path, persist=True)
-    redis.start()
-    worker = start_worker(redis.url)
-    try:
-        for child in (redis.process, worker):
-            assert os.getpgid(child.pid) != os.getpgid(0)
-        deadline = time.time() + 60
-        while not Worker.all(connection=Redis.from_url(redis.url)) and time.time() < deadline:
-            time.sleep(0.2)  # until it listens: its signal handlers are set
-    finally:
-        stop_process(worker)
-        redis.stop()
-    assert worker.returncode == 0  # one SIGTERM: an idle worker stops at once, cleanly

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_world import TARGETS, Server, make_store, save_adapter, task_fields
 
 from adapters.models import load_causal_lm, load_tokenizer
+from adapters.store import AdapterStore
 from service.app import create_app
 from service.engines.base import GenRequest
 from service.settings import Settings
@@ -393,10 +394,27 @@ def test_vllm_refuses_an_adapter_beyond_its_configuration(vllm, store, demo_mode
         wide = client.post("/adapters", json={"name": "rng-wide"})
         assert wide.status_code == 409 and "GFN_MAX_LORA_RANK=64" in wide.json()["detail"]
         mlp = client.post("/adapters", json={"name": "rng-mlp"})
-        assert mlp.status_code == 409 and "gate_proj" in mlp.json()["detail"]
+        assert mlp.status_code == 409 and "GFN_LORA_TARGET_MODULES='[\"gate_proj\", " in mlp.json()["detail"]
         loaded = {a["name"] for a in client.get("/adapters").json()["loaded"]}
         assert not loaded & {"rng-wide", "rng-mlp"}
         assert client.post("/generate", json={"adapter": "rng", "n": 2}).status_code == 200
+
+
+def test_vllm_started_before_its_adapters_serves_the_modules_its_settings_name(demo_model, tmp_path):
+    """An empty store at start (`gfn up`'s first start, a fresh deployment): GFN_LORA_TARGET_MODULES
+    lets adapters trained afterwards on the MLP and lm_head load and serve, scores included."""
+    store = AdapterStore(tmp_path / "adapters")
+    wide = ["gate_proj", "up_proj", "down_proj", "lm_head"]
+    settings = Settings(engine="vllm", store=store.root, base_model=str(demo_model), api_key=KEY, torch_threads=1,
+                        lora_target_modules=wide)
+    with Server(create_app(settings)) as server, server.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
+        assert client.get("/adapters").json()["loaded"] == []
+        fields = task_fields(load_tokenizer(demo_model))["infill"]
+        save_adapter(store, "infill", demo_model, fields, seed=3, targets=TARGETS + wide)
+        assert client.post("/adapters", json={"name": "infill"}).status_code == 201
+        answer = client.post("/infill", json={**INFILL, "n": 2, "score": True})
+        assert answer.status_code == 200 and len(answer.json()["samples"]) == 2
+        assert all(math.isfinite(s["log_p"]) for s in answer.json()["samples"])
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])

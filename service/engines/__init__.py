@@ -53,7 +53,8 @@ def make_engine(settings: Settings, kind: str, model_dir: str | Path, pad_id: in
         from service.engines.vllm import VllmEngine
 
         return VllmEngine(model_dir, pad_id, eos_id, loras, settings.max_loras, settings.max_lora_rank,
-                          settings.vllm_kv_cache_gib, settings.vllm_block_size, settings.torch_threads)
+                          settings.vllm_kv_cache_gib, settings.vllm_block_size, settings.torch_threads,
+                          settings.lora_target_modules)
     from service.engines.hf import HFEngine
 
     return HFEngine(model_dir, pad_id, settings.batch_max_size, settings.batch_wait_ms, on_batch,

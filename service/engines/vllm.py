@@ -1,7 +1,8 @@
 """The vLLM engine: one AsyncLLM, every adapter version its own LoRARequest (``name@vN``, own id).
 
 The engine is configured from the adapters present at start: ``max_lora_rank`` (rounded up
-to a rank vLLM supports), ``lora_target_modules`` and ``max_loras``. Naming the target modules
+to a rank vLLM supports), ``lora_target_modules`` (with any the settings add, for adapters to
+come) and ``max_loras``. Naming the target modules
 matters (measured on vLLM 0.32's CPU backend): without them the CPU engine crashes on batched prompt log-probs, and
 vLLM silently ignores modules not listed, so an adapter loaded later that needs more rank or
 other modules is refused with a message saying how to restart.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import uuid
 from pathlib import Path
 
@@ -65,12 +67,12 @@ class VllmEngine(Engine):
 
     def __init__(self, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
                  max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, block_size: int | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, target_modules: list[str] = ()):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
         self.block_size = block_size or (CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
         self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
-        self.target_modules = sorted({m for s in specs for m in s.target_modules})
+        self.target_modules = sorted({m for s in specs for m in s.target_modules} | set(target_modules))
         scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
         self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads) if scored_elsewhere else None
         self.max_loras = max(max_loras, len(loras))
@@ -119,7 +121,8 @@ class VllmEngine(Engine):
         if missing:
             raise AdapterRefused(
                 f"adapter {ref} adapts modules {missing} the engine was not started with ({self.target_modules}); "
-                "vLLM would silently skip them: restart the service with this adapter in the store")
+                "vLLM would silently skip them: restart the service with this adapter in the store, or with "
+                f"GFN_LORA_TARGET_MODULES='{json.dumps(sorted(set(self.target_modules) | set(missing)))}'")
         request = LoRARequest(ref, next(self._ids), str(adapter.path))
         try:
             added = await self.llm.add_lora(request)

@@ -1,0 +1,100 @@
+"""`gfn up`, what `make serve` runs: it serves at once, trains the missing demo adapters as jobs
+(quickest first), and a terminal's Ctrl-C hands the running job back to the queue, which Redis
+keeps for the next start. Real processes throughout: `gfn up`, its redis-server and worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+from redis import Redis
+
+from adapters.store import AdapterStore
+from gfn.local import DEMO_ADAPTERS, RedisServer, free_port, queue_demo_adapters
+from jobs import JobQueue
+from jobs.queue import RETRIES
+from trainer.config import load_config
+from trainer.loop import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def until(condition, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (value := condition()):
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_gfn_up_queues_each_missing_demo_adapter_once(redis_server, demo_model, tmp_path, monkeypatch):
+    """A second start (Redis kept the queue) queues none again, and an adapter the store holds for
+    this demo model is not trained again."""
+    monkeypatch.setenv("GFN_HOME", str(tmp_path))
+    monkeypatch.delenv("GFN_STORE", raising=False)
+    queue = JobQueue(Redis.from_url(redis_server.url))
+    assert queue_demo_adapters(redis_server.url, demo_model) == list(DEMO_ADAPTERS) == [
+        "rng", "reasoning", "infill", "constrained"]
+    jobs = queue.queue.get_jobs()
+    assert [job.args[0]["name"] for job in jobs] == list(DEMO_ADAPTERS)  # the worker takes them in this order
+    assert {job.args[0]["base_model"] for job in jobs} == {str(demo_model)}
+    assert queue_demo_adapters(redis_server.url, demo_model) == list(DEMO_ADAPTERS)  # still training
+    assert queue.queue.count == len(DEMO_ADAPTERS)  # and none queued twice
+
+    rng = load_config("rng", ["steps=2", "evaluate=false", f"base_model={demo_model}"])
+    Trainer(rng, tmp_path / "runs" / "rng", AdapterStore(tmp_path / "adapters"), quiet=True).run()
+    for job in jobs:
+        queue.cancel(job.id)
+    assert queue_demo_adapters(redis_server.url, demo_model) == ["reasoning", "infill", "constrained"]
+    assert [job.args[0]["name"] for job in queue.queue.get_jobs()] == ["reasoning", "infill", "constrained"]
+
+
+def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_model, tmp_path):
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / demo_model.name).symlink_to(demo_model)  # the built demo world, not a second build
+    port, log = free_port(), tmp_path / "up.log"
+    env = {**os.environ, "GFN_HOME": str(home)}
+    env.pop("GFN_STORE", None)
+    up = subprocess.Popen([sys.executable, "-m", "gfn.cli", "up", "--engine", "transformers", "--port", str(port)],
+                          cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)  # a process group of its own, as a terminal gives it
+    try:
+        def ready():
+            try:
+                return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2))
+            except OSError:
+                return None
+        assert until(ready, 120, "the service answers /ready")["adapters"] == []  # serving before any adapter trained
+        url = until(lambda: re.search(r"--redis-url (redis://\S+)", log.read_text()), 10, "the jobs hint").group(1)
+        queue = JobQueue(Redis.from_url(url))
+        rng = next(job for job in queue.list() if job.name == "rng")
+        until(lambda: (s := queue.status(rng.id)).progress is not None and s.progress.step >= 2, 180, "rng trains")
+        os.killpg(up.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
+        assert up.wait(120) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert "Traceback" not in log.read_text()
+
+    redis = RedisServer(home / "redis", persist=True)  # the next start's Redis reads the same file
+    redis.start()
+    try:
+        queue = JobQueue(Redis.from_url(redis.url))
+        jobs = [queue.status(job_id) for job_id in queue.queue.get_job_ids()]  # in the order workers take them
+        assert [(job.name, job.status) for job in jobs] == [(name, "queued") for name in DEMO_ADAPTERS]  # rng first
+        handed_back = queue.status(rng.id)
+        assert handed_back.retries_left == RETRIES  # a planned stop spends no retry
+        checkpoint = torch.load(home / "runs" / rng.id / "checkpoint.pt", weights_only=False)
+        assert checkpoint["step"] >= 2  # the next start resumes from here
+    finally:
+        redis.stop()
