@@ -143,7 +143,7 @@ def test_jsonl_errors_name_the_line_and_field(tmp_path, bad, message):
         InfillConfig(data=str(path))
 
 
-def test_jsonl_data_trains_and_evaluates(tmp_path, setup, monkeypatch):
+def test_jsonl_data_loads_splits_and_prompts(tmp_path, setup, monkeypatch):
     task, _ = setup
     lines = [json.dumps({"prefix": f"Story {i} begins.", "suffix": "It ends.", "middle": "Something happens."})
              for i in range(30)]

@@ -276,10 +276,15 @@ def test_running_job_reports_progress_and_stops_at_a_step_boundary_when_cancelle
     assert queue.cancel(job_id).status == "cancelled"
 
 
-def test_queued_job_cancelled_never_runs(queue, demo_model):
+def test_queued_job_cancelled_never_runs(workers, queue, demo_model):
     job_id = queue.submit(load("rng", [f"base_model={demo_model}", *SHORT]))
     assert queue.cancel(job_id).status == "cancelled" and queue.queue.count == 0
     assert 0 < queue.redis.ttl(Job.key_for(job_id)) <= KEEP_S  # kept as long as an ended job, then gone
+    workers.start()
+    after = queue.submit(load("rng", ["steps=2", f"base_model={demo_model}", *SHORT]))  # queued behind it
+    assert watch(queue, after, lambda s: s.status not in ("queued", "started"), 180).status == "finished"
+    assert not (workers.home / "runs" / job_id).exists() and job_id not in (workers.home / "worker0.log").read_text()
+    assert queue.status(job_id).status == "cancelled"
 
 
 def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):

@@ -242,7 +242,7 @@ def test_jsonl_errors_name_the_line(tmp_path: Path, line: str, message: str) -> 
         ReasoningConfig(data=str(path))
 
 
-def test_jsonl_data_trains_and_evaluates(tmp_path: Path, world) -> None:
+def test_jsonl_data_loads_splits_and_prompts(tmp_path: Path, world) -> None:
     records = [{"question": f"{a} + {b} - 1", "answer": a + b - 1} for a in range(10) for b in range(10)]
     records[0]["rationale"] = "0 + 0 = 0, 0 - 1 = -1"
     data = write_lines(tmp_path / "data.jsonl", [json.dumps(r) for r in records])
