@@ -7,6 +7,8 @@ and `gfn adapters list` stay fast.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -305,6 +307,7 @@ PortOption = Annotated[Optional[int], typer.Option(help="default: GFN_PORT, else
 def _settings(**options: Any) -> Settings:
     """The service settings: GFN_* variables, overridden by the options given."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from service.settings import Settings
 
@@ -312,6 +315,8 @@ def _settings(**options: Any) -> Settings:
         return Settings(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as error:
         _fail(str(error))
+    except SettingsError as error:  # a list or mapping variable that is not JSON
+        _fail(f"{error}: such GFN_* variables take JSON, e.g. GFN_LORA_TARGET_MODULES='[\"gate_proj\", \"up_proj\"]'")
 
 
 @app.command()
@@ -372,12 +377,17 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
         console.print(EXAMPLE.format(host=host, port=port))
         if training:
             console.print(TRAINING.format(names=", ".join(training), url=redis.url))
+        signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))  # a closed terminal stops it as Ctrl-C
         uvicorn.run(create_app(settings), host=host, port=port, log_config=None, access_log=False)
     finally:
-        if worker is not None:
-            stop_process(worker)
-        if redis is not None:
-            redis.stop()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the worker or Redis behind
+        try:
+            if worker is not None:
+                console.print("stopping: a running training job checkpoints and goes back to the queue (up to a minute)")
+                stop_process(worker)
+        finally:
+            if redis is not None:
+                redis.stop()
 
 
 if __name__ == "__main__":

@@ -109,22 +109,31 @@ def ensure_demo_adapters(model_dir: Path) -> None:
     from trainer.config import load_config
     from trainer.loop import Trainer
 
-    base = fingerprint(model_dir)
+    tag = fingerprint(model_dir)[:12]
     for name in missing_demo_adapters(model_dir):
         print(f"training the demo adapter {name!r} (once; it is cached in the store)", flush=True)
-        Trainer(load_config(name), runs_root() / f"{name}-{base[:12]}", AdapterStore(store_root())).run()
+        Trainer(load_config(name), runs_root() / f"{name}-{tag}", AdapterStore(store_root())).run()
 
 
 def queue_demo_adapters(redis_url: str, model_dir: Path) -> list[str]:
     """Queue a training job for each missing demo adapter, unless a queued or running job trains
-    it already (one an earlier `gfn up` left, which Redis kept); returns the names in training.
-    The service starts at once and loads each version as its job stores it."""
+    it on this demo model already (one an earlier `gfn up` left, which Redis kept); returns the
+    names in training. Queued jobs for another demo build (the world was rebuilt) are cancelled:
+    their adapters would never serve. The service loads each version as its job stores it."""
     from redis import Redis
 
     from jobs import JobQueue, load
 
     queue = JobQueue(Redis.from_url(redis_url))
-    training = {job.name for job in queue.list(200) if job.status in ("queued", "started")}
+    training = set()
+    for job in queue.list(200):
+        if job.status not in ("queued", "started"):
+            continue
+        base = queue.config(job.id).get("base_model", "demo")
+        if base == "demo" or Path(base) == model_dir:  # "demo": the current build, this one
+            training.add(job.name)
+        elif job.status == "queued" and Path(base).parent == model_dir.parent:  # another build of the demo world
+            queue.cancel(job.id)
     missing = missing_demo_adapters(model_dir)
     for name in missing:
         if name not in training:

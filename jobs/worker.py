@@ -75,7 +75,7 @@ class TrainingWorker(SpawnWorker):
             job.retries_left = 0
         elif raised.startswith(_name(Interrupted)):
             job.retries_left = (job.retries_left or 0) + 1
-            job.enqueue_at_front_on_retry = True  # it was running: it resumes before the jobs queued behind it
+            job.enqueue_at_front_on_retry = True  # as every retry (JobQueue.submit), also without retries
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
     def handle_exception(self, job: Job, *exc_info) -> None:

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     torch_threads: PositiveInt | None = Field(None, description="transformers engine (and vLLM's lm_head scorer): "
                                               "intra-op threads; default: torch's (1 is faster on a busy machine)")
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
-    max_lora_rank: PositiveInt | None = Field(None, description="vLLM: default: the largest rank present")
+    max_lora_rank: PositiveInt | None = Field(None, description="vLLM: the largest rank to serve, for adapters to "
+                                              "come; at least the largest present")
     lora_target_modules: list[str] = Field(
         default_factory=list, description="vLLM: modules to serve LoRAs on besides those of the adapters present at "
         'start (JSON, e.g. ["gate_proj", "lm_head"]), for adapters trained after it starts: vLLM fixes them at start')

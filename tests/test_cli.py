@@ -31,6 +31,8 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     assert busy.exit_code == 2 and f"127.0.0.1:{port}" in " ".join(busy.output.split())
     bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"], env={"GFN_ENGINE": "transformers"})
     assert bad.exit_code == 2 and "engine" in bad.output
+    listed = CliRunner().invoke(app, ["up"], env={"GFN_LORA_TARGET_MODULES": "gate_proj"})  # not JSON
+    assert listed.exit_code == 2 and "lora_target_modules" in listed.output and "take JSON" in listed.output
     pinned = CliRunner().invoke(app, ["up"], env={"GFN_ADAPTERS": '["rng@v1x"]'})  # refused at start, not at load
     assert pinned.exit_code == 2 and "adapters" in pinned.output and "name@vN" in pinned.output, pinned.output
 

@@ -67,18 +67,18 @@ def test_bodies_over_the_cap_get_413(slow):
     assert _metric(slow, "gfn:requests_total", endpoint="/infill", status="413") == 2  # refused before routing
 
 
-def _samples_drawn(server: Server) -> float:
-    return _metric(server, "gfn:samples_total", adapter="infill")
+def _engine_steps(server: Server) -> float:
+    return _metric(server, "gfn:batch_size_count")  # one observation per generation step
 
 
 def _assert_aborted(server: Server, before: float) -> None:
-    """The request left the engine: its batch wait (3 s) passes and nothing is drawn for it."""
+    """The request left the engine: its batch wait (3 s) passes and the engine takes no step for it."""
     time.sleep(5)
-    assert _samples_drawn(server) == before, "the engine drew samples for a request nobody awaits"
+    assert _engine_steps(server) == before, "the engine generated for a request nobody awaits"
 
 
 def test_slow_requests_time_out_with_504_and_leave_the_engine(slow):
-    before = _samples_drawn(slow)
+    before = _engine_steps(slow)
     with slow.client() as client:
         response = client.post("/infill", json=INFILL)
     assert response.status_code == 504 and "1 s" in response.json()["detail"]
@@ -94,14 +94,14 @@ def test_requests_over_the_in_flight_cap_get_429(slow):
 
 
 def test_a_client_that_goes_away_is_dropped_and_its_request_leaves_the_engine(slow):
-    before, drawn = _metric(slow, "gfn:requests_total", status="499"), _samples_drawn(slow)
+    before, steps = _metric(slow, "gfn:requests_total", status="499"), _engine_steps(slow)
     with slow.client(timeout=0.2) as client, pytest.raises(httpx.TimeoutException):
         client.post("/infill", json=INFILL)
     deadline = time.time() + 5
     while _metric(slow, "gfn:requests_total", status="499") == before and time.time() < deadline:
         time.sleep(0.05)
     assert _metric(slow, "gfn:requests_total", status="499") == before + 1
-    _assert_aborted(slow, drawn)
+    _assert_aborted(slow, steps)
 
 
 class Lines(logging.Handler):

@@ -8,18 +8,20 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 from redis import Redis
 
 from adapters.store import AdapterStore
 from gfn.local import DEMO_ADAPTERS, RedisServer, free_port, queue_demo_adapters
-from jobs import JobQueue
+from jobs import JobQueue, load
 from jobs.queue import RETRIES
 from trainer.config import load_config
 from trainer.loop import Trainer
@@ -37,13 +39,15 @@ def until(condition, timeout: float, what: str):
 
 
 def test_gfn_up_queues_each_missing_demo_adapter_once(redis_server, demo_model, tmp_path, monkeypatch):
-    """A second start (Redis kept the queue) queues none again, and an adapter the store holds for
-    this demo model is not trained again."""
+    """A second start (Redis kept the queue) queues none again, an adapter the store holds for this
+    demo model is not trained again, and a job queued for another build of the demo world is cancelled."""
     monkeypatch.setenv("GFN_HOME", str(tmp_path))
     monkeypatch.delenv("GFN_STORE", raising=False)
     queue = JobQueue(Redis.from_url(redis_server.url))
+    stale = queue.submit(load("rng", {"base_model": str(demo_model.parent / "demo-000000000000")}))  # a rebuilt world's
     assert queue_demo_adapters(redis_server.url, demo_model) == list(DEMO_ADAPTERS) == [
         "rng", "reasoning", "infill", "constrained"]
+    assert queue.status(stale).status == "cancelled"  # its adapter would never serve on this build
     jobs = queue.queue.get_jobs()
     assert [job.args[0]["name"] for job in jobs] == list(DEMO_ADAPTERS)  # the worker takes them in this order
     assert {job.args[0]["base_model"] for job in jobs} == {str(demo_model)}
@@ -80,11 +84,15 @@ def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_mod
         rng = next(job for job in queue.list() if job.name == "rng")
         until(lambda: (s := queue.status(rng.id)).progress is not None and s.progress.step >= 2, 180, "rng trains")
         os.killpg(up.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
+        time.sleep(0.5)
+        os.killpg(up.pid, signal.SIGINT)  # an impatient second one, while the worker hands its job back
         assert up.wait(120) == 0
     finally:
         if up.poll() is None:
             up.kill()
     assert "Traceback" not in log.read_text()
+    with pytest.raises(OSError):  # its Redis stopped with it
+        socket.create_connection(("127.0.0.1", Redis.from_url(url).connection_pool.connection_kwargs["port"]), 2)
 
     redis = RedisServer(home / "redis", persist=True)  # the next start's Redis reads the same file
     redis.start()

@@ -71,7 +71,7 @@ class VllmEngine(Engine):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
         self.block_size = block_size or (CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
-        self.max_lora_rank = _vllm_rank(max_lora_rank or max(s.r for s in specs))
+        self.max_lora_rank = _vllm_rank(max([max_lora_rank or 0] + [s.r for s in specs]))
         self.target_modules = sorted({m for s in specs for m in s.target_modules} | set(target_modules))
         scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
         self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads) if scored_elsewhere else None
