@@ -4,8 +4,8 @@ keys the worker reports through.
 A job is one training config. The job function is named by its dotted path, so nothing
 here imports the trainer; a worker (`gfn worker`) runs it. A job is retried a bounded
 number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused),
-resuming from its checkpoint in `runs/<job id>`, ahead of the jobs queued meanwhile; the store keeps at most one adapter version
-per job id. A worker asked to stop (SIGTERM) has its job checkpoint and go back to the queue,
+ahead of the jobs queued meanwhile, resuming from its checkpoint in `runs/<job id>`; the
+store keeps at most one adapter version per job id. A worker asked to stop (SIGTERM) has its job checkpoint and go back to the queue,
 its retries untouched (Interrupted).
 
 Cancelling is cooperative: a flag in Redis that the trainer reads at every step
@@ -95,7 +95,8 @@ class JobQueue:
         return the job id."""
         data = validate(config)
         job = self.queue.enqueue(
-            JOB_FUNCTION, data, job_timeout=timeout_s, retry=Retry(max=retries, enqueue_at_front=True) if retries else None,
+            JOB_FUNCTION, data, job_timeout=timeout_s,
+            retry=Retry(max=retries, enqueue_at_front=True) if retries else None,
             result_ttl=KEEP_S, failure_ttl=KEEP_S, description=data["name"], meta={"name": data["name"]},
         )
         return job.id

@@ -67,12 +67,12 @@ class VllmEngine(Engine):
 
     def __init__(self, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
                  max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, block_size: int | None = None,
-                 torch_threads: int | None = None, target_modules: list[str] = ()):
+                 torch_threads: int | None = None, target_modules: list[str] | None = None):
         specs = loras or [LoraSpec()]
         self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
         self.block_size = block_size or (CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
         self.max_lora_rank = _vllm_rank(max([max_lora_rank or 0] + [s.r for s in specs]))
-        self.target_modules = sorted({m for s in specs for m in s.target_modules} | set(target_modules))
+        self.target_modules = sorted({m for s in specs for m in s.target_modules} | set(target_modules or ()))
         scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
         self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads) if scored_elsewhere else None
         self.max_loras = max(max_loras, len(loras))
