@@ -5,8 +5,8 @@ A job is one training config. The job function is named by its dotted path, so n
 here imports the trainer; a worker (`gfn worker`) runs it. A job is retried a bounded
 number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused),
 ahead of the jobs queued meanwhile, resuming from its checkpoint in `runs/<job id>`; the
-store keeps at most one adapter version per job id. A worker asked to stop (SIGTERM) has its job checkpoint and go back to the queue,
-its retries untouched (Interrupted).
+store keeps at most one adapter version per job id. A worker asked to stop (SIGTERM) has its
+job checkpoint and go back to the queue, its retries untouched (Interrupted).
 
 Cancelling is cooperative: a flag in Redis that the trainer reads at every step
 boundary, after which it checkpoints and stops. The flag's value is a deadline after
