@@ -20,9 +20,10 @@ import torch
 from redis import Redis
 
 from adapters.store import AdapterStore
-from gfn.local import DEMO_ADAPTERS, RedisServer, free_port, queue_demo_adapters
+from gfn.local import DEMO_ADAPTERS, RedisServer, free_port, lora_settings, queue_demo_adapters
 from jobs import JobQueue, load
 from jobs.queue import RETRIES
+from service.settings import Settings
 from trainer.config import load_config
 from trainer.loop import Trainer
 
@@ -60,6 +61,15 @@ def test_gfn_up_queues_each_missing_demo_adapter_once(redis_server, demo_model, 
         queue.cancel(job.id)
     assert queue_demo_adapters(redis_server.url, demo_model) == ["reasoning", "infill", "constrained"]
     assert [job.args[0]["name"] for job in queue.queue.get_jobs()] == ["reasoning", "infill", "constrained"]
+
+
+def test_gfn_up_sizes_vllm_for_the_adapters_still_to_train():
+    """vLLM fixes its LoRA modules and rank at start: the service must know those of the adapters to come."""
+    assert lora_settings(["reasoning"], Settings(max_lora_rank=32)) == {
+        "lora_target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"], "max_lora_rank": 32}
+    wide = lora_settings(["reasoning", "infill"], Settings(lora_target_modules=["c_attn"]))
+    assert wide == {"max_lora_rank": 16, "lora_target_modules": [
+        "c_attn", "down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]}
 
 
 def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_model, tmp_path):
