@@ -17,6 +17,7 @@ import httpx
 import peft
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
@@ -65,6 +66,23 @@ def policy_log_q(model: Any, prompt: list[int], tokens: list[int], stopped: bool
         logits = model(torch.tensor([prompt + targets])).logits[0, len(prompt) - 1:-1].float()
     logits[:min_tokens, eos] += penalty
     return float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).sum())
+
+
+def wait_until(check: Any, timeout: float, what: str) -> Any:
+    """Poll ``check`` until it returns something true (returned); fail after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """The sum of a /metrics sample over the series whose labels include ``labels``."""
+    text = client.get("/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def make_store(root: Path, model_dir: Path) -> AdapterStore:

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from service_world import TARGETS, Server, make_store, save_adapter, task_fields
+from service_world import TARGETS, Server, make_store, metric, save_adapter, task_fields
 
 from adapters.models import load_causal_lm, load_tokenizer
 from adapters.store import AdapterStore
@@ -279,19 +279,13 @@ def test_new_version_replaces_the_old_under_load(request, client, store, demo_mo
     assert new.ref in refs and old_ref not in refs
 
 
-def _counted(client, name: str, adapter: str) -> float:
-    text = client.get("/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and s.labels.get("adapter") == adapter)
-
-
 def test_metrics_parse_and_hold_the_service_metrics(client):
-    samples_before = _counted(client, "gfn:samples_total", "infill")
-    tokens_before = _counted(client, "gfn:generation_tokens_total", "infill")
+    samples_before = metric(client, "gfn:samples_total", adapter="infill")
+    tokens_before = metric(client, "gfn:generation_tokens_total", adapter="infill")
     answer = client.post("/infill", json={**INFILL, "n": 3}).json()
-    assert _counted(client, "gfn:samples_total", "infill") == samples_before + 3
+    assert metric(client, "gfn:samples_total", adapter="infill") == samples_before + 3
     tokens = sum(len(sample["token_ids"]) for sample in answer["samples"])
-    assert _counted(client, "gfn:generation_tokens_total", "infill") == tokens_before + tokens > tokens_before
+    assert metric(client, "gfn:generation_tokens_total", adapter="infill") == tokens_before + tokens > tokens_before
     text = client.get("/metrics").text
     samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
     for name in ("gfn:e2e_request_latency_seconds_bucket", "gfn:request_queue_time_seconds_bucket",

@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from redis import Redis
-from service_world import Server, corrupt, save_adapter, task_fields
+from service_world import Server, corrupt, save_adapter, task_fields, wait_until
 
 from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
@@ -40,16 +39,6 @@ def _server(home: Path, demo_model: Path, redis_url: str | None, poll_s: float =
                                       torch_threads=1, redis_url=redis_url, watch_poll_s=poll_s)))
 
 
-def _wait(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
     worker = subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url", redis_server.url],
                               cwd=REPO, env={**os.environ, "GFN_HOME": str(home)},
@@ -70,13 +59,13 @@ def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
                 seen.append(status)
                 return status if status["status"] in ("finished", "failed") else None
 
-            final = _wait(finished, 300, "the job to finish")
+            final = wait_until(finished, 300, "the job to finish")
             assert final["status"] == "finished" and final["adapter"] == "rng@v2", final
             assert any(s["progress"] and s["progress"]["total"] == 6 for s in seen)
             assert any(j["id"] == job_id for j in client.get("/jobs").json())
             # the service hears of v2, checks and warms it, then routes "rng" to it; v1 retires
-            _wait(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v2", 60, "rng@v2 to serve")
-            _wait(lambda: [a["ref"] for a in client.get("/adapters").json()["loaded"]] == ["rng@v2"], 30,
+            wait_until(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v2", 60, "rng@v2 to serve")
+            wait_until(lambda: [a["ref"] for a in client.get("/adapters").json()["loaded"]] == ["rng@v2"], 30,
                   "rng@v1 to retire")
     finally:
         stop_process(worker)
@@ -145,7 +134,7 @@ def test_the_store_watch_leaves_an_unloaded_version_out_and_goes_on(home, demo_m
         server.call(server.state.watcher.offer("rng", 1))  # what every poll does
         assert client.get("/adapters").json()["loaded"] == []
         save_adapter(store, "rng", demo_model, task_fields(load_tokenizer(demo_model))["rng"], seed=1)
-        _wait(lambda: client.post("/generate", json=RNG).json().get("adapter") == "rng@v2", 30, "rng@v2 to serve")
+        wait_until(lambda: client.post("/generate", json=RNG).json().get("adapter") == "rng@v2", 30, "rng@v2 to serve")
         assert client.post("/adapters", json={"name": "rng", "version": 1}).status_code == 201
         assert {a["ref"] for a in client.get("/adapters").json()["loaded"]} == {"rng@v1", "rng@v2"}
 
@@ -161,10 +150,10 @@ def test_announced_versions_go_live_and_a_bad_one_is_listed_as_refused(home, dem
         save_adapter(store, "rng", demo_model, fields, seed=1)
         corrupt(store, "rng", 2)
         announce(redis, NewVersion(name="rng", version=2))
-        refused = _wait(lambda: client.get("/ready").json()["refused"], 30, "rng@v2 to be refused")
+        refused = wait_until(lambda: client.get("/ready").json()["refused"], 30, "rng@v2 to be refused")
         assert list(refused) == ["rng@v2"] and "sha256" in refused["rng@v2"]
         assert client.get("/adapters").json()["refused"] == refused
         assert client.post("/generate", json=RNG).json()["adapter"] == "rng@v1"
         save_adapter(store, "rng", demo_model, fields, seed=2)
         announce(redis, NewVersion(name="rng", version=3))
-        _wait(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v3", 30, "rng@v3 to serve")
+        wait_until(lambda: client.post("/generate", json=RNG).json()["adapter"] == "rng@v3", 30, "rng@v3 to serve")

@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
-from service_world import Server, corrupt, save_adapter, task_fields
+from service_world import Server, corrupt, metric, save_adapter, task_fields
 
 from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
@@ -53,9 +52,7 @@ def slow(store, demo_model):
 
 def _metric(server: Server, name: str, **labels: str) -> float:
     with server.client() as client:
-        text = client.get("/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and labels.items() <= s.labels.items())
+        return metric(client, name, **labels)
 
 
 def test_bodies_over_the_cap_get_413(slow):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from redis import Redis
+from service_world import wait_until
 
 from adapters.store import AdapterStore
 from gfn.local import DEMO_ADAPTERS, RedisServer, free_port, lora_settings, queue_demo_adapters
@@ -28,15 +29,6 @@ from trainer.config import load_config
 from trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def until(condition, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (value := condition()):
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def test_gfn_up_queues_each_missing_demo_adapter_once(redis_server, demo_model, tmp_path, monkeypatch):
@@ -88,11 +80,11 @@ def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_mod
                 return json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2))
             except OSError:
                 return None
-        assert until(ready, 120, "the service answers /ready")["adapters"] == []  # serving before any adapter trained
-        url = until(lambda: re.search(r"--redis-url (redis://\S+)", log.read_text()), 10, "the jobs hint").group(1)
+        assert wait_until(ready, 120, "the service answers /ready")["adapters"] == []  # serving before any adapter trained
+        url = wait_until(lambda: re.search(r"--redis-url (redis://\S+)", log.read_text()), 10, "the jobs hint").group(1)
         queue = JobQueue(Redis.from_url(url))
         rng = next(job for job in queue.list() if job.name == "rng")
-        until(lambda: (s := queue.status(rng.id)).progress is not None and s.progress.step >= 2, 180, "rng trains")
+        wait_until(lambda: (s := queue.status(rng.id)).progress is not None and s.progress.step >= 2, 180, "rng trains")
         os.killpg(up.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
         time.sleep(0.5)
         os.killpg(up.pid, signal.SIGINT)  # an impatient second one, while the worker hands its job back
