@@ -210,6 +210,25 @@ def test_job_of_a_killed_worker_resumes_from_its_checkpoint_and_stores_one_versi
     assert done.retries_left == RETRIES - 1
 
 
+def test_a_job_cancelled_while_its_worker_died_ends_cancelled_without_training_again(workers, queue, demo_model):
+    """RQ retries the dead worker's job; the next worker must see the cancel before it loads anything."""
+    first = workers.start()
+    job_id = queue.submit(load("rng", ["steps=60", f"base_model={demo_model}", *SHORT]))
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 3, 180)
+    first.kill()
+    first.wait()
+    assert queue.cancel(job_id).cancel_requested
+    run = workers.home / "runs" / job_id
+    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    time.sleep(MONITOR_S + HEARTBEAT_GRACE_S + 2)  # abandoned: the next worker requeues it and takes it
+
+    workers.start()
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 120)
+    assert done.status == "cancelled" and done.adapter is None and done.error is None, done
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == written, "the retry trained or checkpointed"
+    assert AdapterStore(workers.home / "adapters").names() == []
+
+
 def test_a_stopped_workers_job_checkpoints_and_resumes_on_the_next_without_spending_a_retry(workers, queue,
                                                                                             demo_model):
     """SIGTERM, as `docker stop`, a redeploy or a scale-down send it: the job checkpoints at its next

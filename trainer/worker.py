@@ -35,6 +35,8 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     """Train `config`; returns {"adapter": "name@vN"}, or {"cancelled": True, "step": n}
     when cancelled (after a checkpoint)."""
     job = get_current_job()
+    if _cancelled(job):  # cancelled while its last worker died: RQ retried it; stop before loading anything
+        return {"cancelled": True, "step": (job.meta.get("progress") or {}).get("step", 0)}
     try:  # the cross-field rules the schema cannot check, a missing base model, data, a damaged run
         trainer = Trainer(
             TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
