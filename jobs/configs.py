@@ -46,32 +46,38 @@ def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = (
     return data
 
 
-class _DuplicateKey(yaml.YAMLError):
+class _BadKey(yaml.YAMLError):
     pass
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML without duplicate keys: PyYAML keeps the last silently (`name: rng` then `name: other`
-    would train `other`)."""
+    would train `other`). A list or mapping as a key (`? [a]`) is refused too: no setting has one."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable) and key in seen:
-                raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
-            seen[key] = key_node.start_mark.line
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                raise _BadKey(f"the key on line {line} is a {type(key).__name__}, not a name")
+            if key in seen:
+                raise _BadKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+            seen[key] = line
         return super().construct_mapping(node, deep)
 
 
 def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def _read(path: Path) -> Any:
     try:
         return _load_yaml(path.read_text()) or {}
-    except _DuplicateKey as error:
+    except _BadKey as error:
         raise ConfigError([f"config: {path}: {error}"]) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError([f"config: {path} is not a readable YAML file ({' '.join(str(error).split())})"]) from None
@@ -84,7 +90,8 @@ def _parse(override: str) -> tuple[str, Any]:
     try:
         return key, _load_yaml(value)
     except yaml.YAMLError as error:
-        raise ConfigError([f"{key}: {value!r} is not a YAML value ({' '.join(str(error).split())})"]) from None
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise ConfigError([f"{key}: {shown!r} is not a YAML value ({' '.join(str(error).split())})"]) from None
 
 
 def _resolve(source: str | Path) -> Path:

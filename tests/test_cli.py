@@ -52,9 +52,18 @@ def test_train_names_a_missing_base_model(tmp_path):
 def test_unreadable_configs_and_overrides_are_named_not_tracebacks(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [x\n")
+    list_key = tmp_path / "list_key.yaml"
+    list_key.write_text("name: rng\n? [a]\n: 1\n")
+    deep = "[" * 3000 + "]" * 3000  # past Python's recursion limit as it is read
+    deep_file = tmp_path / "deep.yaml"
+    deep_file.write_text(f"steps: {deep}\n")
     for args, said in ((["train", str(broken)], "is not a readable YAML file"),
                        (["train", str(tmp_path)], "is not a readable YAML file"),
                        (["train", "rng", "--set", "steps=[1"], "steps: '[1' is not a YAML value"),
+                       (["train", str(list_key)], f"{list_key}: the key on line 2 is a list, not a name"),
+                       (["jobs", "submit", "rng", "--set", "task={[a]: 1}"], "the key on line 1 is a list"),
+                       (["train", "rng", "--set", f"steps={deep}"], "is not a YAML value (nested too deeply)"),
+                       (["train", str(deep_file)], "nested too deeply"),
                        (["jobs", "submit", "rng", "--set", "name=../x"], "[a-z0-9][a-z0-9._-]{0,63}")):  # brackets kept
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
