@@ -23,3 +23,9 @@ def store_root() -> Path:
 
 def runs_root() -> Path:
     return gfn_home() / "runs"
+
+
+def file_in_the_way(directory: Path) -> Path | None:
+    """The file at or above `directory` that keeps a directory from being made there, if any
+    (a mistyped GFN_HOME, GFN_STORE or --store)."""
+    return next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)

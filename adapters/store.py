@@ -35,6 +35,7 @@ from pydantic import AfterValidator, Field, ValidationError
 
 from adapters._fs import fsync_path, sha256_file, write_atomic
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName, StoreNotADirectory
+from adapters.home import file_in_the_way
 from adapters.manifest import Manifest
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -97,8 +98,8 @@ class AdapterStore:
         """A root that does not exist yet is an empty store; one that is a file is refused now,
         not when a training run ends and saves into it."""
         self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreNotADirectory(f"adapter store {self.root} is a file, not a directory")
+        if (file := file_in_the_way(self.root)) is not None:
+            raise StoreNotADirectory(f"adapter store {self.root}: {file} is a file, not a directory")
 
     def save(
         self, name: str, src_dir: str | Path, manifest_fields: dict[str, Any], job_id: str | None = None

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from adapters.home import runs_root, store_root
+from adapters.home import file_in_the_way, gfn_home, runs_root, store_root
 
 if TYPE_CHECKING:
     from adapters.store import AdapterStore
@@ -58,6 +59,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@app.callback()
+def _check_home() -> None:
+    if (file := file_in_the_way(gfn_home())) is not None:  # every command keeps something under it
+        _fail(f"GFN_HOME {gfn_home()}: {file} is a file, not a directory")
+
+
 @demo.command("build")
 def demo_build(quiet: bool = False) -> None:
     """Build (or find cached) the demo base model and print its directory."""
@@ -89,8 +96,13 @@ def train(
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     run_dir = run_dir or runs_root() / cfg.name
+    adapters = _store(store)
+    try:  # now, not when training ends and saves into it
+        adapters.root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _fail(f"adapter store {adapters.root} cannot be made: {error.strerror or error}")
     try:  # a missing base model, a run dir in use or holding another run
-        trainer = Trainer(cfg, run_dir, _store(store), fresh=fresh)
+        trainer = Trainer(cfg, run_dir, adapters, fresh=fresh)
     except (RunInUse, ValueError, OSError) as error:
         _fail(str(error))
     manifest = trainer.run()
@@ -219,8 +231,21 @@ def worker(
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus /metrics on this port; 0: none")] = 0,
 ) -> None:
     """Run queued training jobs, each in a fresh process; one worker per device."""
+    from redis import Redis
+    from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+
+    from gfn.local import port_in_use
     from jobs.worker import run
 
+    if metrics_port and (reason := port_in_use("0.0.0.0", metrics_port)) is not None:  # where /metrics binds
+        _fail(f"--metrics-port {metrics_port}: {reason}")
+    try:  # a wrong password or database never heals; Redis not up yet does, and the worker waits for it
+        Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    except (AuthenticationError, ResponseError) as error:
+        hint = " (a password goes into the URL: redis://:PASSWORD@host:port/db)" * ("auth" in str(error).lower())
+        _fail(f"--redis-url {_shown(redis_url)}: {' '.join(str(error).split())}{hint}")
+    except ConnectionError:
+        pass
     run(redis_url, metrics_port)
 
 
@@ -238,7 +263,15 @@ def _job_errors(redis_url: str) -> Iterator[None]:
     except JobNotFound as error:
         _fail(str(error))
     except RedisError as error:
-        _fail(f"Redis at {redis_url}: {error}")
+        _fail(f"Redis at {_shown(redis_url)}: {error}")
+
+
+def _shown(redis_url: str) -> str:
+    """The URL as it may be printed: without its password."""
+    parts = urlsplit(redis_url)
+    if parts.password is None:
+        return redis_url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def _queue(redis_url: str):
@@ -348,7 +381,6 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
     jobs and serves at once; each adapter goes live as its job stores it. Ctrl-C stops it all."""
     import uvicorn
 
-    from adapters.home import gfn_home
     from gfn.local import (RedisServer, ensure_demo_adapters, lora_settings, port_in_use, queue_demo_adapters,
                            start_worker, stop_process)
     from service.app import create_app

@@ -114,3 +114,38 @@ def test_duplicate_keys_in_a_yaml_config_are_refused(tmp_path):
     nested = CliRunner().invoke(app, ["train", "rng", "--set", "task.target={kind: uniform, kind: weights}"])
     assert nested.exit_code == 2 and "key 'kind' appears twice" in " ".join(nested.output.split()), nested.output
 
+
+
+def test_worker_refuses_what_never_heals_at_once_and_never_prints_a_password(redis_server):
+    """A wrong password, a database Redis lacks or a taken metrics port would have the worker retry
+    forever (or crash); an unreachable Redis is not refused: the worker waits for it (test_jobs)."""
+    host_port = redis_server.url.removeprefix("redis://").partition("/")[0]
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        port = taken.getsockname()[1]
+        for args, said in ((["--redis-url", f"redis://someone:s3cret@{host_port}/0"], "invalid username-password"),
+                           (["--redis-url", f"redis://{host_port}/99999"], "DB index is out of range"),
+                           (["--redis-url", redis_server.url, "--metrics-port", str(port)], f"--metrics-port {port}")):
+            result = CliRunner().invoke(app, ["worker", *args])
+            shown = " ".join(result.output.split())
+            assert result.exit_code == 2 and said in shown and "s3cret" not in shown, shown
+    listed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", f"redis://someone:s3cret@{host_port}/0"])
+    assert listed.exit_code == 2 and "redis://someone:***@" in listed.output and "s3cret" not in listed.output
+
+
+def test_a_file_where_a_directory_belongs_is_named_before_anything_runs(tmp_path):
+    """A mistyped GFN_HOME or --store, even one below a file, is refused with the file named, before
+    a world is built or a model trained (steps=1 would still train and then fail to save)."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    for home in (file, file / "below"):
+        for args in (["demo", "build"], ["adapters", "list"], ["train", "rng", "--set", "steps=1"]):
+            result = CliRunner().invoke(app, args, env={"GFN_HOME": str(home)})
+            said = " ".join(result.output.split())
+            assert result.exit_code == 2 and f"GFN_HOME {home}: {file} is a file, not a directory" in said, said
+    store = file / "store"
+    result = CliRunner().invoke(app, ["train", "rng", "--set", "steps=1", "--store", str(store)],
+                                env={"GFN_HOME": str(tmp_path / "home")})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"adapter store {store}: {file} is a file, not a directory" in said, said
+    assert not (tmp_path / "home" / "runs").exists()
