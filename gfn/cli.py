@@ -174,6 +174,8 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
     from adapters.store import parse_ref
 
     adapters = _store(store)
+    if not adapters.root.is_dir():  # a mistyped --store must not pass a deploy's check as "0 checked"
+        _fail(f"no adapter store at {adapters.root}")
     try:
         name, version = parse_ref(adapter) if adapter else (None, None)
         if name:
@@ -352,14 +354,29 @@ def _settings(**options: Any) -> Settings:
         _fail(f"{error}: such GFN_* variables take JSON, e.g. GFN_LORA_TARGET_MODULES='[\"gate_proj\", \"up_proj\"]'")
 
 
+def _check_address(settings: Settings) -> None:
+    """Refuse a taken port or an address this machine lacks now, not after the model has loaded."""
+    from gfn.local import port_in_use
+
+    if (reason := port_in_use(settings.host, settings.port)) is not None:
+        fix = "pass another --port" if "in use" in reason else "pass another --host"
+        _fail(f"cannot serve on {settings.host}:{settings.port}: {reason}; {fix}")
+
+
 @app.command()
 def serve(engine: EngineOption = None, host: HostOption = None, port: PortOption = None) -> None:
     """Serve the stored adapters over HTTP; every other setting comes from GFN_* variables (service/settings.py)."""
     import uvicorn
 
     from service.app import create_app
+    from service.state import NoBaseModel, base_model_of
 
     settings = _settings(engine=engine, host=host, port=port)
+    _check_address(settings)
+    try:
+        settings = settings.model_copy(update={"base_model": base_model_of(settings)})
+    except NoBaseModel as error:
+        _fail(str(error))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
@@ -381,15 +398,14 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
     jobs and serves at once; each adapter goes live as its job stores it. Ctrl-C stops it all."""
     import uvicorn
 
-    from gfn.local import (RedisServer, ensure_demo_adapters, lora_settings, port_in_use, queue_demo_adapters,
-                           start_worker, stop_process)
+    from gfn.local import (RedisServer, ensure_demo_adapters, lora_settings, queue_demo_adapters, start_worker,
+                           stop_process)
     from service.app import create_app
     from world.base_model import build
 
     settings = _settings(engine=engine, host=host, port=port)  # bad options fail before anything starts
     host, port = settings.host, settings.port
-    if (reason := port_in_use(host, port)) is not None:
-        _fail(f"cannot serve on {host}:{port}: {reason}; pass another --port")
+    _check_address(settings)
     model = build()
     redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
     try:

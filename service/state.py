@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -53,7 +54,7 @@ class ServiceState:
         """Load the base model into the engine, then check, load and warm the start-up adapters;
         one that fails is reported (logs, /ready, GET /adapters) and the others serve."""
         store = AdapterStore(settings.store)
-        base_model = settings.base_model or _newest_base(store)
+        base_model = base_model_of(settings)
         base_fingerprint = await asyncio.to_thread(fingerprint, base_model)
         wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
         tokenizer = load_tokenizer(base_model)
@@ -128,8 +129,21 @@ class ServiceState:
         return piece_text(self.tokenizer, ids)
 
 
+class NoBaseModel(RuntimeError):
+    """There is no base model to serve; the message says what to set."""
+
+
+def base_model_of(settings: Settings) -> str:
+    """The model directory to serve: GFN_BASE_MODEL, else the one the newest stored adapter was
+    trained on. Checked before the engine starts, so that a typo is one line, not a traceback."""
+    path = settings.base_model or _newest_base(AdapterStore(settings.store))
+    if not (Path(path) / "config.json").is_file():
+        source = "GFN_BASE_MODEL" if settings.base_model else "the newest stored adapter's base model"
+        raise NoBaseModel(f"{source} {path} is no model directory (it has no config.json)")
+    return path
+
+
 def _newest_base(store: AdapterStore) -> str:
-    """The base model of the newest stored adapter, when GFN_BASE_MODEL is not set."""
     manifests = []
     for name in store.names():
         try:
@@ -137,7 +151,7 @@ def _newest_base(store: AdapterStore) -> str:
         except AdapterError:
             continue
     if not manifests:
-        raise RuntimeError(f"no base model: set GFN_BASE_MODEL, or train an adapter into {store.root} first")
+        raise NoBaseModel(f"no base model: set GFN_BASE_MODEL, or train an adapter into {store.root} first")
     return max(manifests, key=lambda m: m.created_at).base_model.path
 
 

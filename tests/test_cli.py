@@ -10,16 +10,29 @@ from typer.testing import CliRunner
 from gfn.cli import app
 
 
-def test_up_refuses_a_bad_engine_and_a_taken_port():
-    bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"])
-    assert bad.exit_code == 2 and "engine" in bad.output
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        busy = CliRunner().invoke(app, ["up", "--port", str(port)])
-    said = " ".join(busy.output.split())  # rich wraps lines
-    assert busy.exit_code == 2 and f"127.0.0.1:{port}" in said and "--port" in said
+def test_up_and_serve_refuse_a_bad_engine_a_taken_port_and_an_unknown_host(tmp_path):
+    for command in ("up", "serve"):
+        bad = CliRunner().invoke(app, [command, "--engine", "tensorrt"])
+        assert bad.exit_code == 2 and "engine" in bad.output
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            busy = CliRunner().invoke(app, [command, "--port", str(port)])
+        said = " ".join(busy.output.split())  # rich wraps lines
+        assert busy.exit_code == 2 and f"127.0.0.1:{port}" in said and "pass another --port" in said, said
+        nowhere = CliRunner().invoke(app, [command, "--host", "999.1.1.1"])
+        said = " ".join(nowhere.output.split())
+        assert nowhere.exit_code == 2 and "999.1.1.1:8000" in said and "pass another --host" in said, said
+
+
+def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
+    empty = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
+    for env, said in (({}, f"no base model: set GFN_BASE_MODEL, or train an adapter into {tmp_path / 'store'} first"),
+                      ({"GFN_BASE_MODEL": str(tmp_path)}, f"GFN_BASE_MODEL {tmp_path} is no model directory")):
+        result = CliRunner().invoke(app, ["serve", "--engine", "transformers"], env={**empty, **env})
+        shown = " ".join(result.output.split())
+        assert result.exit_code == 2 and said in shown and "Traceback" not in shown, shown
 
 
 def test_up_takes_its_address_from_gfn_variables_unless_given():

@@ -347,7 +347,7 @@ def test_an_empty_gfn_home_is_unset(tmp_path, monkeypatch):
 def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
     """`gfn adapters verify` finds a byte changed in a weights file (exit 1) and names the version;
     `show` prints the manifest; `delete` takes one named version, a damaged one too, and only after
-    asking; a store that is a file is named."""
+    asking; a store that is a file, or missing, is named."""
     from typer.testing import CliRunner
 
     from gfn.cli import app
@@ -356,6 +356,7 @@ def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
         result = CliRunner().invoke(app, ["adapters", *args, "--store", str(store.root)], input=answer)
         return result.exit_code, " ".join(result.output.split())
 
+    assert gfn("verify") == (2, f"error: no adapter store at {store.root}")  # a typo is no passed check
     for _ in range(2):
         store.save("rng", src, fields())
     assert gfn("verify") == (0, "ok rng@v1 ok rng@v2 2 versions checked, 0 damaged")
