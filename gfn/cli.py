@@ -45,6 +45,9 @@ def _redis_url(url: str) -> str:
         parse_url(url)
     except ValueError as error:
         raise typer.BadParameter(f"{url!r}: {error}") from None
+    database = urlsplit(url).path.strip("/")
+    if url.startswith(("redis:", "rediss:")) and database and not database.isdigit():  # redis would use 0
+        raise typer.BadParameter(f"{url!r}: the database {database!r} is not a number (redis://host:port/0)")
     return url
 
 

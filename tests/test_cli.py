@@ -89,6 +89,7 @@ def test_out_of_range_options_are_refused_naming_them(tmp_path):
                          (["worker", "--redis-url", "foo"], "--redis-url"),
                          (["jobs", "status", "x", "--redis-url", "foo"], "--redis-url"),
                          (["jobs", "submit", "rng", "--redis-url", "redis://h:port"], "--redis-url"),
+                         (["jobs", "list", "--redis-url", "redis://127.0.0.1:1/abc"], "--redis-url"),
                          (["eval", "rng@v1", "--samples", "0", "--store", str(tmp_path)], "--samples"),
                          (["eval", "rng@v1", "--samples", "-5", "--store", str(tmp_path)], "--samples")):
         result = CliRunner().invoke(app, args)
