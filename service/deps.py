@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import Manifest, word_bias
+from adapters.models import piece_ids
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -107,11 +109,29 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         if not rendered:
             raise invalid(_longest(texts), f"adapter {manifest.ref}'s prompt is empty with these fields")
         prompt = state.encode_context(rendered, manifest)
+        check_words(manifest, words or {}, state.tokenizer)
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
         generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)
         scores = functools.partial(scoring, manifest) if scoring else None
         return await guarded(request, _samples(request, state, generation, scores), state.settings.request_timeout_s)
+
+
+def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a word the adapter's bias would misapply (it biases a word's first token): one whose first
+    token is bare whitespace (" 5" starts with " " in a tokenizer that splits digits: banning it bans
+    every space), and an avoided word that starts as a keyword does ("cats" beside "cat")."""
+    claimed: dict[int, tuple[str, float]] = {}
+    for rule in manifest.word_biases:
+        for word in words.get(rule.field, ()):
+            token = piece_ids(tokenizer, f" {word}")[0]
+            if not tokenizer.decode([token]).strip():
+                raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: its first token "
+                                          f"is bare whitespace; give a word that starts with a letter or digit token", word)
+            other = claimed.setdefault(token, (word, rule.bias))
+            if (other[1] > 0) != (rule.bias > 0):
+                raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "
+                                          f"{manifest.ref} would both favour and ban", word)
 
 
 async def _samples(request: Request, state: ServiceState, generation: GenRequest,

@@ -7,6 +7,7 @@ and what to do. Every response to a failure is JSON ``{"detail": ...}``.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,10 +58,21 @@ _STATUS: dict[type[Exception], int] = {
 
 class ErrorResponse(JSONResponse):
     """JSON with non-ASCII escaped: an error may echo the client's input, and a lone surrogate
-    in it (valid JSON, "\\ud800") cannot be encoded as UTF-8."""
+    in it (valid JSON, "\\ud800") cannot be encoded as UTF-8. A NaN or an infinity it echoes
+    (Python's reader takes them) is written as a string: strict JSON has no such numbers."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+        return json.dumps(_finite(content), ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 _UNPARSED = "There was an error parsing the body"

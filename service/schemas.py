@@ -20,6 +20,8 @@ MIN_TEMPERATURE = 0.01
 """Below it float32 logits overflow to NaN (vLLM clamps there too)."""
 Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, allow_inf_nan=False, description="1 samples the trained posterior "
                                     "(vLLM takes at most 2)")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="sample i uses seed + i: reproducible samples (32 bits: "
+                                                               "the CPU's generator keeps no more)")]
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
 
@@ -32,7 +34,7 @@ class Sampling(_Body):
     n: int = Field(1, ge=1, description="samples; at most the service's max_n")
     max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
     temperature: Temperature = 1.0
-    seed: int | None = Field(None, ge=0, le=2**62, description="sample i uses seed + i: reproducible samples")
+    seed: Seed | None = None
 
 
 class InfillRequest(Sampling):
@@ -67,7 +69,7 @@ class ReasonRequest(_Body):
     aggregate: Literal["vote", "weighted"] = Field("vote", description="majority, or weighted by log p(Y | X Z)")
     max_tokens: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
-    seed: int | None = Field(None, ge=0, le=2**62)
+    seed: Seed | None = None
 
 
 class SampleOut(BaseModel):

@@ -5,6 +5,7 @@ serving the same distribution."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +156,7 @@ def test_rationale_cache_returns_the_same_number(client):
     ({**INFILL, "n": "2"}, "n"),  # strict: a string or a boolean is no count
     ({**INFILL, "n": True}, "n"),
     ({**INFILL, "seed": "1"}, "seed"),
+    ({**INFILL, "seed": 2**32}, "seed"),  # the CPU's generator keeps 32 bits: it would draw as seed 0
 ])
 def test_bad_infill_gets_422_naming_the_field(client, body, field):
     response = client.post("/infill", json=body)
@@ -191,6 +193,7 @@ def test_bad_requests_get_clear_errors(client):
     nan = client.post("/infill", content=b'{"prefix": "a", "suffix": "b", "temperature": NaN}',
                       headers={"content-type": "application/json"})  # Python's JSON reads NaN
     assert nan.status_code == 422 and "finite" in nan.json()["detail"][0]["msg"]
+    json.loads(nan.text, parse_constant=lambda c: pytest.fail(f"the error echoes a bare {c}: not strict JSON"))
     for body in (b'{"prefix": "\xff\xfe", "suffix": "b"}', b"[" * 20000):  # not UTF-8; nested past the reader
         unread = client.post("/infill", content=body, headers={"content-type": "application/json"})
         assert unread.status_code == 422 and unread.json()["detail"][0]["loc"] == ["body"], unread.text
@@ -203,6 +206,13 @@ def test_bad_requests_get_clear_errors(client):
     for words, field in ((["cat", "Cat"], []), (["cat", "dog"], ["dog"])):
         clash = client.post("/generate", json={"keywords": words, "avoid": field or ["bird"]})
         assert clash.status_code == 422 and ("avoid" if field else "keywords") in clash.json()["detail"][0]["msg"]
+    for keywords, avoid, said in ((["cat"], ["cats"], "'cats' and 'cat' start with the same token"),  # " cat" "s"
+                                  (["cat"], ["5"], "'5' cannot be biased"),  # " " "5": would ban every space
+                                  (["5"], ["dog"], "'5' cannot be biased")):
+        misapplied = client.post("/generate", json={"keywords": keywords, "avoid": avoid})
+        error = misapplied.json()["detail"][0]
+        assert misapplied.status_code == 422 and said in error["msg"], misapplied.text
+        assert error["loc"][-1] == ("keywords" if avoid == ["dog"] else "avoid")
     assert client.post("/adapters", json={"name": "infill", "version": 10**300}).status_code == 422
     assert client.delete(f"/adapters/infill/{10**300}").status_code == 422
 

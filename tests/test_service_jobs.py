@@ -48,7 +48,7 @@ def test_a_job_trains_and_its_adapter_goes_live(home, demo_model, redis_server):
         with _server(home, demo_model, redis_server.url, poll_s=3600) as server, server.client() as client:
             assert client.post("/generate", json=RNG).json()["adapter"] == "rng@v1"
             overrides = {"steps": 6, "samples_per_prompt": 16, "evaluate": False, "checkpoint_every": 2,
-                         "base_model": str(demo_model)}
+                         "base_model": f"{demo_model}/"}  # the served model, however spelled
             submitted = client.post("/jobs", json={"task": "rng", "overrides": overrides})
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
@@ -89,6 +89,7 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
             refused = client.post("/jobs", content=json.dumps({"task": "infill", "overrides": overrides}),
                                   headers={"content-type": "application/json"})  # Python's JSON writes inf as Infinity
             assert refused.status_code == 422 and field in refused.text, refused.text
+            json.loads(refused.text, parse_constant=lambda c: pytest.fail(f"echoes a bare {c}: not strict JSON"))
 
 
 def test_queued_jobs_are_listed_newest_first_and_cancelled_over_http(home, demo_model, redis_server):

@@ -7,6 +7,7 @@ thread pool and the event loop never waits on Redis.
 
 from __future__ import annotations
 
+from pathlib import Path as PathLib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
@@ -65,13 +66,17 @@ def submit_job(body: JobSubmit, state: State) -> JobStatus:
     if held is not None and held != body.task:
         raise invalid("overrides", f"adapter name {data['name']!r} holds {held} adapters: a name keeps one task; "
                       "set another 'name'", body.overrides)
-    if data.get("base_model", "demo") != state.base_model:
-        if "base_model" in body.overrides:
-            raise invalid("overrides", f"this service serves base model {state.base_model}; a job for it trains on "
-                          f"that one, not {data['base_model']}", body.overrides)
-        data["base_model"] = state.base_model  # what the service serves, not the bundled configs' demo
+    if "base_model" in body.overrides and not _same_path(data["base_model"], state.base_model):
+        raise invalid("overrides", f"this service serves base model {state.base_model}; a job for it trains on "
+                      f"that one, not {data['base_model']}", body.overrides)
+    data["base_model"] = state.base_model  # what the service serves, not the bundled configs' demo
     job_id = _call(queue.submit, data)
     return _call(queue.status, job_id)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """The same directory however spelled (a trailing slash, `..`, a link)."""
+    return PathLib(a).expanduser().resolve() == PathLib(b).expanduser().resolve()
 
 
 @router.get("/jobs")
