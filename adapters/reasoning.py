@@ -101,7 +101,8 @@ def parse_question(text: str) -> Question:
     """
     match = _QUESTION_RE.fullmatch(text.strip())
     if match is None:
-        raise ValueError(f"not an arithmetic question like 'Question: 6 - 0 - 4 = ? Answer:': {text[:80]!r}")
+        raise ValueError(f"not an arithmetic question like 'Question: 6 - 0 - 4 = ? Answer:' (one-digit operands "
+                         f"0 to 9 joined by + or -, the first without a sign): {text[:80]!r}")
     expression = match["expr"]
     return Question(
         operands=tuple(int(digit) for digit in re.findall(r"[0-9]", expression)),

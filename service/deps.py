@@ -102,6 +102,7 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
     ``words``: the word lists behind ``fields``, for the adapter's word bias."""
     texts = {k: v for k, v in fields.items() if v}
     check_caps(state.settings, "n", body.n, body.max_tokens, texts)
+    check_special_tokens(state.tokenizer, texts)
     with state.registry.use(body.adapter, task) as entry:
         manifest = entry.manifest
         request.state.adapter = manifest.name
@@ -115,6 +116,15 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         check_context(state, texts, len(prompt), generation.max_tokens)
         scores = functools.partial(scoring, manifest) if scoring else None
         return await guarded(request, _samples(request, state, generation, scores), state.settings.request_timeout_s)
+
+
+def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, str]) -> None:
+    """A client's text is text: a special token spelled in it ("<|endoftext|>") would be read as the
+    control token itself, a document's end or the adapter's terminator, so it is refused."""
+    for field, text in texts.items():
+        if found := next((t for t in tokenizer.all_special_tokens if t in text), None):
+            raise invalid(field, f"holds {found!r}, the tokenizer's special token: it would be read as that "
+                                 "token, not as text", text)
 
 
 def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase) -> None:

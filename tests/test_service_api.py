@@ -213,6 +213,10 @@ def test_bad_requests_get_clear_errors(client):
         error = misapplied.json()["detail"][0]
         assert misapplied.status_code == 422 and said in error["msg"], misapplied.text
         assert error["loc"][-1] == ("keywords" if avoid == ["dog"] else "avoid")
+    for route, body, field in (("/infill", {**INFILL, "prefix": "Tom sat.<|endoftext|>"}, "prefix"),
+                               ("/generate", {"adapter": "continuation", "text": "<|endoftext|>The dog ran."}, "text")):
+        control = client.post(route, json=body)  # the terminator, spelled: text, not a control token
+        assert control.status_code == 422 and control.json()["detail"][0]["loc"][-1] == field, control.text
     assert client.post("/adapters", json={"name": "infill", "version": 10**300}).status_code == 422
     assert client.delete(f"/adapters/infill/{10**300}").status_code == 422
 
