@@ -27,5 +27,12 @@ def runs_root() -> Path:
 
 def file_in_the_way(directory: Path) -> Path | None:
     """The file at or above `directory` that keeps a directory from being made there, if any
-    (a mistyped GFN_HOME, GFN_STORE or --store)."""
-    return next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    (a mistyped GFN_HOME, GFN_STORE or --store). A path this user may not look into is no
+    file: whatever writes there names that error itself."""
+    for path in (directory, *directory.parents):
+        try:
+            if path.exists() and not path.is_dir():
+                return path
+        except OSError:
+            continue
+    return None

@@ -63,20 +63,23 @@ class WordBias(_Strict):
 
 def word_bias(biases: Sequence[WordBias], words: Mapping[str, Sequence[str]], tokenizer: Any,
               terminator_id: int) -> dict[int, float]:
-    """Token id -> logit bias for a prompt's word lists (field -> words). A word's tokens: the
-    first token of " word" (a sentence's words follow a space; a word of several tokens biases
-    its first), and " Word" where that is one token. The terminator is never biased: every
-    state can stop."""
-    from adapters.models import piece_ids  # imports transformers: only once a bias is asked for
-
+    """Token id -> logit bias for a prompt's word lists (field -> words)."""
     bias: dict[int, float] = {}
     for rule in biases:
         for word in words.get(rule.field, ()):
-            capital = piece_ids(tokenizer, f" {word[:1].upper()}{word[1:]}")
-            ids = {piece_ids(tokenizer, f" {word}")[0], *(capital if len(capital) == 1 else [])} - {terminator_id}
-            for token in ids:
+            for token in word_tokens(tokenizer, word, terminator_id):
                 bias[token] = bias.get(token, 0.0) + rule.bias
     return bias
+
+
+def word_tokens(tokenizer: Any, word: str, terminator_id: int) -> list[int]:
+    """The tokens a word's bias acts on: the first token of " word" (a sentence's words follow a
+    space; a word of several tokens is biased by its first), and " Word" where that is one token.
+    Never the terminator: every state can stop."""
+    from adapters.models import piece_ids  # imports transformers: only once a bias is asked for
+
+    capital = piece_ids(tokenizer, f" {word[:1].upper()}{word[1:]}")
+    return sorted({piece_ids(tokenizer, f" {word}")[0], *(capital if len(capital) == 1 else [])} - {terminator_id})
 
 
 class LoraSpec(_Strict):

@@ -6,8 +6,10 @@ and `gfn adapters list` stay fast.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -237,19 +239,20 @@ def worker(
 ) -> None:
     """Run queued training jobs, each in a fresh process; one worker per device."""
     from redis import Redis
-    from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+    from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
-    from gfn.local import port_in_use
+    from gfn.local import bind_error
     from jobs.worker import run
 
-    if metrics_port and (reason := port_in_use("0.0.0.0", metrics_port)) is not None:  # where /metrics binds
-        _fail(f"--metrics-port {metrics_port}: {reason}")
-    try:  # a wrong password or database never heals; Redis not up yet does, and the worker waits for it
-        Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    if metrics_port and (error := bind_error("0.0.0.0", metrics_port)) is not None:  # where /metrics binds
+        _fail(f"--metrics-port {metrics_port}: {error.strerror or error}")
+    try:  # a wrong password or database never heals; Redis not up yet, or slow, does: the worker waits for it
+        with Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2) as redis:
+            redis.ping()
     except (AuthenticationError, ResponseError) as error:
         hint = " (a password goes into the URL: redis://:PASSWORD@host:port/db)" * ("auth" in str(error).lower())
         _fail(f"--redis-url {_shown(redis_url)}: {' '.join(str(error).split())}{hint}")
-    except ConnectionError:
+    except RedisError:
         pass
     run(redis_url, metrics_port)
 
@@ -272,11 +275,11 @@ def _job_errors(redis_url: str) -> Iterator[None]:
 
 
 def _shown(redis_url: str) -> str:
-    """The URL as it may be printed: without its password."""
+    """The URL as it may be printed: without its password (in the address or the query)."""
     parts = urlsplit(redis_url)
-    if parts.password is None:
-        return redis_url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(?i)\bpassword=[^&]*", "password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _queue(redis_url: str):
@@ -359,11 +362,11 @@ def _settings(**options: Any) -> Settings:
 
 def _check_address(settings: Settings) -> None:
     """Refuse a taken port or an address this machine lacks now, not after the model has loaded."""
-    from gfn.local import port_in_use
+    from gfn.local import bind_error
 
-    if (reason := port_in_use(settings.host, settings.port)) is not None:
-        fix = "pass another --port" if "in use" in reason else "pass another --host"
-        _fail(f"cannot serve on {settings.host}:{settings.port}: {reason}; {fix}")
+    if (error := bind_error(settings.host, settings.port)) is not None:
+        fix = "pass another --port" if error.errno in (errno.EADDRINUSE, errno.EACCES) else "pass another --host"
+        _fail(f"cannot serve on {settings.host}:{settings.port}: {error.strerror or error}; {fix}")
 
 
 @app.command()

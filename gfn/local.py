@@ -24,14 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> str | None:
-    """Why `host:port` cannot be served on (taken, or no such address), or None if it can."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            return error.strerror or str(error)
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be served on (taken, not allowed, no such address), or None if it can.
+    The probe binds as uvicorn will: the host's own address family (IPv6 too), SO_REUSEADDR."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:  # socket.gaierror (no such host) is one too
+        return error
     return None
 
 

@@ -10,8 +10,7 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, HTTPException, Request
 from transformers import PreTrainedTokenizerBase
 
-from adapters.manifest import Manifest, word_bias
-from adapters.models import piece_ids
+from adapters.manifest import Manifest, word_bias, word_tokens
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -119,29 +118,30 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
 
 
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, str]) -> None:
-    """A client's text is text: a special token spelled in it ("<|endoftext|>") would be read as the
-    control token itself, a document's end or the adapter's terminator, so it is refused."""
+    """A client's text is text: a special token spelled in it ("<|endoftext|>", Llama-2's "<s>") would
+    be read as the control token itself, a document's end or the adapter's terminator, so it is refused."""
+    special = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
     for field, text in texts.items():
-        if found := next((t for t in tokenizer.all_special_tokens if t in text), None):
+        if found := next((t for t in special if t in text), None):
             raise invalid(field, f"holds {found!r}, the tokenizer's special token: it would be read as that "
                                  "token, not as text", text)
 
 
 def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a word the adapter's bias would misapply (it biases a word's first token): one whose first
-    token is bare whitespace (" 5" starts with " " in a tokenizer that splits digits: banning it bans
-    every space), and an avoided word that starts as a keyword does ("cats" beside "cat")."""
+    """Refuse a word the adapter's bias would misapply (manifest.word_tokens): one that starts with bare
+    whitespace (" 5" in a tokenizer that splits digits off: banning " " bans every space), and one whose
+    token another word of the opposite sign also claims (avoiding "cats" or "Cats" beside keyword "cat")."""
     claimed: dict[int, tuple[str, float]] = {}
     for rule in manifest.word_biases:
         for word in words.get(rule.field, ()):
-            token = piece_ids(tokenizer, f" {word}")[0]
-            if not tokenizer.decode([token]).strip():
-                raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: its first token "
-                                          f"is bare whitespace; give a word that starts with a letter or digit token", word)
-            other = claimed.setdefault(token, (word, rule.bias))
-            if (other[1] > 0) != (rule.bias > 0):
-                raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "
-                                          f"{manifest.ref} would both favour and ban", word)
+            for token in word_tokens(tokenizer, word, manifest.terminator_id):
+                if not tokenizer.decode([token]).strip():
+                    raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: it starts with "
+                                              "a bare whitespace token; give a word that starts with a letter", word)
+                other = claimed.setdefault(token, (word, rule.bias))
+                if (other[1] > 0) != (rule.bias > 0):
+                    raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "
+                                              f"{manifest.ref} would both favour and ban", word)
 
 
 async def _samples(request: Request, state: ServiceState, generation: GenRequest,

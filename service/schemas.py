@@ -20,8 +20,8 @@ MIN_TEMPERATURE = 0.01
 """Below it float32 logits overflow to NaN (vLLM clamps there too)."""
 Temperature = Annotated[float, Field(ge=MIN_TEMPERATURE, le=2, allow_inf_nan=False, description="1 samples the trained posterior "
                                     "(vLLM takes at most 2)")]
-Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="sample i uses seed + i: reproducible samples (32 bits: "
-                                                               "the CPU's generator keeps no more)")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="sample i uses seed + i, modulo 2^32 (the CPU's "
+                                                               "generator keeps 32 bits): reproducible samples")]
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\n]+$")]
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
 

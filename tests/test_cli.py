@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -24,6 +27,25 @@ def test_up_and_serve_refuse_a_bad_engine_a_taken_port_and_an_unknown_host(tmp_p
         nowhere = CliRunner().invoke(app, [command, "--host", "999.1.1.1"])
         said = " ".join(nowhere.output.split())
         assert nowhere.exit_code == 2 and "999.1.1.1:8000" in said and "pass another --host" in said, said
+
+
+def test_serve_and_train_check_their_addresses_and_store_as_they_will_use_them(tmp_path):
+    """An IPv6 host is probed as IPv6 (uvicorn serves it); a store that cannot be made is named before training."""
+    env = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pass  # no IPv6 loopback here
+        else:
+            result = CliRunner().invoke(app, ["serve", "--host", "::1"], env=env)
+            assert result.exit_code == 2 and "no base model" in " ".join(result.output.split()), result.output
+    store = "/proc/no-store-here"  # /proc takes no new directory, even from root
+    result = CliRunner().invoke(app, ["train", "rng", "--set", "steps=1", "--store", store],
+                                env={"GFN_HOME": str(tmp_path / "home")})
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"adapter store {store} cannot be made" in said, said
 
 
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
@@ -143,8 +165,28 @@ def test_worker_refuses_what_never_heals_at_once_and_never_prints_a_password(red
             result = CliRunner().invoke(app, ["worker", *args])
             shown = " ".join(result.output.split())
             assert result.exit_code == 2 and said in shown and "s3cret" not in shown, shown
-    listed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", f"redis://someone:s3cret@{host_port}/0"])
-    assert listed.exit_code == 2 and "redis://someone:***@" in listed.output and "s3cret" not in listed.output
+    for url, shown in ((f"redis://someone:s3cret@{host_port}/0", "redis://someone:***@"),
+                       (f"redis://someone@{host_port}/0?password=s3cret", "?password=***")):
+        listed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", url])
+        said = " ".join(listed.output.split())
+        assert listed.exit_code == 2 and shown in said and "s3cret" not in said, said
+
+
+def test_a_worker_whose_redis_does_not_answer_yet_waits_for_it(tmp_path):
+    """A Redis that accepts but stays silent (starting, a slow network) is not refused: the worker waits."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        worker = subprocess.Popen([sys.executable, "-m", "gfn.cli", "worker", "--redis-url",
+                                   f"redis://127.0.0.1:{silent.getsockname()[1]}/0"],
+                                  env={**os.environ, "GFN_HOME": str(tmp_path)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                worker.wait(8)  # past the start-up check's 2 s timeout
+        finally:
+            worker.kill()
+    assert "Traceback" not in worker.communicate()[0]
 
 
 def test_a_file_where_a_directory_belongs_is_named_before_anything_runs(tmp_path):

@@ -207,6 +207,7 @@ def test_bad_requests_get_clear_errors(client):
         clash = client.post("/generate", json={"keywords": words, "avoid": field or ["bird"]})
         assert clash.status_code == 422 and ("avoid" if field else "keywords") in clash.json()["detail"][0]["msg"]
     for keywords, avoid, said in ((["cat"], ["cats"], "'cats' and 'cat' start with the same token"),  # " cat" "s"
+                                  (["answer"], ["Answers"], "'Answers' and 'answer' start with the same token"),
                                   (["cat"], ["5"], "'5' cannot be biased"),  # " " "5": would ban every space
                                   (["5"], ["dog"], "'5' cannot be biased")):
         misapplied = client.post("/generate", json={"keywords": keywords, "avoid": avoid})
@@ -560,3 +561,17 @@ def test_a_pinned_version_keeps_serving_beside_a_newer_one(hf, store, demo_model
         assert client.post("/generate", json={"adapter": "rng7@v1", "n": 1}).json()["adapter"] == "rng7@v1"
         versions = {a["ref"]: a for a in client.get("/adapters").json()["loaded"] if a["name"] == "rng7"}
         assert versions.keys() == {"rng7@v1", new.ref} and not versions["rng7@v1"]["retiring"]
+
+
+def test_a_special_token_added_to_a_tokenizer_is_refused_in_client_text(demo_model):
+    """Llama-3 style tokenizers add control tokens (<|eot_id|>) outside the special-tokens map."""
+    from fastapi.exceptions import RequestValidationError
+    from tokenizers import AddedToken
+
+    from service.deps import check_special_tokens
+
+    tokenizer = load_tokenizer(demo_model)
+    tokenizer.add_tokens([AddedToken("<|eot_id|>", special=True)])
+    check_special_tokens(tokenizer, {"prefix": "plain <text> |eot_id|"})
+    with pytest.raises(RequestValidationError, match="eot_id"):
+        check_special_tokens(tokenizer, {"prefix": "Tom sat.<|eot_id|>"})

@@ -75,8 +75,12 @@ def submit_job(body: JobSubmit, state: State) -> JobStatus:
 
 
 def _same_path(a: str, b: str) -> bool:
-    """The same directory however spelled (a trailing slash, `..`, a link)."""
-    return PathLib(a).expanduser().resolve() == PathLib(b).expanduser().resolve()
+    """The same directory however spelled (a trailing slash, `..`, a link); a path that cannot
+    be resolved (a NUL in it) is another."""
+    try:
+        return PathLib(a).resolve() == PathLib(b).resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 @router.get("/jobs")
