@@ -9,6 +9,7 @@ thing on both sides.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _BadKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 reads 1e-3 (no dot) as a string; every ML config writes rates so: read it as the number
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
 
 
 def _load_yaml(text: str) -> Any:

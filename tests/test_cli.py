@@ -139,6 +139,18 @@ def test_train_and_submit_name_the_field_of_a_bad_config(tmp_path):
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
 
 
+def test_a_rate_written_1e_3_is_a_number_for_train_and_submit_alike(tmp_path):
+    """YAML 1.1 reads 1e-3 as text: the schema at submit refused it while pydantic in train took it."""
+    from jobs.configs import config_data
+
+    written = tmp_path / "rates.yaml"
+    written.write_text("name: rng\ntask: {name: rng}\noptim: {lr: 5E-4}\n")
+    assert config_data(written, ["optim.warmup_steps=1e1"])["optim"] == {"lr": 5e-4, "warmup_steps": 10.0}
+    queued = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", "optim.lr=1e-3", "--redis-url",
+                                      "redis://127.0.0.1:1/0"])  # valid, so it gets as far as Redis (none on port 1)
+    assert queued.exit_code == 2 and "Redis at" in queued.output and "optim.lr" not in queued.output, queued.output
+
+
 def test_duplicate_keys_in_a_yaml_config_are_refused(tmp_path):
     config = tmp_path / "dup.yaml"
     config.write_text("name: rng\ntask:\n  name: rng\n  target: {kind: uniform, low: 0, high: 9}\nname: other\n")
