@@ -128,9 +128,9 @@ def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, st
 
 
 def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a word the adapter's bias would misapply (manifest.word_tokens): one that starts with bare
-    whitespace (" 5" in a tokenizer that splits digits off: banning " " bans every space), and one whose
-    token another word of the opposite sign also claims (avoiding "cats" or "Cats" beside keyword "cat")."""
+    """Refuse a word the adapter's bias would misapply (adapters.manifest.word_tokens): one that starts
+    with bare whitespace (" 5" in a tokenizer that splits digits off: banning " " bans every space), and
+    one whose token a word of the opposite sign also claims (avoiding "cats" or "Cats" beside "cat")."""
     claimed: dict[int, tuple[str, float]] = {}
     for rule in manifest.word_biases:
         for word in words.get(rule.field, ()):
