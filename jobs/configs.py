@@ -93,6 +93,8 @@ def _parse(override: str) -> tuple[str, Any]:
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise ConfigError([f"override {override!r} is not of the form key.path=value"])
+    if not value.strip():  # an unset shell variable ($DATA): YAML reads null, the default, silently
+        raise ConfigError([f"{key}: no value after '=' (write {key}=null to set it to nothing)"])
     try:
         return key, _load_yaml(value)
     except yaml.YAMLError as error:
@@ -108,6 +110,18 @@ def _resolve(source: str | Path) -> Path:
     if bundled.exists():
         return bundled
     raise ConfigError([f"config: no config file {source} (bundled configs: {', '.join(bundled_configs())})"])
+
+
+DATA_KEYS = ("data", "eval_data")
+"""The task settings that name a user's data file."""
+
+
+def relative_data_paths(data: Mapping[str, Any]) -> list[str]:
+    """The task.data / task.eval_data settings given as relative paths: a queued job would read
+    them from its worker's directory, not the submitter's."""
+    task = data.get("task")
+    return [f"task.{key}" for key in DATA_KEYS if isinstance(task, Mapping) and isinstance(task.get(key), str)
+            and not Path(task[key]).is_absolute()]
 
 
 MAX_DEPTH = 8  # no config nests deeper; a longer key is a mistake (or an attack on the JSON encoder)

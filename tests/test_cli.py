@@ -95,6 +95,7 @@ def test_unreadable_configs_and_overrides_are_named_not_tracebacks(tmp_path):
     for args, said in ((["train", str(broken)], "is not a readable YAML file"),
                        (["train", str(tmp_path)], "is not a readable YAML file"),
                        (["train", "rng", "--set", "steps=[1"], "steps: '[1' is not a YAML value"),
+                       (["train", "continuation", "--set", "task.data="], "task.data: no value after '='"),  # $UNSET
                        (["train", str(list_key)], f"{list_key}: the key on line 2 is a list, not a name"),
                        (["jobs", "submit", "rng", "--set", "task={[a]: 1}"], "the key on line 1 is a list"),
                        (["train", "rng", "--set", f"steps={deep}"], "is not a YAML value (nested too deeply)"),
@@ -217,3 +218,18 @@ def test_a_file_where_a_directory_belongs_is_named_before_anything_runs(tmp_path
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"adapter store {store}: {file} is a file, not a directory" in said, said
     assert not (tmp_path / "home" / "runs").exists()
+
+
+def test_submit_queues_a_relative_data_path_as_this_directory_reads_it(tmp_path, redis_server, monkeypatch):
+    """The worker runs in another directory, on another machine maybe: it must read the file meant here."""
+    from redis import Redis
+
+    from jobs.queue import JobQueue
+
+    (tmp_path / "data.jsonl").write_text('{"text": "The dog ran in the park."}\n')
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["jobs", "submit", "continuation", "--set", "task.data=data.jsonl",
+                                      "--redis-url", redis_server.url])
+    assert result.exit_code == 0, result.output
+    queued = JobQueue(Redis.from_url(redis_server.url)).config(result.output.strip())
+    assert queued["task"]["data"] == str(tmp_path / "data.jsonl")

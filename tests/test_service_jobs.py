@@ -81,6 +81,8 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
         assert unknown.status_code == 422 and "task" in unknown.text
         taken = client.post("/jobs", json={"task": "infill", "overrides": {"name": "rng"}})  # rng@v1 is an rng adapter
         assert taken.status_code == 422 and "keeps one task" in taken.text
+        relative = client.post("/jobs", json={"task": "continuation", "overrides": {"task.data": "data.jsonl"}})
+        assert relative.status_code == 422 and "task.data: give an absolute path" in relative.text, relative.text
         for other in ("/other/model", "~nosuchuser/m", "a\u0000b"):  # the last two cannot even be resolved
             elsewhere = client.post("/jobs", json={"task": "rng", "overrides": {"base_model": other}})
             assert elsewhere.status_code == 422 and "overrides" in elsewhere.text and str(demo_model) in elsewhere.text

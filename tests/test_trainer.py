@@ -183,6 +183,20 @@ def test_resuming_on_other_base_weights_is_refused(tmp_path, demo_model):
         Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
 
 
+def test_resuming_on_changed_data_is_refused(tmp_path, demo_model):
+    """The run's config names its data by path: an edited file would otherwise be trained on half-way,
+    or a finished run handed back as if trained on it."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"The dog ran in the park {k}."}) for k in range(20)) + "\n")
+    config = load_config("continuation", [f"task.data={data}", f"base_model={demo_model}", "steps=1", "evaluate=false",
+                                          "samples_per_prompt=4", "prompts_per_step=1"])
+    store = AdapterStore(tmp_path / "store")
+    assert Trainer(config, tmp_path / "run", store, quiet=True).run().version == 1
+    data.write_text(data.read_text().replace("dog", "cat"))
+    with pytest.raises(ValueError, match="holds a run on other data"):
+        Trainer(config, tmp_path / "run", store, quiet=True)
+
+
 def test_running_a_finished_run_again_stores_no_second_version(tmp_path, demo_model):
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2"])
     store = AdapterStore(tmp_path / "store")

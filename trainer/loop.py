@@ -26,6 +26,7 @@ from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
+from jobs.configs import DATA_KEYS
 from trainer import plots
 from trainer.config import TrainConfig
 from trainer.objective import subtb_loss
@@ -100,6 +101,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)
+        self.data_digest = _data_digest(config.task)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
         self.model = attach_lora(load_causal_lm(self.model_dir), config.lora).to(resolve_device(config.device))
@@ -243,6 +245,7 @@ class Trainer:
             "step": self.step,
             "config": self.config.model_dump(),
             "base_fingerprint": self.base_fingerprint,
+            "data_digest": self.data_digest,
             "run_id": self.run_id,
             "adapter": peft.get_peft_model_state_dict(self.model, save_embedding_layers=False),
             "optimizer": self.optimizer.state_dict(),
@@ -284,6 +287,9 @@ class Trainer:
         if state.get("base_fingerprint", self.base_fingerprint) != self.base_fingerprint:
             raise ValueError(f"{self.run_dir} holds a run on another base model ({state['base_fingerprint']}, "
                              f"now {self.base_fingerprint}); use another run directory or --fresh")
+        if state.get("data_digest", self.data_digest) != self.data_digest:
+            raise ValueError(f"{self.run_dir} holds a run on other data: the task's data files changed since; "
+                             "use another run directory or --fresh")
         self.run_id = state.get("run_id", self.run_id)
         peft.set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -327,6 +333,18 @@ class Trainer:
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run the same run: its config but the device (a run may resume on another)."""
     return {key: value for key, value in config.items() if key != "device"}
+
+
+def _data_digest(task: Any) -> str | None:
+    """sha256 of the user's data files (task.data, task.eval_data), or None for the demo world's:
+    a path names a run's data only while the file stays as it was."""
+    files = [path for key in DATA_KEYS if (path := getattr(task, key, None)) is not None]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def _digest(state: Any) -> str:

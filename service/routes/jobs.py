@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from jobs import ConfigError, JobNotFound, JobQueue, JobStatus, bundled_configs, load
+from jobs.configs import relative_data_paths
 from service.deps import State
 from service.errors import invalid
 
@@ -59,6 +60,9 @@ def submit_job(body: JobSubmit, state: State) -> JobStatus:
         data = load(name, body.overrides)
     except ConfigError as error:
         raise invalid("overrides", "; ".join(error.errors), body.overrides)
+    if relative := relative_data_paths(data):
+        raise invalid("overrides", f"{', '.join(relative)}: give an absolute path on the workers' machine (a "
+                      "relative one would be read from the worker's directory)", body.overrides)
     if data.get("task", {}).get("name") != body.task:
         raise invalid("task", f"config {name!r} trains task {data.get('task', {}).get('name')!r}, not {body.task!r}",
                       body.task)
