@@ -104,3 +104,17 @@ def test_jsonl_errors_name_the_line(tmp_path: Path, line: str, message: str) -> 
         load_jsonl(path, ContinuationRecord)
     with pytest.raises(ValidationError, match="line 2"):
         ContinuationConfig(data=str(path))
+
+
+def test_jsonl_files_read_as_json_lines_and_name_what_is_not(tmp_path: Path) -> None:
+    """A BOM and a line separator inside a string (U+2028, valid JSON) are read; bytes that are not
+    UTF-8 and a directory are named, with the line."""
+    kept = tmp_path / "kept.jsonl"
+    kept.write_bytes('\ufeff{"text": "The dog ran."}\r\n{"text": "A line\u2028sep."}'.encode())
+    assert [r.text for r in load_jsonl(kept, ContinuationRecord)] == ["The dog ran.", "A line\u2028sep."]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "The dog ran."}\n{"text": "caf\xe9."}\n')
+    with pytest.raises(DataError, match=f"{latin} line 2: not UTF-8 text"):
+        load_jsonl(latin, ContinuationRecord)
+    with pytest.raises(DataError, match="a directory, not a data file"):
+        load_jsonl(tmp_path, ContinuationRecord)

@@ -133,6 +133,8 @@ def write_lines(path, lines):
     ('{"prefix": "A.", "suffix": ""}', "line 3: field 'suffix'"),
     ('{"prefix": "A.", "suffix": "B.", "midle": "C."}', "line 3: field 'midle': Extra inputs"),
     ('["A.", "B."]', "line 3: expected a JSON object"),
+    ('{"prefix": "A.", "suffix": "B.", "candidates": ["C.", "C. ", "D."]}',  # would halve one middle's mass
+     "line 3: field 'candidates': Value error, 'C.' is listed twice"),
 ])
 def test_jsonl_errors_name_the_line_and_field(tmp_path, bad, message):
     good = json.dumps({"prefix": "A.", "suffix": "B.", "middle": "C."})

@@ -23,9 +23,15 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
     DataError naming the file, the line number and the field."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: {'a directory, not a data file' if path.is_dir() else 'no such data file'}")
+    raw = path.read_bytes()
+    try:  # a BOM (as some editors write) is no error; lines end at "\n" only, as JSON Lines says
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.metrics import bleu4, distinct_n, total_variation
@@ -42,6 +42,16 @@ class InfillRecord(BaseModel):
     suffix: str = Field(min_length=1)
     middle: str | None = None
     candidates: list[str] = []
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, candidates: list[str]) -> list[str]:
+        """A sample matches a candidate up to surrounding spaces: two that agree so would split one
+        middle's mass between them, and the exact posterior's distance would count it twice."""
+        stripped = [c.strip() for c in candidates]
+        if twice := sorted({c for c in stripped if stripped.count(c) > 1}):
+            raise ValueError(f"{twice[0]!r} is listed twice (candidates compare without surrounding spaces)")
+        return candidates
 
 
 RecordsFile = data_file(InfillRecord)
