@@ -20,7 +20,7 @@ import peft
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from adapters._fs import is_partial, write_atomic
+from adapters._fs import is_partial, sha256_file, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
@@ -339,12 +339,7 @@ def _data_digest(task: Any) -> str | None:
     """sha256 of the user's data files (task.data, task.eval_data), or None for the demo world's:
     a path names a run's data only while the file stays as it was."""
     files = [path for key in DATA_KEYS if (path := getattr(task, key, None)) is not None]
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
+    return " ".join(sha256_file(Path(path)) for path in files) or None
 
 
 def _digest(state: Any) -> str:
