@@ -121,13 +121,18 @@ def evaluate(
     store: StoreOption = None,
 ) -> None:
     """Evaluate a stored adapter with its task's evaluation."""
+    from pydantic import ValidationError
+
     from adapters.errors import AdapterError
     from adapters.store import parse_ref
+    from trainer.config import config_errors
     from trainer.evaluate import evaluate_adapter
 
     try:
         metrics = evaluate_adapter(_store(store), *parse_ref(adapter), samples)
-    except (AdapterError, ValueError, FileNotFoundError) as error:  # ValidationError is a ValueError
+    except ValidationError as error:  # its task's config, read back: its data file gone or changed
+        _fail(f"{adapter}: the task config it was trained with no longer loads: {'; '.join(config_errors(error))}")
+    except (AdapterError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
     console.print_json(json.dumps(metrics))
 

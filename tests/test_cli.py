@@ -233,3 +233,19 @@ def test_submit_queues_a_relative_data_path_as_this_directory_reads_it(tmp_path,
     assert result.exit_code == 0, result.output
     queued = JobQueue(Redis.from_url(redis_server.url)).config(result.output.strip())
     assert queued["task"]["data"] == str(tmp_path / "data.jsonl")
+
+
+def test_eval_names_a_data_file_gone_since_training(tmp_path, demo_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "The dog ran in the park {k}."}}\n' for k in range(20)))
+    store = str(tmp_path / "store")
+    sets = [f"task.data={data}", f"base_model={demo_model}", "steps=1", "evaluate=false", "samples_per_prompt=4",
+            "prompts_per_step=1"]
+    trained = CliRunner().invoke(app, ["train", "continuation", "--store", store, "--run-dir", str(tmp_path / "run"),
+                                       *[a for s in sets for a in ("--set", s)]])
+    assert trained.exit_code == 0, trained.output
+    data.unlink()
+    result = CliRunner().invoke(app, ["eval", "continuation@v1", "--store", store])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "continuation@v1: the task config it was trained with no longer loads" in said
+    assert f"{data}: no such data file" in said and "errors.pydantic.dev" not in said, said
