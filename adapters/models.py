@@ -78,6 +78,12 @@ def piece_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return tokenizer.decode(anchor + list(ids))[len(tokenizer.decode(anchor)):]
 
 
+def special_texts(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """The text of every special token, those added as special too (Llama-3's "<|eot_id|>"): spelled
+    inside a text, each is read as the control token itself, not as text."""
+    return {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+
+
 def _plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

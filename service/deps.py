@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import Manifest, word_bias, word_tokens
+from adapters.models import special_texts
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -120,7 +121,7 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, str]) -> None:
     """A client's text is text: a special token spelled in it ("<|endoftext|>", Llama-2's "<s>") would
     be read as the control token itself, a document's end or the adapter's terminator, so it is refused."""
-    special = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+    special = special_texts(tokenizer)
     for field, text in texts.items():
         if found := next((t for t in special if t in text), None):
             raise invalid(field, f"holds {found!r}, the tokenizer's special token: it would be read as that "

@@ -261,6 +261,17 @@ def test_what_the_model_would_read_beyond_its_positions_is_refused(tmp_path, dem
         Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
 
 
+def test_data_that_is_too_long_or_spells_a_special_token_is_refused_naming_its_record(tmp_path, demo_model):
+    """Before the first step: the record is named, as a JSONL line would be."""
+    for text, said in (("The dog ran." * 200, r"the prompt 'The dog ran\.The dog ran.* comes to \d+ tokens"),
+                       ("The dog ran.<|endoftext|>The cat sat.", "holds '<\\|endoftext\\|>', the tokenizer's special")):
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The cat sat in the sun."] * 20 + [text]))
+        config = load_config("continuation", [f"task.data={data}", f"task.eval_data={data}", f"base_model={demo_model}"])
+        with pytest.raises(ValueError, match=said):
+            Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
+
+
 def test_training_runs_without_dropout(tmp_path, demo_model):
     """Rewards and the loss's log-probs are those of the network that samples (docs/DESIGN.md)."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])

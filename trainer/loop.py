@@ -24,7 +24,7 @@ from adapters._fs import is_partial, sha256_file, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora, special_texts
 from adapters.store import AdapterStore
 from jobs.configs import DATA_KEYS
 from trainer import plots
@@ -402,13 +402,21 @@ def _clear(run_dir: Path) -> None:
 def check_context(task: Task, prompts: list[Prompt], model_config: Any) -> None:
     """What the model reads for each prompt, training's and evaluation's, sample and reward alike,
     must fit its positions: beyond them training fails deep in the embedding (learned positions),
-    after hours if only an evaluation prompt is long, or reads what the model never learned (RoPE)."""
+    after hours if only an evaluation prompt is long, or reads what the model never learned (RoPE).
+    And a record's text is text: a special token spelled in it would be read as the control token."""
+    everything = prompts + task.eval_prompts()
+    special = special_texts(task.tokenizer)
+    for prompt in everything:
+        texts = [v for value in prompt.fields.values() for v in (value if isinstance(value, list) else [value])]
+        if found := next((t for t in special if any(isinstance(v, str) and t in v for v in texts)), None):
+            raise ValueError(f"task: the record of prompt {prompt.key[:80]!r} holds {found!r}, the tokenizer's special "
+                             "token, which would be read as that token, not as text; remove it from the data")
     limit = getattr(model_config, "max_position_embeddings", None)
-    longest = max((task.read_length(p) for p in prompts + task.eval_prompts()), default=0)
-    if limit is not None and longest > limit:
-        raise ValueError(f"task: a prompt with task.max_len {task.config.max_len} tokens after it and what its reward "
-                         f"reads comes to {longest} tokens, beyond the base model's {limit} positions; shorten the "
-                         f"data or lower task.max_len")
+    longest = max(everything, key=task.read_length, default=None)
+    if limit is not None and longest is not None and task.read_length(longest) > limit:
+        raise ValueError(f"task: the prompt {longest.key[:80]!r}, with task.max_len {task.config.max_len} tokens after it "
+                         f"and what its reward reads, comes to {task.read_length(longest)} tokens, beyond the base "
+                         f"model's {limit} positions; shorten the data or lower task.max_len")
 
 
 def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:
