@@ -301,16 +301,14 @@ def jobs_submit(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override: key.path=value")] = None,
     redis_url: RedisUrl = DEFAULT_REDIS_URL,
 ) -> None:
-    """Check a training config and queue it; prints the job id. Relative data paths are taken from
-    this directory, as `gfn train` takes them (the worker runs elsewhere)."""
-    from jobs.configs import relative_data_paths
+    """Check a training config and queue it; prints the job id. Relative data paths are queued
+    absolute, as `gfn train` reads them (the worker runs elsewhere)."""
+    from jobs.configs import rebase_data_paths
     from jobs.validate import load
 
     with _job_errors(redis_url):
         data = load(config, set_ or [])
-        for key in relative_data_paths(data):
-            field = key.partition(".")[2]
-            data["task"][field] = str(Path(data["task"][field]).resolve())
+        rebase_data_paths(data, Path.cwd())
         typer.echo(_queue(redis_url).submit(data))
 
 

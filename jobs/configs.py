@@ -36,11 +36,16 @@ def bundled_configs() -> list[str]:
 
 def config_data(source: str | Path | Mapping[str, Any], overrides: Overrides = ()) -> dict[str, Any]:
     """The config data of a YAML path, a bundled config's name (e.g. 'rng') or a mapping,
-    with overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
-    data = source if isinstance(source, Mapping) else _read(_resolve(source))
+    with overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`. A relative data
+    path in a YAML file is the file's neighbour (the config and its data travel together); one in
+    an override is read from the current directory, as any path on a command line."""
+    path = None if isinstance(source, Mapping) else _resolve(source)
+    data = source if path is None else _read(path)
     if not isinstance(data, Mapping):
         raise ConfigError([f"config: {source} is not a mapping of settings"])
     data = copy.deepcopy(dict(data))
+    if path is not None:
+        rebase_data_paths(data, path.parent)
     pairs = overrides.items() if isinstance(overrides, Mapping) else map(_parse, overrides)
     for key, value in pairs:
         _set(data, key.split("."), value)
@@ -122,6 +127,13 @@ def relative_data_paths(data: Mapping[str, Any]) -> list[str]:
     task = data.get("task")
     return [f"task.{key}" for key in DATA_KEYS if isinstance(task, Mapping) and isinstance(task.get(key), str)
             and not Path(task[key]).is_absolute()]
+
+
+def rebase_data_paths(data: dict[str, Any], directory: Path) -> None:
+    """Makes each relative task.data / task.eval_data of `data` a path in `directory`."""
+    for key in relative_data_paths(data):
+        field = key.partition(".")[2]
+        data["task"][field] = str(directory / data["task"][field])
 
 
 MAX_DEPTH = 8  # no config nests deeper; a longer key is a mistake (or an attack on the JSON encoder)

@@ -235,6 +235,27 @@ def test_submit_queues_a_relative_data_path_as_this_directory_reads_it(tmp_path,
     assert queued["task"]["data"] == str(tmp_path / "data.jsonl")
 
 
+def test_a_data_path_in_a_yaml_file_is_read_beside_the_file(tmp_path, redis_server, monkeypatch):
+    """A config and its data travel together: the path in the file does not depend on where the
+    command runs; one on the command line does."""
+    from redis import Redis
+
+    from jobs.queue import JobQueue
+    from trainer.config import load_config
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("train.jsonl", "held.jsonl"):
+        (project / name).write_text("".join(f'{{"text": "The dog ran in the park {k}."}}\n' for k in range(5)))
+    (project / "mine.yaml").write_text("name: mine\ntask: {name: continuation, data: train.jsonl}\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("project/mine.yaml", ["task.eval_data=project/held.jsonl"])
+    assert (config.task.data, config.task.eval_data) == (str(project / "train.jsonl"), str(project / "held.jsonl"))
+    result = CliRunner().invoke(app, ["jobs", "submit", "project/mine.yaml", "--redis-url", redis_server.url])
+    assert result.exit_code == 0, result.output
+    assert JobQueue(Redis.from_url(redis_server.url)).config(result.output.strip())["task"]["data"] == config.task.data
+
+
 def test_eval_names_a_data_file_gone_since_training(tmp_path, demo_model):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "The dog ran in the park {k}."}}\n' for k in range(20)))

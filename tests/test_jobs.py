@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 from redis import Redis
 from rq.job import Job
 from typer.testing import CliRunner
@@ -29,6 +30,7 @@ from jobs.configs import ConfigError, config_data
 from jobs.queue import KEEP_S, RETRIES, JobQueue, JobStatus
 from jobs.worker import HEARTBEAT_GRACE_S, MONITOR_S, RESTART_S
 from jobs.validate import load
+from trainer.config import config_errors, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ["samples_per_prompt=16", "evaluate=false", "checkpoint_every=2"]
@@ -137,6 +139,29 @@ def test_malformed_config_is_refused_at_submit_naming_the_field(queue: JobQueue,
     with pytest.raises(ConfigError, match="task.prompt: must be valid Unicode text"):  # no tokenizer reads it
         queue.submit(config_data("rng", {"task.prompt": "a \ud800 b"}))
     assert queue.queue.count == 0 and queue.list() == []
+
+
+@pytest.mark.parametrize("name, overrides, said", [
+    ("infill", ["task.min_len=30"], "task: min_len 30 is above max_len 12"),
+    ("rng", ["task.min_len=3", "task.max_len=2"], "task: min_len 3 is above max_len 2"),
+    ("rng", ["task.target={kind: uniform, low: 150}"], "task.target: low 150 is above high 99"),
+    ("rng", ["behaviour.on_policy=0.9"], "behaviour: on_policy + tempered + replay must be 1, got 1.4"),
+    ("rng", ["behaviour.temperature_low=3"], "behaviour: temperature_low 3"),
+    ("reasoning", ["task.answer_prompt=The answer is"], "task.answer_prompt: must start with the terminator '.'"),
+    ("reasoning", ["task.eval_operands=[3, 9]"], "task.eval_operands.1: "),
+    ("constrained", ["task.prompt_template=Use {word}"], "task.prompt_template: "),
+    ("rng", ["steps=true"], "steps: "),
+    ("rng", ["task.max_len=3.0"], "task.max_len: "),
+])
+def test_rules_between_fields_are_checked_at_submit_as_in_training(name, overrides, said):
+    """A rule the sections declare (jobs.rules) refuses a config at submit, in the trainer's words;
+    before, the service queued such jobs and the worker failed them."""
+    with pytest.raises(ConfigError) as submitted:
+        load(name, overrides)
+    with pytest.raises(ValidationError) as trained:
+        load_config(name, overrides)
+    assert any(e.startswith(said) for e in submitted.value.errors), submitted.value.errors
+    assert any(e.startswith(said) for e in config_errors(trained.value)), config_errors(trained.value)
 
 
 def test_the_list_shows_the_newest_queued_jobs(queue: JobQueue):
@@ -315,7 +340,7 @@ def test_a_job_refused_at_setup_fails_at_once_with_its_error(workers, queue):
     assert runs == 1, f"ran {runs} times: a job refused at setup would fail each retry the same way"
     assert "FileNotFoundError" in done.error and "/nonexistent/base-model does not exist" in done.error
     assert queue.list()[0].error == done.error
-    mixed = queue.submit(load("rng", ["behaviour.on_policy=0.9", *SHORT]), retries=2)  # past the schema, not pydantic
-    done = watch(queue, mixed, lambda s: s.status not in ("queued", "started"), 180)
-    assert done.status == "failed" and (workers.home / "worker0.log").read_text().count(f"({mixed})") == 1
-    assert "behaviour: on_policy + tempered + replay must be 1" in done.error, done.error
+    short = queue.submit(load("rng", ["task.max_len=1", *SHORT]), retries=2)  # past the schema: its support is read
+    done = watch(queue, short, lambda s: s.status not in ("queued", "started"), 180)
+    assert done.status == "failed" and (workers.home / "worker0.log").read_text().count(f"({short})") == 1
+    assert "task: max_len 1 cannot spell 99" in done.error, done.error

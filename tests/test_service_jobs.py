@@ -88,7 +88,8 @@ def test_a_malformed_job_is_refused_naming_the_field(home, demo_model, redis_ser
             assert elsewhere.status_code == 422 and "overrides" in elsewhere.text and str(demo_model) in elsewhere.text
         assert client.get("/jobs/no-such-job").status_code == 404
         for overrides, field in (({"barred_flow_offset": float("inf")}, "barred_flow_offset"),
-                                 ({"task.min_len": -1}, "task.min_len"), ({"a." * 2000 + "b": 1}, "nested")):
+                                 ({"task.min_len": -1}, "task.min_len"), ({"a." * 2000 + "b": 1}, "nested"),
+                                 ({"task.min_len": 30}, "task: min_len 30 is above max_len 12")):
             refused = client.post("/jobs", content=json.dumps({"task": "infill", "overrides": overrides}),
                                   headers={"content-type": "application/json"})  # Python's JSON writes inf as Infinity
             assert refused.status_code == 422 and field in refused.text, refused.text

@@ -17,10 +17,11 @@ from adapters.device import Device
 from adapters.manifest import LoraSpec
 from adapters.store import AdapterName
 from jobs.configs import Overrides, config_data
+from jobs.rules import Ruled, rules
 from trainer.tasks import AnyTaskConfig
 
 
-class _Strict(BaseModel):
+class _Strict(Ruled):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -45,20 +46,14 @@ class OptimConfig(_Strict):
 class BehaviourConfig(_Strict):
     """The mix of samples in each batch (fractions of samples_per_prompt)."""
 
+    model_config = ConfigDict(json_schema_extra=rules(ordered=[("temperature_low", "temperature_high")],
+                                                      sum_to_one=["on_policy", "tempered", "replay"]))
+
     on_policy: float = Field(0.5, ge=0)
     tempered: float = Field(0.25, ge=0)
     replay: float = Field(0.25, ge=0)
     temperature_low: float = Field(0.5, gt=0)
     temperature_high: float = Field(2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _sums_to_one(self) -> "BehaviourConfig":
-        total = self.on_policy + self.tempered + self.replay
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"on_policy + tempered + replay must be 1, got {total}")
-        if self.temperature_low > self.temperature_high:
-            raise ValueError("temperature_low must not exceed temperature_high")
-        return self
 
     def counts(self, samples: int) -> tuple[int, int]:
         """(tempered, replayed at most) of `samples` per prompt; the rest are on-policy, at least one
@@ -89,6 +84,8 @@ class ReplayConfig(_Strict):
 
 
 class TrainLora(LoraSpec):
+    model_config = ConfigDict(strict=True)  # as the other sections (jobs.rules.Ruled)
+
     r: PositiveInt = Field(16, le=1024, description="a cap, so a typo cannot run a worker out of memory")
     dropout: float = Field(0.0, ge=0, le=0, description="0: training runs in eval mode, on the log-probabilities "
                            "the sampler draws from (dropout would make every reward and residual noisy)")

@@ -11,11 +11,12 @@ from string import Formatter
 from typing import Annotated, Any, ClassVar, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from adapters.manifest import VocabMask, WordBias, word_bias
 from adapters.models import context_ids, document_prefix, pad_id, piece_ids, piece_text
+from jobs.rules import Ruled, pattern, rules
 from trainer.policy import PolicySpec
 from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
@@ -69,29 +70,25 @@ def check_template(template: str, fields: Sequence[str], required: Sequence[str]
 def template_pattern(fields: Sequence[str]) -> dict[str, str]:
     """check_template's rule as a JSON-schema pattern, so the service refuses a bad template at submit."""
     names = "|".join(fields)
-    return {"pattern": rf"^(?:[^{{}}]|\{{\{{|\}}\}}|\{{(?:{names})\}})*$"}
+    placeholders = ", ".join(f"{{{name}}}" for name in fields)
+    return pattern(rf"^(?:[^{{}}]|\{{\{{|\}}\}}|\{{(?:{names})\}})*$",
+                   f"its only placeholders may be {placeholders} (write {{{{ or }}}} for a literal brace)")
 
 
 MinLen = Annotated[int, Field(ge=0, description="tokens before the sample may stop")]
 MaxLen = Annotated[int, Field(ge=1, le=4096, description="tokens at most")]
 
 
-class TaskConfig(BaseModel):
+class TaskConfig(Ruled):
     """Fields every task config has; each task adds its own."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=rules(ordered=[("min_len", "max_len")]))
 
     name: str
     min_len: MinLen = 1
     max_len: MaxLen = 20
     stop_after: list[str] = Field([], description="one-token texts after which the sample may end, e.g. ['.'] for "
                                                   "whole sentences; empty: after any token")
-
-    @model_validator(mode="after")
-    def _lengths_fit(self) -> TaskConfig:
-        if self.max_len is not None and self.min_len > self.max_len:  # rng derives a missing max_len later
-            raise ValueError(f"min_len {self.min_len} is above max_len {self.max_len}")
-        return self
 
 
 class Task(ABC):

@@ -21,17 +21,19 @@ pass (Scorer.prefixes_and_suffix). The vocabulary is limited to what rationales 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator
 
 from adapters.calculator import CalculatorError, TokenCalculator, evaluate
 from adapters.manifest import VocabMask
+from jobs.rules import pattern
 from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
@@ -42,6 +44,9 @@ from world import corpus
 
 RATIONALE_CHARACTERS = frozenset("0123456789+-=, ")
 TERMINATOR = "."
+ANSWER_PROMPT_RULE = f"must start with the terminator {TERMINATOR!r}: Y begins where Z stops"
+# The operand counts of demo questions: the demo world's corpus has 2 to 5
+OperandCounts = Annotated[list[Annotated[int, Field(ge=2, le=5)]], Field(min_length=1)]
 
 
 class ReasoningRecord(BaseModel):
@@ -100,7 +105,8 @@ class ReasoningConfig(TaskConfig):
     min_len: MinLen = 0
     max_len: MaxLen = 48
     tool: Literal["calculator"] = "calculator"
-    answer_prompt: str = Field(". The answer is", description="what the base model reads after X Z to state the answer")
+    answer_prompt: str = Field(". The answer is", description="what the base model reads after X Z to state the answer",
+                               json_schema_extra=pattern(f"^{re.escape(TERMINATOR)}", ANSWER_PROMPT_RULE))
     reward_prefix: str | None = Field(None, description="few-shot text before X when the base model reads the answer; "
                                                          "default: the first `reward_shots` labelled rationales")
     reward_shots: int = Field(3, ge=0)
@@ -109,8 +115,8 @@ class ReasoningConfig(TaskConfig):
                                                      "or held-out demo questions")
     demo_questions: PositiveInt = 2000
     demo_labelled: PositiveInt = 20
-    train_operands: list[int] = [3, 4]
-    eval_operands: list[int] = [3, 4, 5]
+    train_operands: OperandCounts = [3, 4]
+    eval_operands: OperandCounts = [3, 4, 5]
     eval_questions: PositiveInt = Field(30, description="held-out questions per operand count")
     eval_rationales: PositiveInt = Field(10, description="rationales sampled per question (N)")
     seed: int = 0
@@ -119,15 +125,8 @@ class ReasoningConfig(TaskConfig):
     @classmethod
     def _starts_with_terminator(cls, answer_prompt: str) -> str:
         if not answer_prompt.startswith(TERMINATOR):
-            raise ValueError(f"must start with the terminator {TERMINATOR!r}: Y begins where Z stops")
+            raise ValueError(ANSWER_PROMPT_RULE)
         return answer_prompt
-
-    @field_validator("train_operands", "eval_operands")
-    @classmethod
-    def _operands(cls, counts: list[int]) -> list[int]:
-        if not counts or not all(2 <= n <= 5 for n in counts):
-            raise ValueError(f"operand counts must be 2..5, got {counts}")
-        return counts
 
 
 class ReasoningTask(Task):

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import ConfigDict, Field, PositiveFloat, PositiveInt, Strict, model_validator
 
 from adapters.manifest import VocabMask
+from jobs.rules import Ruled, rules
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
@@ -37,21 +37,16 @@ MAX_NUMBER = 10**MAX_DIGITS - 1
 Number = Annotated[int, Field(ge=0, le=MAX_NUMBER, description=f"a number the task can write: 0..{MAX_NUMBER}")]
 
 
-class _Target(BaseModel):
+class _Target(Ruled):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Uniform(_Target):
+    model_config = ConfigDict(json_schema_extra=rules(ordered=[("low", "high")]))
+
     kind: Literal["uniform"] = "uniform"
     low: Number = 0
     high: Number = 99
-
-    @field_validator("high")
-    @classmethod
-    def _not_below_low(cls, high: int, info: ValidationInfo) -> int:
-        if "low" in info.data and high < info.data["low"]:
-            raise ValueError(f"{high} is below low {info.data['low']}: the support would be empty")
-        return high
 
     def pmf(self) -> dict[int, float]:
         return {k: 1.0 / (self.high - self.low + 1) for k in range(self.low, self.high + 1)}
@@ -85,8 +80,9 @@ class Poisson(_Target):
 
 class Weights(_Target):
     kind: Literal["weights"] = "weights"
-    # the schema names the keys' bound too: JSON keys are text, which minimum/maximum do not check
-    weights: dict[Number, PositiveFloat] = Field(min_length=1, json_schema_extra={
+    # lax, for a queued config is JSON, whose keys are text ("3"); the schema names the keys' bound
+    # too, which minimum/maximum do not check on text
+    weights: dict[Annotated[Number, Strict(False)], PositiveFloat] = Field(min_length=1, json_schema_extra={
         "propertyNames": {"pattern": f"^[0-9]{{1,{MAX_DIGITS}}}$"}})
 
     def pmf(self) -> dict[int, float]:
@@ -116,7 +112,7 @@ class RngConfig(TaskConfig):
             self.max_len = widest
         elif widest > self.max_len:
             raise ValueError(f"max_len {self.max_len} cannot spell {max(self.target.pmf())}; raise it")
-        return self._lengths_fit()
+        return self.check_rules()
 
 
 class RngTask(Task):
