@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from adapters.store import MAX_VERSION, AdapterName, AdapterRef
 from service.engines.base import Sample
@@ -28,6 +28,16 @@ Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 
 
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must hold text, not only whitespace")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1), AfterValidator(_has_text)]
+"""Text the model reads: blank text gives it nothing to condition on, a mistake to name."""
+
+
 class Sampling(_Body):
     adapter: AdapterRef | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
                                                          "default: the endpoint's task adapter")
@@ -38,8 +48,8 @@ class Sampling(_Body):
 
 
 class InfillRequest(Sampling):
-    prefix: str = Field(min_length=1, description="the beginning X", examples=["Tom went to the market. He was hungry."])
-    suffix: str = Field(min_length=1, description="the ending Y", examples=["He ate it on the way home."])
+    prefix: Text = Field(description="the beginning X", examples=["Tom went to the market. He was hungry."])
+    suffix: Text = Field(description="the ending Y", examples=["He ate it on the way home."])
     score: bool = Field(False, description="also return the base model's log p(Z Y | X) of the story 'X Z Y'")
 
 
@@ -48,7 +58,7 @@ class GenerateRequest(Sampling):
                                         "include (constrained adapters)", examples=[["cat", "garden"]])
     avoid: list[Word] | None = Field(None, max_length=16, description="words the text should avoid (constrained "
                                      "adapters; [] for none, as training data without words to avoid reads)")
-    text: str | None = Field(None, min_length=1, description="text to continue (continuation adapters)")
+    text: Text | None = Field(None, description="text to continue (continuation adapters)")
 
     @model_validator(mode="after")
     def _words_agree(self) -> GenerateRequest:

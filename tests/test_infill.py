@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -160,6 +161,23 @@ def test_jsonl_data_loads_splits_and_prompts(tmp_path, setup, monkeypatch):
         load_jsonl(tmp_path / "missing.jsonl", InfillRecord)
     monkeypatch.chdir(tmp_path)  # a relative path is stored absolute: `gfn eval` finds it from anywhere
     assert InfillConfig(data="data.jsonl").data == str((tmp_path / "data.jsonl").resolve())
+
+
+@pytest.mark.parametrize("candidate, config, why", [
+    ("She walked " + "very " * 20 + "far.", {}, "tokens, outside task.min_len..task.max_len (0..12)"),
+    ("She walked far", {"stop_after": ["."]}, "does not end with one of task.stop_after ['.']"),
+])
+def test_a_candidate_the_policy_cannot_write_is_refused_naming_it(tmp_path, setup, candidate, config, why):
+    """The exact posterior is over the candidates: one no sample can be would put a floor under the TV
+    and report a perfect sampler as a poor one."""
+    task, _ = setup
+    line = json.dumps({"prefix": "Story begins.", "suffix": "It ends.", "candidates": ["She ran.", candidate]})
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps({"prefix": "A.", "suffix": "B.", "middle": "C."})])
+    held = write_lines(tmp_path / "held.jsonl", [line])
+    with pytest.raises(DataError, match=f"'Story begins.' has the candidate .*, which .*{re.escape(why)}"):
+        InfillTask(InfillConfig(data=str(train), eval_data=str(held), **config), task.tokenizer)
+    fitting = write_lines(tmp_path / "fits.jsonl", [line.replace(candidate, "She walked far.")])
+    assert InfillTask(InfillConfig(data=str(train), eval_data=str(fitting), **config), task.tokenizer).eval_records
 
 
 def test_demo_split_keeps_heldout_frames_out_of_training(setup):

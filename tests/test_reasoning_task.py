@@ -246,8 +246,12 @@ def test_jsonl_data_loads_splits_and_prompts(tmp_path: Path, world) -> None:
     records = [{"question": f"{a} + {b} - 1", "answer": a + b - 1} for a in range(10) for b in range(10)]
     records[0]["rationale"] = "0 + 0 = 0, 0 - 1 = -1"
     data = write_lines(tmp_path / "data.jsonl", [json.dumps(r) for r in records])
-    held = write_lines(tmp_path / "eval.jsonl", ['{"question": "1 + 2 + 3 + 4", "answer": 10}'])
-    task = ReasoningTask(ReasoningConfig(data=str(data), eval_data=str(held), reward_shots=1), world[0])
+    held = write_lines(tmp_path / "eval.jsonl", ['{"question": "1 + 2 + 3 + 4", "answer": 10}',
+                                                 '{"question": "1 + 2 + 3", "answer": 6}'])
+    with pytest.raises(DataError, match="task.eval_operands: the evaluation records have no question of 5 operands"):
+        ReasoningTask(ReasoningConfig(data=str(data), eval_data=str(held)), world[0])  # the default [3, 4, 5]
+    task = ReasoningTask(ReasoningConfig(data=str(data), eval_data=str(held), reward_shots=1, eval_operands=[4]),
+                         world[0])  # the counts evaluated, not every count the file has
     assert len(task.records) == 100 and task.labelled == [ReasoningRecord(**records[0])]
     assert task.format.reward_prefix == "Question: 0 + 0 - 1 = ? Answer: 0 + 0 = 0, 0 - 1 = -1. The answer is -1.\n"
     assert [r.question for r in task.eval_records] == ["Question: 1 + 2 + 3 + 4 = ? Answer:"]

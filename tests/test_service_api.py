@@ -157,6 +157,8 @@ def test_rationale_cache_returns_the_same_number(client):
     ({**INFILL, "n": True}, "n"),
     ({**INFILL, "seed": "1"}, "seed"),
     ({**INFILL, "seed": 2**32}, "seed"),  # the CPU's generator keeps 32 bits: it would draw as seed 0
+    ({**INFILL, "prefix": " \n\t"}, "prefix"),  # nothing to condition on
+    ({**INFILL, "suffix": "  "}, "suffix"),
 ])
 def test_bad_infill_gets_422_naming_the_field(client, body, field):
     response = client.post("/infill", json=body)
@@ -199,8 +201,9 @@ def test_bad_requests_get_clear_errors(client):
         assert unread.status_code == 422 and unread.json()["detail"][0]["loc"] == ["body"], unread.text
     for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: echoed back in the error, safely
         assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
-    empty = client.post("/generate", json={"adapter": "continuation", "text": ""})  # an empty prompt
-    assert empty.status_code == 422 and "text" in empty.json()["detail"][0]["loc"]
+    for text in ("", "   "):  # an empty prompt
+        empty = client.post("/generate", json={"adapter": "continuation", "text": text})
+        assert empty.status_code == 422 and "text" in empty.json()["detail"][0]["loc"], empty.text
     nothing_to_avoid = client.post("/generate", json={"keywords": ["cat"], "avoid": [], "n": 2})  # "Avoid: . Sentence:"
     assert nothing_to_avoid.status_code == 200 and len(nothing_to_avoid.json()["samples"]) == 2
     for words, field in ((["cat", "Cat"], []), (["cat", "dog"], ["dog"])):

@@ -77,6 +77,7 @@ def template_pattern(fields: Sequence[str]) -> dict[str, str]:
 
 MinLen = Annotated[int, Field(ge=0, description="tokens before the sample may stop")]
 MaxLen = Annotated[int, Field(ge=1, le=4096, description="tokens at most")]
+EvalPrompts = Annotated[int, Field(gt=0, description="the prompts evaluated: the first this many evaluation records")]
 
 
 class TaskConfig(Ruled):

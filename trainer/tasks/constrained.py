@@ -32,7 +32,7 @@ from trainer.metrics import distinct_n
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer, prefix_log_likelihood
-from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, check_template, template_pattern
+from trainer.tasks.base import EvalPrompts, MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, check_template, template_pattern
 from world import corpus
 
 PROMPT_TEMPLATE = "Keywords: {keywords}. Avoid: {avoid}. Sentence:"
@@ -85,7 +85,7 @@ class ConstrainedConfig(TaskConfig):
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out keyword sets of the demo world")
     demo_sets: PositiveInt = 300
-    eval_prompts: PositiveInt = 24
+    eval_prompts: EvalPrompts = 24
     eval_samples: PositiveInt = 32
     seed: int = 0
 

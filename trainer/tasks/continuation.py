@@ -27,7 +27,7 @@ from trainer.metrics import distinct_n, pairwise_diversity
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer, prefix_log_likelihood
-from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
+from trainer.tasks.base import EvalPrompts, MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
 
 TERMINATOR = "."
@@ -54,7 +54,7 @@ class ContinuationConfig(TaskConfig):
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out demo paragraphs")
     demo_prompts: PositiveInt = 2000
-    eval_prompts: PositiveInt = 32
+    eval_prompts: EvalPrompts = 32
     eval_samples: PositiveInt = Field(8, description="samples per prompt")
     seed: int = 0
 

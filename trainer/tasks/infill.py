@@ -19,12 +19,12 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
-from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.jsonl import DataError, data_file, load_jsonl, split_data, stable_tenth
 from trainer.metrics import bleu4, distinct_n, total_variation
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
 from trainer.scoring import Scorer
-from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
+from trainer.tasks.base import EvalPrompts, MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig
 from world import stories
 
 PROMPT_TEMPLATE = "Beginning: {prefix}\nEnding: {suffix}\nMiddle:"
@@ -75,7 +75,7 @@ class InfillConfig(TaskConfig):
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or the demo world's held-out frames")
     demo_stories: PositiveInt = 400
-    eval_prompts: PositiveInt = 24
+    eval_prompts: EvalPrompts = 24
     eval_samples: PositiveInt = 128
     seed: int = 0
 
@@ -88,6 +88,21 @@ class InfillTask(Task):
     def __init__(self, config: InfillConfig, tokenizer):
         super().__init__(config, tokenizer)
         self.records, self.eval_records = split_records(config)
+        for record in self.eval_records:
+            for candidate in record.candidates:
+                if why := self.unwritable(candidate):
+                    raise DataError(f"task: the evaluation record {record.prefix[:60]!r} has the candidate "
+                                    f"{candidate[:60]!r}, which {why}: the policy could never write it, yet the "
+                                    "exact posterior would give it mass")
+
+    def unwritable(self, middle: str) -> str | None:
+        """Why the policy could not write `middle` under this config, or None if it could."""
+        ids, low, high = self.ids(" " + middle), self.config.min_len, self.config.max_len
+        if not low <= len(ids) <= high:
+            return f"is {len(ids)} tokens, outside task.min_len..task.max_len ({low}..{high})"
+        if self.config.stop_after and (not ids or ids[-1] not in self.stop_after()):
+            return f"does not end with one of task.stop_after {self.config.stop_after}"
+        return None
 
     # ------------------------------------------------------------ training
     def prompt(self, record: InfillRecord) -> Prompt:

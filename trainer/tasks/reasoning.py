@@ -35,7 +35,7 @@ from adapters.calculator import CalculatorError, TokenCalculator, evaluate
 from adapters.manifest import VocabMask
 from jobs.rules import pattern
 from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
-from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.jsonl import DataError, data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout, Tool, tool_forced
 from trainer.scoring import Scorer
@@ -277,16 +277,20 @@ def operand_count(question: str) -> int:
 def load_records(config: ReasoningConfig) -> tuple[list[ReasoningRecord], list[ReasoningRecord], list[ReasoningRecord]]:
     """(training, labelled, evaluation) records: a user's data (evaluation: `eval_data`,
     else a stable tenth of `data`) or the demo world's questions; at most `eval_questions`
-    evaluation records per operand count."""
+    evaluation records of each of the `eval_operands` counts, every one of which must have some."""
     if config.data is not None:
         train, held = split_data(config.data, config.eval_data, ReasoningRecord, lambda r: stable_tenth(r.question))
     else:
         train, held = demo_records(config)
         if config.eval_data is not None:
             held = load_jsonl(config.eval_data, ReasoningRecord)
-    by_count: dict[int, list[ReasoningRecord]] = {}
+    by_count: dict[int, list[ReasoningRecord]] = {n: [] for n in config.eval_operands}
     for record in held:
-        by_count.setdefault(operand_count(record.question), []).append(record)
+        if (n := operand_count(record.question)) in by_count:
+            by_count[n].append(record)
+    if missing := [n for n, group in by_count.items() if not group]:
+        raise DataError(f"task.eval_operands: the evaluation records have no question of {missing[0]} operands; "
+                        f"add some, or set task.eval_operands to the counts they have")
     held = [r for _, group in sorted(by_count.items()) for r in group[: config.eval_questions]]
     return train, [r for r in train if r.rationale is not None], held
 
