@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
 if TYPE_CHECKING:
     import torch
+
+
+def _has_text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must hold text, not only whitespace")
+    return value
+
+
+Text = Annotated[str, Field(min_length=1), AfterValidator(_has_text)]
+"""Text a prompt template is filled with, in training data and requests alike: blank text gives
+the model nothing to condition on, a mistake to name."""
 
 
 class _Strict(BaseModel):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from adapters.manifest import Text
 from adapters.store import MAX_VERSION, AdapterName, AdapterRef
 from service.engines.base import Sample
 
@@ -26,16 +27,6 @@ Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 """One keyword: words are joined with ", " into the prompt, so none may be empty or hold a comma."""
 
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
-
-
-def _has_text(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must hold text, not only whitespace")
-    return value
-
-
-Text = Annotated[str, Field(min_length=1), AfterValidator(_has_text)]
-"""Text the model reads: blank text gives it nothing to condition on, a mistake to name."""
 
 
 class Sampling(_Body):

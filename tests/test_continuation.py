@@ -94,6 +94,7 @@ def test_beam_search_finds_likelier_sentences_and_diverse_beams_differ(world) ->
 
 @pytest.mark.parametrize(("line", "message"), [
     ('{"text": ""}', "line 2: field 'text'"),
+    ('{"text": "   "}', "line 2: field 'text': Value error, must hold text"),
     ('{"prompt": "The dog ran."}', "line 2: field"),
     ('["The dog ran."]', "line 2: expected a JSON object"),
 ])

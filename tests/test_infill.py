@@ -132,6 +132,7 @@ def write_lines(path, lines):
     ('{"prefix": "A.", "suffix": "B."', "line 3: not valid JSON"),
     ('{"prefix": "A."}', "line 3: field 'suffix': Field required"),
     ('{"prefix": "A.", "suffix": ""}', "line 3: field 'suffix'"),
+    ('{"prefix": " \\n ", "suffix": "B."}', "line 3: field 'prefix': Value error, must hold text"),
     ('{"prefix": "A.", "suffix": "B.", "midle": "C."}', "line 3: field 'midle': Extra inputs"),
     ('["A.", "B."]', "line 3: expected a JSON object"),
     ('{"prefix": "A.", "suffix": "B.", "candidates": ["C.", "C. ", "D."]}',  # would halve one middle's mass

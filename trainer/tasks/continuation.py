@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from adapters.manifest import VocabMask
+from adapters.manifest import Text, VocabMask
 from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
 from trainer.metrics import distinct_n, pairwise_diversity
 from trainer.plots import grouped_bars
@@ -40,7 +40,7 @@ class ContinuationRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1)
+    text: Text
 
 
 RecordsFile = data_file(ContinuationRecord)

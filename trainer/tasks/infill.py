@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
+from adapters.manifest import Text
 from trainer.jsonl import DataError, data_file, load_jsonl, split_data, stable_tenth
 from trainer.metrics import bleu4, distinct_n, total_variation
 from trainer.plots import bar_chart
@@ -38,8 +39,8 @@ class InfillRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prefix: str = Field(min_length=1)
-    suffix: str = Field(min_length=1)
+    prefix: Text
+    suffix: Text
     middle: str | None = None
     candidates: list[str] = []
 
