@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
@@ -38,6 +38,10 @@ class VocabMask(_Strict):
     mode: Literal["none", "allow", "deny"] = "none"
     token_ids: list[NonNegativeInt] = []
     penalty: float = -99.0
+
+    def key(self, terminator_id: int) -> tuple[Any, ...]:
+        """What an engine's cache of this mask (as a bias, or as its own parameters) is keyed by."""
+        return self.mode, tuple(self.token_ids), self.penalty, terminator_id
 
     def bias(self, vocab_size: int, terminator_id: int) -> torch.Tensor:
         """Float32 vector to add to logits: ``penalty`` on masked ids, 0 elsewhere.
@@ -76,11 +80,18 @@ def word_bias(biases: Sequence[WordBias], words: Mapping[str, Sequence[str]], to
               terminator_id: int) -> dict[int, float]:
     """Token id -> logit bias for a prompt's word lists (field -> words)."""
     bias: dict[int, float] = {}
+    for rule, _, token in biased_tokens(biases, words, tokenizer, terminator_id):
+        bias[token] = bias.get(token, 0.0) + rule.bias
+    return bias
+
+
+def biased_tokens(biases: Sequence[WordBias], words: Mapping[str, Sequence[str]], tokenizer: Any,
+                  terminator_id: int) -> Iterator[tuple[WordBias, str, int]]:
+    """(rule, word, token) for each token a rule's bias acts on, for each of its field's words."""
     for rule in biases:
         for word in words.get(rule.field, ()):
             for token in word_tokens(tokenizer, word, terminator_id):
-                bias[token] = bias.get(token, 0.0) + rule.bias
-    return bias
+                yield rule, word, token
 
 
 def word_tokens(tokenizer: Any, word: str, terminator_id: int) -> list[int]:

@@ -78,10 +78,16 @@ def piece_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return tokenizer.decode(anchor + list(ids))[len(tokenizer.decode(anchor)):]
 
 
-def special_texts(tokenizer: PreTrainedTokenizerBase) -> set[str]:
-    """The text of every special token, those added as special too (Llama-3's "<|eot_id|>"): spelled
-    inside a text, each is read as the control token itself, not as text."""
-    return {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)}
+def special_token_in(tokenizer: PreTrainedTokenizerBase, text: str) -> str | None:
+    """A special token of the tokenizer (those added as special too: Llama-3's "<|eot_id|>") that
+    `text` spells, if any: inside a text, it would be read as the control token itself, not as text."""
+    return next((token for token in _special_texts(tokenizer) if token in text), None)
+
+
+@functools.lru_cache(maxsize=8)
+def _special_texts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return tuple(sorted({*tokenizer.all_special_tokens, *added}))
 
 
 def _plain(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -13,11 +13,13 @@ by majority vote or weighted by p(Y | X Z) (`answer_log_probs`). The base model 
 only through two callables, so this module needs neither torch nor a particular engine.
 """
 
+from __future__ import annotations
+
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from adapters.calculator import ANSWER_TAG, CalculatorError, evaluate
 
@@ -110,10 +112,6 @@ def parse_question(text: str) -> Question:
     )
 
 
-def format_question(operands: Sequence[int], operators: Sequence[str]) -> str:
-    """The prompt X for the given operands and operators; raises ValueError if invalid."""
-    return Question(tuple(operands), tuple(operators)).text
-
 
 def solve(question: Question | str) -> int:
     """The exact answer, computed left to right with the same calculator as the rationales."""
@@ -167,6 +165,11 @@ class AnswerFormat:
 
     answer_prompt: str = ". The answer is"
     reward_prefix: str = ""
+
+    @classmethod
+    def of(cls, task_config: Mapping[str, Any]) -> AnswerFormat:
+        """The format of a reasoning adapter, from its manifest's task_config."""
+        return cls(task_config["answer_prompt"], task_config.get("reward_prefix") or "")
 
     def context(self, prompt: str, rationale: str) -> str:
         """What the base model reads before the answer: few-shot prefix, question, rationale."""

@@ -79,6 +79,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return check_name(name), int(version) if at else None
 
 
+def format_ref(name: str, version: int) -> str:
+    """The serving name of one version, ``name@vN``: parse_ref's inverse."""
+    return f"{name}@v{version}"
+
+
 def _valid_ref(ref: str) -> str:
     parse_ref(ref)
     return ref
@@ -230,7 +235,7 @@ class AdapterStore:
         path = self.root / check_name(name) / f"v{version}"
         if isinstance(version, bool) or not isinstance(version, int) or not path.is_dir():
             raise AdapterNotFound(
-                f"adapter {name}@v{version} not found in {self.root}; "
+                f"adapter {format_ref(name, version)} not found in {self.root}; "
                 f"versions of {name!r}: {self.versions(name) or 'none'}"
             )
         return path
@@ -274,7 +279,7 @@ class AdapterStore:
                 yield self.manifest(name, version)
             except AdapterCorrupt as error:
                 if damaged is not None:
-                    damaged[f"{name}@v{version}"] = str(error)
+                    damaged[format_ref(name, version)] = str(error)
 
     def list(self, damaged: dict[str, str] | None = None) -> builtins.list[Manifest]:
         """Manifests of every readable version of every adapter, by name then version: one damaged

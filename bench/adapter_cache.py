@@ -17,7 +17,8 @@ from adapters.home import gfn_home
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore
 from trainer.config import TrainConfig
-from trainer.loop import Trainer, resolve_base_model
+from trainer.loop import Trainer
+from trainer.setup import resolve_base_model
 
 
 def log(message: str) -> None:

@@ -29,7 +29,7 @@ from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
 from bench.serve_load import Service  # noqa: E402
 from gfn.local import RedisServer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import resolve_base_model  # noqa: E402
+from trainer.setup import resolve_base_model  # noqa: E402
 
 
 def questions(count: int) -> list[str]:

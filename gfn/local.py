@@ -91,7 +91,7 @@ class RedisServer:
             self.process = None
 
 
-def missing_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTERS) -> list[str]:
+def missing_demo_adapters(model_dir: Path) -> list[str]:
     """The demo adapters the store does not hold for this demo model yet. A rebuilt demo world
     is another base model: its adapters train anew."""
     from adapters.fingerprint import fingerprint
@@ -100,7 +100,7 @@ def missing_demo_adapters(model_dir: Path, names: tuple[str, ...] = DEMO_ADAPTER
 
     base = fingerprint(model_dir)
     held = {m.name for m in AdapterStore(store_root()).list() if m.base_model.fingerprint == base}
-    return [name for name in names if name not in held]
+    return [name for name in DEMO_ADAPTERS if name not in held]
 
 
 def ensure_demo_adapters(model_dir: Path) -> None:

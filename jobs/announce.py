@@ -20,10 +20,6 @@ class NewVersion(BaseModel):
     version: int
     job_id: str | None = None
 
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@v{self.version}"
-
 
 def announce(redis: Redis, new: NewVersion) -> None:
     """Record and publish `new`; announcing a version twice (a retried job) is harmless."""

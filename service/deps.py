@@ -10,8 +10,8 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, HTTPException, Request
 from transformers import PreTrainedTokenizerBase
 
-from adapters.manifest import Manifest, word_bias, word_tokens
-from adapters.models import special_texts
+from adapters.manifest import Manifest, biased_tokens, word_bias
+from adapters.models import special_token_in
 from service.engines.base import GenRequest, Sample
 from service.errors import ClientDisconnected, invalid
 from service.policy import gen_request, render
@@ -121,9 +121,8 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, str]) -> None:
     """A client's text is text: a special token spelled in it ("<|endoftext|>", Llama-2's "<s>") would
     be read as the control token itself, a document's end or the adapter's terminator, so it is refused."""
-    special = special_texts(tokenizer)
     for field, text in texts.items():
-        if found := next((t for t in special if t in text), None):
+        if found := special_token_in(tokenizer, text):
             raise invalid(field, f"holds {found!r}, the tokenizer's special token: it would be read as that "
                                  "token, not as text", text)
 
@@ -133,16 +132,14 @@ def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreT
     with bare whitespace (" 5" in a tokenizer that splits digits off: banning " " bans every space), and
     one whose token a word of the opposite sign also claims (avoiding "cats" or "Cats" beside "cat")."""
     claimed: dict[int, tuple[str, float]] = {}
-    for rule in manifest.word_biases:
-        for word in words.get(rule.field, ()):
-            for token in word_tokens(tokenizer, word, manifest.terminator_id):
-                if not tokenizer.decode([token]).strip():
-                    raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: it starts with "
-                                              "a bare whitespace token; give a word that starts with a letter", word)
-                other = claimed.setdefault(token, (word, rule.bias))
-                if (other[1] > 0) != (rule.bias > 0):
-                    raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "
-                                              f"{manifest.ref} would both favour and ban", word)
+    for rule, word, token in biased_tokens(manifest.word_biases, words, tokenizer, manifest.terminator_id):
+        if not tokenizer.decode([token]).strip():
+            raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: it starts with "
+                                      "a bare whitespace token; give a word that starts with a letter", word)
+        other = claimed.setdefault(token, (word, rule.bias))
+        if (other[1] > 0) != (rule.bias > 0):
+            raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "
+                                      f"{manifest.ref} would both favour and ban", word)
 
 
 async def _samples(request: Request, state: ServiceState, generation: GenRequest,

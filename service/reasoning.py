@@ -29,7 +29,7 @@ async def sample_rationales(state: ServiceState, request: Request, manifest: Man
     """``generation.n`` rationales with their calculator steps, the answer read and its log p(Y | X Z)."""
     result = await state.sample(request, generation)
     texts = [state.decode(s.token_ids) for s in result.samples]
-    answer_format = AnswerFormat(manifest.task_config["answer_prompt"], manifest.task_config.get("reward_prefix") or "")
+    answer_format = AnswerFormat.of(manifest.task_config)
     prompts, bridge = [question] * len(texts), _Bridge()
     try:
         answers = await asyncio.to_thread(read_answers, prompts, texts, answer_format, bridge(_completer(state, manifest)))

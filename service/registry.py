@@ -58,7 +58,7 @@ class Registry:
         entry = self.entries.get(adapter) if version else self.routed(adapter)
         if entry is None or entry.retiring:
             raise AdapterUnavailable(
-                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'} "
+                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.live_refs()) or 'none'} "
                 "(POST /adapters loads a stored one)")
         return entry
 
@@ -71,7 +71,8 @@ class Registry:
         named = [e for e in candidates if e.manifest.name == task]
         return named[0] if named else max(candidates, key=lambda e: e.manifest.created_at)
 
-    def _live_refs(self) -> list[str]:
+    def live_refs(self) -> list[str]:
+        """The versions loaded and not retiring: those a request may name."""
         return sorted(ref for ref, e in self.entries.items() if not e.retiring)
 
     @contextmanager
@@ -130,7 +131,7 @@ class Registry:
         the watcher does not load it again (a POST /adapters naming it does)."""
         entry = self.entries.get(ref)
         if entry is None:
-            raise AdapterUnavailable(f"adapter {ref!r} is not loaded; loaded: {', '.join(self._live_refs()) or 'none'}")
+            raise AdapterUnavailable(f"adapter {ref!r} is not loaded; loaded: {', '.join(self.live_refs()) or 'none'}")
         self.unloaded.add(ref)
         await self._retire(entry)
 

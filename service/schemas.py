@@ -29,13 +29,18 @@ Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
 
 
-class Sampling(_Body):
+class _Drawing(_Body):
+    """How every endpoint draws from an adapter."""
+
     adapter: AdapterRef | None = Field(None, description="'name' (its newest loaded version) or 'name@vN'; "
                                                          "default: the endpoint's task adapter")
-    n: int = Field(1, ge=1, description="samples; at most the service's max_n")
     max_tokens: int | None = Field(None, ge=1, description="forced stop; default and maximum: the adapter's max_len")
     temperature: Temperature = 1.0
     seed: Seed | None = None
+
+
+class Sampling(_Drawing):
+    n: int = Field(1, ge=1, description="samples; at most the service's max_n")
 
 
 class InfillRequest(Sampling):
@@ -62,15 +67,11 @@ class GenerateRequest(Sampling):
         return self
 
 
-class ReasonRequest(_Body):
+class ReasonRequest(_Drawing):
     question: str = Field(max_length=200, description="'Question: 6 - 0 - 4 = ? Answer:' or just '6 - 0 - 4'",
                           examples=["6 - 0 - 4 - 8"])
-    adapter: AdapterRef | None = Field(None, description="default: the reasoning adapter")
     n_rationales: int = Field(10, ge=1, description="rationales sampled (or taken from the cache)")
     aggregate: Literal["vote", "weighted"] = Field("vote", description="majority, or weighted by log p(Y | X Z)")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: Temperature = 1.0
-    seed: Seed | None = None
 
 
 class SampleOut(BaseModel):
@@ -99,7 +100,8 @@ class Step(BaseModel):
 class Rationale(BaseModel):
     text: str
     steps: list[Step]
-    answer: int | None = Field(description="read by the base model; null if it gave none")
+    answer: int | None = Field(description="the calculator's last value where the rationale ends with one, else "
+                                            "the base model's greedy answer after it; null if it gave none")
     log_q: float
     log_p_answer: float | None = Field(description="base log p(Y | X Z) of the answer read")
 

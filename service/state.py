@@ -18,7 +18,7 @@ from adapters.errors import AdapterError, AdapterNotFound
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
-from adapters.store import AdapterStore, parse_ref
+from adapters.store import AdapterStore, format_ref, parse_ref
 from jobs import JobQueue
 from service.cache import RationaleCache
 from service.engines import start_engine
@@ -98,7 +98,7 @@ class ServiceState:
         return {
             "ready": self.engine.alive and redis is not False,
             "engine": self.engine.name,
-            "adapters": sorted(ref for ref, e in self.registry.entries.items() if not e.retiring),
+            "adapters": self.registry.live_refs(),
             "refused": self.refused,
             "redis": {None: "not configured", True: "ok", False: "unreachable: rationale cache bypassed, /jobs unavailable"}[redis],
         }
@@ -182,7 +182,7 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
                 manifest = store.manifest(name, version)
             except AdapterError as error:
                 if not candidates:  # past the version that would serve, damage is for `gfn adapters list`
-                    refused[f"{name}@v{version}"] = str(error)
+                    refused[format_ref(name, version)] = str(error)
                 continue
             if manifest.base_model.fingerprint == base_fingerprint:
                 candidates.append(manifest)

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from adapters.errors import AdapterError
-from adapters.store import AdapterStore, parse_ref
+from adapters.store import AdapterStore, format_ref, parse_ref
 from jobs import CHANNEL, LATEST, NewVersion
 from service.errors import AdapterBusy, AdapterRefused
 from service.registry import Registry
@@ -46,7 +46,7 @@ class AdapterWatcher:
 
     async def offer(self, name: str, version: int) -> None:
         """Load `name@v{version}` when it is newer than what `name` routes to."""
-        routed, ref = self.registry.routed(name), f"{name}@v{version}"
+        routed, ref = self.registry.routed(name), format_ref(name, version)
         if (self.names is not None and name not in self.names) or (routed is not None and routed.manifest.version >= version) or ref in self.refused or ref in self.registry.unloaded:
             return
         try:

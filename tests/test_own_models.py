@@ -102,11 +102,14 @@ def llama2_like(sentencepiece_dir: Path, sentencepiece: PreTrainedTokenizerBase,
     return out
 
 
+INFILL = InfillConfig(max_len=20)  # room for every demo middle in these tokenizers' pieces (the demo's takes 12)
+
+
 def _served(model_dir: Path, root: Path, engine: str = "transformers"):
     """The service on ``model_dir`` with an infill and a reasoning adapter."""
     tokenizer = load_tokenizer(model_dir)
     store = AdapterStore(root / "adapters")
-    for seed, task in enumerate([InfillTask(InfillConfig(), tokenizer), ReasoningTask(ReasoningConfig(), tokenizer)]):
+    for seed, task in enumerate([InfillTask(INFILL, tokenizer), ReasoningTask(ReasoningConfig(), tokenizer)]):
         save_adapter(store, task.name, model_dir, task.manifest_fields(), seed=seed, scale=0.1)
     settings = Settings(engine=engine, store=store.root, base_model=str(model_dir), torch_threads=1)
     with Server(create_app(settings)) as server, server.client() as client:
@@ -136,7 +139,7 @@ def test_infill_prompts_scores_and_rewards_agree_between_trainer_and_service(ser
     model_dir, store, client = request.getfixturevalue(served)
     tokenizer = load_tokenizer(model_dir)
     eos = tokenizer.eos_token_id
-    task = InfillTask(InfillConfig(), tokenizer)
+    task = InfillTask(INFILL, tokenizer)
     prompt = task.prompt(InfillRecord(prefix=PREFIX, suffix=SUFFIX))
     context, ending = task.context_ids(PREFIX), task.ids(" " + SUFFIX)
     assert prompt.ids == tokenizer(prompt.key)["input_ids"] and prompt.ids[0] == tokenizer.bos_token_id
@@ -273,7 +276,7 @@ def test_auto_serves_with_transformers_where_vllm_cannot(demo_model: Path, tmp_p
 def test_a_damaged_or_missing_base_model_is_named(demo_model: Path, tmp_path: Path):
     """transformers' and json's own messages name neither the model nor the file."""
     from adapters.models import BaseModelUnreadable
-    from trainer.loop import resolve_base_model
+    from trainer.setup import resolve_base_model
 
     broken = tmp_path / "model"
     shutil.copytree(demo_model, broken)

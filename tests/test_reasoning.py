@@ -8,12 +8,12 @@ from adapters.calculator import CalculatorError, evaluate, tool_output
 from adapters.reasoning import (
     Question,
     aggregate,
-    format_question,
     parse_answer,
     parse_question,
     solve,
     steps,
 )
+from world import corpus
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_parse_and_format_question_round_trip() -> None:
     text = "Question: 6 - 0 - 4 - 8 = ? Answer:"
     question = parse_question(text)
     assert question == Question(operands=(6, 0, 4, 8), operators=("-", "-", "-"))
-    assert format_question([6, 0, 4, 8], ["-", "-", "-"]) == text
+    assert Question((6, 0, 4, 8), ("-", "-", "-")).text == text == corpus.question([6, 0, 4, 8], ["-", "-", "-"])
     assert parse_question("  6-0-4-8 ").text == text  # the bare expression is accepted too
 
 
@@ -213,9 +213,9 @@ def test_parse_question_refuses_long_near_misses() -> None:
     ("operands", "operators"),
     [([1], []), ([1, 2], []), ([1, 10], ["+"]), ([1, -1], ["+"]), ([1, 2], ["*"]), ([True, 2], ["+"])],
 )
-def test_format_question_refuses_invalid(operands: list[int], operators: list[str]) -> None:
+def test_a_question_refuses_invalid_parts(operands: list[int], operators: list[str]) -> None:
     with pytest.raises(ValueError):
-        format_question(operands, operators)
+        Question(tuple(operands), tuple(operators))
 
 
 def test_steps_of_a_rationale() -> None:

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from adapters.store import AdapterStore
 from trainer.evaluate import LoadedPolicy
-from trainer.rl import load_rl_config, rloo_advantages, sequence_log_prob, train_rl
-from trainer.rollout import Rollout
+from trainer.rl import load_rl_config, rloo_advantages, train_rl
+from trainer.rollout import Rollout, sequence_log_prob
 from trainer.tasks.rng import draw_numbers
 
 

@@ -12,7 +12,7 @@ import torch
 from adapters.fingerprint import fingerprint
 from adapters.models import load_causal_lm, load_tokenizer, pad_id, tokenizer_digest
 from adapters.store import AdapterStore
-from trainer.rollout import sample
+from trainer.rollout import Rollout, sampler
 from trainer.scoring import Scorer
 from trainer.tasks import TASKS, Task
 
@@ -36,22 +36,22 @@ class LoadedPolicy:
 
     def sampler(self, generator: torch.Generator, adapter: bool = True):
         """One latent per prompt from the adapter, or from the base model under the same masks."""
-        def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
-            if adapter:
-                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool, bias)
+        draw = sampler(self.model, self.spec, self.pad_id, generator, self.tool)
+
+        def base(prompts: list[list[int]], bias: list[dict[int, float]] | None = None) -> Rollout:
             with self.model.disable_adapter():
-                return sample(self.model, self.spec, prompts, self.pad_id, 1.0, generator, self.tool, bias)
-        return draw
+                return draw(prompts, bias)
+        return draw if adapter else base
 
 
-def evaluate_adapter(store: AdapterStore, name: str, version: int | None = None, samples: int | None = None,
-                     out_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+def evaluate_adapter(store: AdapterStore, name: str, version: int | None = None,
+                     samples: int | None = None) -> dict[str, Any]:
     """The task's metrics of a stored adapter; `samples` (default: the task's) is checked before the model loads."""
     if samples is not None and samples < 1:  # 0 would silently mean the default, fewer divide by zero
         raise ValueError(f"samples: must be at least 1, got {samples}")
     policy = LoadedPolicy(store, name, version)
-    generator = torch.Generator().manual_seed(seed)
-    out = out_dir or Path(mkdtemp(prefix="gfn-eval-"))
+    generator = torch.Generator().manual_seed(0)
+    out = Path(mkdtemp(prefix="gfn-eval-"))
     kwargs = {"samples": samples} if samples is not None else {}
     return {"adapter": policy.manifest.ref, "plot_dir": str(out),
             **policy.task.evaluate(policy.sampler(generator), policy.scorer, out, **kwargs)}

@@ -68,6 +68,20 @@ def split_data(data: str, eval_data: str | None, record_type: type[Record],
     return train, held
 
 
+def task_records(config: Any, record_type: type[Record], held_out: Callable[[Record], bool],
+                 demo: Callable[[], list[Record]], demo_held: Callable[[list[Record]], list[Record]]
+                 ) -> tuple[list[Record], list[Record]]:
+    """(training, evaluation) records of a task config with `data`, `eval_data` and `eval_prompts`:
+    the user's data (split_data), else the demo world's (`demo()`, evaluated on `eval_data` or on
+    `demo_held(training)`); the first `eval_prompts` evaluation records."""
+    if config.data is not None:
+        train, held = split_data(config.data, config.eval_data, record_type, held_out)
+    else:
+        train = demo()
+        held = load_jsonl(config.eval_data, record_type) if config.eval_data is not None else demo_held(train)
+    return train, held[: config.eval_prompts]
+
+
 def data_file(record_type: type[BaseModel]) -> Any:
     """The type of a config field naming a JSONL file of `record_type` (or None): the file
     is read when the config is, so a bad line fails there, naming the line and field. A relative

@@ -24,7 +24,7 @@ from adapters._fs import is_partial, sha256_file, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
-from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora, special_texts
+from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
 from jobs.configs import DATA_KEYS
 from trainer import plots
@@ -33,9 +33,10 @@ from trainer.objective import subtb_loss
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
 from trainer.replay import ReplayBuffer
-from trainer.rollout import Rollout, sample
+from trainer.rollout import Rollout, sample, sampler
 from trainer.scoring import Scorer
-from trainer.tasks import Prompt, Task, make_task
+from trainer.setup import check_prompts, resolve_base_model
+from trainer.tasks import Prompt, make_task
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the one before, kept until the next is durable: a fallback if the newest is damaged
@@ -51,26 +52,6 @@ class RunInUse(RuntimeError):
 
 class CheckpointUnreadable(ValueError):
     """No checkpoint of the run directory can be read (a disk fault, or files edited by hand)."""
-
-
-def resolve_base_model(name: str) -> str:
-    """A local model directory for `name`: 'demo' is the demo world's base model (built on
-    first use), a directory is itself, anything else a hub id, fetched or found in the hub
-    cache, so that loading and the base-model fingerprint read the same files."""
-    if name == "demo":
-        from world.base_model import build
-        return str(build())
-    path = Path(name).expanduser()
-    if path.is_dir():  # absolute: the manifest records it, and it is read from other directories
-        return str(path.resolve())
-    if path.is_absolute() or name.startswith((".", "~")) or path.exists():
-        raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name)
-    except (OSError, ValueError) as error:  # not found, offline, not a valid id: the hub's errors say neither
-        raise FileNotFoundError(f"base model {name!r} is no directory here, nor found on the hub: "
-                                f"{' '.join(str(error).split())}") from error
 
 
 class Trainer:
@@ -113,7 +94,7 @@ class Trainer:
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)
         self.prompts = self.task.train_prompts()
-        check_context(self.task, self.prompts, self.model.config)
+        check_prompts(self.task, self.prompts, self.model.config)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.optim.factor(s, config.steps))
@@ -307,11 +288,6 @@ class Trainer:
             log.write(json.dumps(metrics) + "\n")
 
     # ------------------------------------------------------------------ the result
-    def sampler(self, temperature: float = 1.0):
-        """Draws one latent per prompt from the trained policy (for evaluation)."""
-        return lambda prompts, bias=None: sample(self.model, self.spec, prompts, self.pad_id, temperature,
-                                                 self.generator, self.tool, bias)
-
     def finish(self, train_seconds: float) -> Manifest:
         """Evaluate and store the adapter; a run whose adapter is stored already (run again after it
         finished) gets that version back at once, not after another evaluation."""
@@ -327,7 +303,7 @@ class Trainer:
                        base_fingerprint=self.base_fingerprint, lora=self.config.lora,
                        training={"method": self.method, "config": self.config.model_dump(), "steps": self.step},
                        metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},
-                       evaluation=(self.sampler(), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
+                       evaluation=(sampler(self.model, self.spec, self.pad_id, self.generator, self.tool), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -397,26 +373,6 @@ def _clear(run_dir: Path) -> None:
     for path in run_dir.iterdir():
         if path.name != ".lock":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def check_context(task: Task, prompts: list[Prompt], model_config: Any) -> None:
-    """What the model reads for each prompt, training's and evaluation's, sample and reward alike,
-    must fit its positions: beyond them training fails deep in the embedding (learned positions),
-    after hours if only an evaluation prompt is long, or reads what the model never learned (RoPE).
-    And a record's text is text: a special token spelled in it would be read as the control token."""
-    everything = prompts + task.eval_prompts()
-    special = special_texts(task.tokenizer)
-    for prompt in everything:
-        texts = [v for value in prompt.fields.values() for v in (value if isinstance(value, list) else [value])]
-        if found := next((t for t in special if any(isinstance(v, str) and t in v for v in texts)), None):
-            raise ValueError(f"task: the record of prompt {prompt.key[:80]!r} holds {found!r}, the tokenizer's special "
-                             "token, which would be read as that token, not as text; remove it from the data")
-    limit = getattr(model_config, "max_position_embeddings", None)
-    longest = max(everything, key=task.read_length, default=None)
-    if limit is not None and longest is not None and task.read_length(longest) > limit:
-        raise ValueError(f"task: the prompt {longest.key[:80]!r}, with task.max_len {task.config.max_len} tokens after it "
-                         f"and what its reward reads, comes to {task.read_length(longest)} tokens, beyond the base "
-                         f"model's {limit} positions; shorten the data or lower task.max_len")
 
 
 def _append_replayed(rollout: Rollout, log_r: torch.Tensor, replayed: list, pad_id: int) -> tuple[Rollout, torch.Tensor]:

@@ -17,7 +17,7 @@ from trainer.tasks.base import Sampler
 
 def publish(store: AdapterStore, name: str, out: Path, task: Task, *, model_dir: str, base_fingerprint: str,
             lora: LoraSpec, training: dict[str, Any], metrics: dict[str, Any],
-            evaluation: tuple[Sampler, Scorer] | None, job_id: str | None) -> Manifest:
+            evaluation: tuple[Sampler, Scorer] | None, job_id: str | None = None) -> Manifest:
     """Store ``out`` (the saved LoRA and the run's logs) as the next version of ``name``, after the
     task's evaluation with ``evaluation`` (sampler, scorer; None: not evaluated) into ``eval.json``."""
     if evaluation is not None:

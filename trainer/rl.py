@@ -26,7 +26,7 @@ from jobs.configs import Overrides, config_data
 from trainer.config import TrainConfig
 from trainer.loop import Trainer
 from trainer.policy import policy_log_probs
-from trainer.rollout import Rollout, sample
+from trainer.rollout import sample, sequence_log_prob
 from trainer.tasks import Prompt
 
 
@@ -49,14 +49,6 @@ def load_rl_config(source: str | Path | dict, overrides: Overrides = ()) -> RLCo
     """An RLConfig from a YAML path, a bundled config's name (e.g. 'rng') or a dict, with
     `a.b=value` overrides (e.g. ["name=rng-rl", "kl_coef=0.1"])."""
     return RLConfig.model_validate(config_data(source, overrides))
-
-
-def sequence_log_prob(log_pf: torch.Tensor, log_pterm: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """log q(z1..zn ⊤) of each sample from per-state log-probs, tool-written tokens excluded: [B],
-    on the log-probs' device."""
-    device = log_pf.device
-    rows, lengths = torch.arange(len(rollout.lengths), device=device), rollout.lengths.to(device)
-    return torch.where(rollout.written().to(device), log_pf, 0.0).sum(1) + log_pterm[rows, lengths]
 
 
 def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:

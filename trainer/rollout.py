@@ -54,6 +54,32 @@ class Rollout:
         """[B, max_len]: the tokens the policy wrote (inside each latent, not the tool's)."""
         return (torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]) & ~self.forced
 
+    @classmethod
+    def teacher_forced(cls, prompts: list[list[int]], latents: list[list[int]], pad_id: int,
+                       tool: Tool | None = None) -> Rollout:
+        """Given latents (labelled rationales, SFT targets) as a rollout, the tool's tokens flagged
+        `forced` where sampling with it would have written them (tool_forced)."""
+        tokens = torch.full((len(latents), max(map(len, latents), default=0)), pad_id, dtype=torch.long)
+        forced = torch.zeros(tokens.shape, dtype=torch.bool)
+        for row, latent in enumerate(latents):
+            tokens[row, : len(latent)] = torch.tensor(latent, dtype=torch.long)
+            forced[row, : len(latent)] = torch.tensor(tool_forced(tool, latent), dtype=torch.bool)
+        return cls(prompts, tokens, torch.tensor([len(z) for z in latents]), forced)
+
+
+def sequence_log_prob(log_pf: torch.Tensor, log_pterm: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """log q(z1..zn ⊤) of each sample from per-state log-probs, tool-written tokens excluded: [B],
+    on the log-probs' device."""
+    device = log_pf.device
+    rows, lengths = torch.arange(len(rollout.lengths), device=device), rollout.lengths.to(device)
+    return torch.where(rollout.written().to(device), log_pf, 0.0).sum(1) + log_pterm[rows, lengths]
+
+
+def sampler(model: torch.nn.Module, spec: PolicySpec, pad_id: int, generator: torch.Generator,
+            tool: Tool | None = None) -> Callable[..., Rollout]:
+    """A task's Sampler (tasks.base) for evaluation: one latent per prompt from `model`, untempered."""
+    return lambda prompts, bias=None: sample(model, spec, prompts, pad_id, 1.0, generator, tool, bias)
+
 
 @torch.no_grad()
 def sample(

@@ -30,6 +30,11 @@ class Scorer:
                                                  terminator_id)
         return log_pf.cpu(), log_pterm.cpu()
 
+    def stop_log_likelihood(self, rollout: Rollout, terminator_id: int) -> torch.Tensor:
+        """log p(z1..zi ⊤ | prompt) under the base model for every prefix i: [B, L+1]."""
+        log_pf, log_pterm = self.latent(rollout, terminator_id)
+        return prefix_log_likelihood(log_pf) + log_pterm
+
     @torch.no_grad()
     def continuation(self, contexts: list[list[int]], continuations: list[list[int]]) -> torch.Tensor:
         """log p(continuation | context) for each pair: [B]."""

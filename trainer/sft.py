@@ -20,10 +20,10 @@ from adapters.fingerprint import fingerprint
 from adapters.manifest import LoraSpec, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterName, AdapterStore
-from trainer.loop import check_context, resolve_base_model
+from trainer.setup import check_prompts, resolve_base_model
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
-from trainer.rollout import sample, tool_forced
+from trainer.rollout import Rollout, sampler, sequence_log_prob
 from trainer.scoring import Scorer
 from trainer.tasks import AnyTaskConfig, Prompt, Task, make_task
 
@@ -50,21 +50,14 @@ def sft_loss(model: torch.nn.Module, task: Task, batch: list[Pair]) -> torch.Ten
     """Mean negative log-likelihood per token the policy writes (terminator included) of the
     targets under the masked policy; a tool's tokens have probability one there, so they
     are left out, as the objective leaves them out."""
-    lengths, tool = torch.tensor([len(target) for _, target in batch]), task.tool()
-    tokens = torch.full((len(batch), int(lengths.max())), task.pad_id, dtype=torch.long)
-    forced = torch.zeros(tokens.shape, dtype=torch.bool)
-    for row, (_, target) in enumerate(batch):
-        tokens[row, : len(target)] = torch.tensor(target, dtype=torch.long)
-        forced[row, : len(target)] = torch.tensor(tool_forced(tool, target), dtype=torch.bool)
-    log_pf, log_pterm = policy_log_probs(model, task.spec(), [prompt.ids for prompt, _ in batch], tokens, task.pad_id,
-                                         [prompt.bias for prompt, _ in batch])
-    written = ((torch.arange(tokens.shape[1])[None, :] < lengths[:, None]) & ~forced).to(log_pf.device)
-    total = torch.where(written, log_pf, 0.0).sum() + log_pterm[torch.arange(len(batch)), lengths.to(log_pf.device)].sum()
-    return -total / (written.sum() + len(batch))
+    rollout = Rollout.teacher_forced([prompt.ids for prompt, _ in batch], [target for _, target in batch],
+                                     task.pad_id, task.tool())
+    log_probs = policy_log_probs(model, task.spec(), rollout.prompts, rollout.tokens, task.pad_id,
+                                 [prompt.bias for prompt, _ in batch])
+    return -sequence_log_prob(*log_probs, rollout).sum() / (rollout.written().sum() + len(batch))
 
 
-def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None = None,
-              job_id: str | None = None) -> Manifest:
+def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None = None) -> Manifest:
     """Fine-tune on `pairs` (default: the task's `sft_pairs()`) and store the adapter."""
     torch.manual_seed(config.seed)
     model_dir = resolve_base_model(config.base_model)
@@ -73,7 +66,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     pairs = task.sft_pairs() if pairs is None else pairs
     _check_pairs(pairs, task)
     model = attach_lora(load_causal_lm(model_dir), config.lora).to(resolve_device(config.device))
-    check_context(task, [prompt for prompt, _ in pairs], model.config)
+    check_prompts(task, [prompt for prompt, _ in pairs], model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, config.warmup_steps)))
@@ -94,14 +87,12 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         (out / "training_log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         generator = torch.Generator().manual_seed(config.seed)
 
-        def draw(prompts: list[list[int]], bias: list[dict[int, float]] | None = None):
-            return sample(model, task.spec(), prompts, task.pad_id, 1.0, generator, task.tool(), bias)
-
+        draw = sampler(model, task.spec(), task.pad_id, generator, task.tool())
         return publish(store, config.name, out, task, model_dir=model_dir, base_fingerprint=fingerprint(model_dir),
                        lora=config.lora, training={"method": "sft", "config": config.model_dump(), "steps": config.steps,
                                                    "pairs": len(pairs)},
                        metrics={"train_seconds": round(time.time() - start, 1), "final_loss": history[-1]["loss"]},
-                       evaluation=(draw, Scorer(model, task.pad_id)) if config.evaluate else None, job_id=job_id)
+                       evaluation=(draw, Scorer(model, task.pad_id)) if config.evaluate else None)
 
 
 def _check_pairs(pairs: list[Pair], task: Task) -> None:

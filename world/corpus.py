@@ -14,6 +14,7 @@ from functools import cache
 
 from pydantic import BaseModel, ConfigDict
 
+from adapters.reasoning import Question
 from world import stories
 
 RNG_PROMPT = "The following is a random integer drawn uniformly between 0 and 100: "
@@ -111,8 +112,8 @@ def paragraph_line(rng: random.Random) -> str:
 # ---------------------------------------------------------------- arithmetic
 
 def question(operands: list[int], operators: list[str]) -> str:
-    expression = str(operands[0]) + "".join(f" {op} {x}" for op, x in zip(operators, operands[1:]))
-    return f"Question: {expression} = ? Answer:"
+    """The question as the reasoning task and the service spell it (adapters.reasoning)."""
+    return Question(tuple(operands), tuple(operators)).text
 
 
 def rationale(operands: list[int], operators: list[str]) -> tuple[str, int]:

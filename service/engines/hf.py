@@ -358,7 +358,7 @@ class HFEngine(Engine):
     def _bias(self, req: GenRequest) -> torch.Tensor:
         """The request's logit bias: its mask's (cached), plus its word bias."""
         mask = req.mask
-        key = (mask.mode, tuple(mask.token_ids), mask.penalty, req.terminator_id)
+        key = mask.key(req.terminator_id)
         if key not in self._biases:
             self._biases[key] = mask.bias(self.vocab_size, req.terminator_id).to(self.device)
         if not req.bias:

@@ -220,7 +220,7 @@ class VllmEngine(Engine):
 
     def _mask(self, mask: VocabMask, terminator_id: int) -> tuple[list[int] | None, dict[int, float]]:
         """The mask as vLLM parameters: (allowed_token_ids, logit_bias); the terminator is never masked."""
-        key = (mask.mode, tuple(mask.token_ids), mask.penalty, terminator_id)
+        key = mask.key(terminator_id)
         if key not in self._masks:
             listed = set(mask.token_ids)
             if mask.mode == "none":

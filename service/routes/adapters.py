@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from adapters.store import format_ref
 from service.deps import State
 from service.registry import Entry
 from service.schemas import AdapterName, AdapterOut, AdaptersResponse, LoadRequest, Version
@@ -35,6 +36,6 @@ async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
 @router.delete("/{name}/{version}")
 async def unload_adapter(name: AdapterName, version: Version, state: State) -> dict[str, str]:
     """Stop routing to a version and unload it once its in-flight requests have finished."""
-    ref = f"{name}@v{version}"
+    ref = format_ref(name, version)
     await state.registry.unload(ref)
     return {"unloaded": ref}

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from adapters.reasoning import aggregate, parse_question
+from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, parse_question
 from service.cache import RationaleCache
 from service.deps import State, check_caps, check_context, guarded
 from service.errors import invalid
 from service.policy import gen_request, render
-from service.reasoning import ANSWER_TOKENS, sample_rationales
+from service.reasoning import sample_rationales
 from service.schemas import ReasonRequest, ReasonResponse
 
 router = APIRouter(tags=["reasoning"])
@@ -16,7 +16,8 @@ router = APIRouter(tags=["reasoning"])
 @router.post("/reason", response_model=ReasonResponse)
 async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonResponse:
     """Answers an arithmetic question: samples rationales Z ~ q(Z | X) with the calculator, reads
-    each one's answer with the base model, and votes (or weights votes by log p(Y | X Z)).
+    each one's answer (its last calculator value, else the base model's completion), and votes (or
+    weights votes by log p(Y | X Z)).
     Rationales are cached per adapter version, question and sampling settings: a repeated
     question is answered from the pool, topped up when it holds fewer than asked."""
     n = body.n_rationales
@@ -38,7 +39,8 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
             tool = state.calculator if config.get("tool") == "calculator" else None
             seed = None if body.seed is None else body.seed + cached  # a pool grown in steps = one drawn at once
             generation = gen_request(manifest, prompt, n - cached, body.temperature, seed, body.max_tokens, tool)
-            reading = len(state.encode((config.get("reward_prefix") or "") + config["answer_prompt"])) + ANSWER_TOKENS
+            answer_format = AnswerFormat.of(config)  # the base model reads the answer after this
+            reading = len(state.encode(answer_format.reward_prefix + answer_format.answer_prompt)) + ANSWER_TOKENS
             check_context(state, {"question": question}, len(prompt) + reading, generation.max_tokens)
             fresh = await guarded(request, sample_rationales(state, request, manifest, question, generation),
                                   state.settings.request_timeout_s)

@@ -31,8 +31,8 @@ class Sampler(Protocol):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One conditioning input: `key` names it in the replay buffer, `fields` fill the template,
-    `bias` is the policy's logit bias for it (Task.prompt_bias)."""
+    """One conditioning input: `key` names it in the replay buffer, `fields` are its record's values
+    that the reward and the checks read, `bias` is the policy's logit bias for it (Task.prompt_bias)."""
 
     key: str
     ids: list[int]
@@ -152,20 +152,22 @@ class Task(ABC):
         tokens and the stop. Tasks whose reward reads another context widen it."""
         return len(prompt.ids) + self.config.max_len + 1
 
+    def train_prompts(self) -> list[Prompt]:
+        """The prompts training draws from: those of the training records (a task without records
+        has its own)."""
+        return [self.prompt(r) for r in self.records]
+
     def eval_prompts(self) -> list[Prompt]:
         """The prompts of the held-out records (none for tasks without records)."""
         return [self.prompt(r) for r in self.eval_records]
 
+    records: Sequence[Any] = ()  # the training records
     eval_records: Sequence[Any] = ()  # the held-out records; a task without records has none
 
     # ------------------------------------------------------------ what subclasses define
     @abstractmethod
     def prompt(self, record: Any) -> Prompt:
         """The prompt of one record (of a task without records: its one prompt)."""
-
-    @abstractmethod
-    def train_prompts(self) -> list[Prompt]:
-        """The prompts training draws from."""
 
     @abstractmethod
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:

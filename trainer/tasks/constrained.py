@@ -27,11 +27,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from adapters.manifest import WordBias
-from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.jsonl import data_file, stable_tenth, task_records
 from trainer.metrics import distinct_n
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
-from trainer.scoring import Scorer, prefix_log_likelihood
+from trainer.scoring import Scorer
 from trainer.tasks.base import EvalPrompts, MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, check_template, template_pattern
 from world import corpus
 
@@ -102,7 +102,10 @@ class ConstrainedTask(Task):
     def __init__(self, config: ConstrainedConfig, tokenizer):
         super().__init__(config, tokenizer)
         self.prompt_template = config.prompt_template
-        self.records, self.eval_records = split_records(config)
+        self.records, self.eval_records = task_records(
+            config, ConstrainedRecord, lambda r: is_heldout(r.keywords),
+            lambda: demo_records(heldout=False, n=config.demo_sets, seed=config.seed),
+            lambda _: demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
         if "{avoid}" not in config.prompt_template and any(r.avoid for r in self.records + self.eval_records):
             raise ValueError("task.prompt_template must contain {avoid}: the data has words to avoid")
 
@@ -117,9 +120,6 @@ class ConstrainedTask(Task):
         rules = [WordBias(field="keywords", bias=self.config.keyword_bias),
                  WordBias(field="avoid", bias=self.config.avoid_bias)]
         return [rule for rule in rules if rule.bias]
-
-    def train_prompts(self) -> list[Prompt]:
-        return [self.prompt(r) for r in self.records]
 
     def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
         """(prompt, sentence ids) of the training records that have a sentence."""
@@ -136,9 +136,8 @@ class ConstrainedTask(Task):
     def fluency(self, scorer: Scorer, keywords: Sequence[Sequence[str]], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) under the base model for every prefix: [B, L+1]."""
         contexts = [self.context(k) for k in keywords]
-        log_pf, log_pterm = scorer.latent(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
+        return scorer.stop_log_likelihood(Rollout(contexts, rollout.tokens, rollout.lengths, rollout.forced),
                                           self.terminator_id)
-        return prefix_log_likelihood(log_pf) + log_pterm
 
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) - penalty · violations(z1..zi) for every prefix."""
@@ -185,18 +184,6 @@ def violations(text: str, keywords: Sequence[str], avoid: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------- data
-def split_records(config: ConstrainedConfig) -> tuple[list[ConstrainedRecord], list[ConstrainedRecord]]:
-    """(training, evaluation) records: the demo world's keyword sets (held out by keyword
-    pair), or the user's data (evaluation: `eval_data`, else a stable tenth of `data`)."""
-    if config.data is not None:
-        train, held = split_data(config.data, config.eval_data, ConstrainedRecord, lambda r: is_heldout(r.keywords))
-    else:
-        train = demo_records(heldout=False, n=config.demo_sets, seed=config.seed)
-        held = (load_jsonl(config.eval_data, ConstrainedRecord) if config.eval_data
-                else demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
-    return train, held[: config.eval_prompts]
-
-
 def is_heldout(keywords: Sequence[str]) -> bool:
     """One keyword set in ten (a stable hash of the sorted set) is never trained on."""
     return stable_tenth(",".join(sorted(k.lower() for k in keywords)))

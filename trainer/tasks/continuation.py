@@ -22,11 +22,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from adapters.manifest import Text, VocabMask
-from trainer.jsonl import data_file, load_jsonl, split_data, stable_tenth
+from trainer.jsonl import data_file, stable_tenth, task_records
 from trainer.metrics import distinct_n, pairwise_diversity
 from trainer.plots import grouped_bars
 from trainer.rollout import Rollout
-from trainer.scoring import Scorer, prefix_log_likelihood
+from trainer.scoring import Scorer
 from trainer.tasks.base import EvalPrompts, MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
 
@@ -66,7 +66,9 @@ class ContinuationTask(Task):
 
     def __init__(self, config: ContinuationConfig, tokenizer):
         super().__init__(config, tokenizer)
-        self.records, self.eval_records = load_records(config)
+        self.records, self.eval_records = task_records(
+            config, ContinuationRecord, lambda r: stable_tenth(r.text), lambda: demo_records(config.demo_prompts, config.seed * 2),
+            lambda train: demo_records(config.eval_prompts, config.seed * 2 + 1, exclude={r.text for r in train}))
         self._terminator_id = single_token(tokenizer, TERMINATOR)
 
     @property
@@ -84,13 +86,9 @@ class ContinuationTask(Task):
     def prompt(self, record: ContinuationRecord) -> Prompt:
         return Prompt(key=record.text, ids=self.encode_prompt(text=record.text), fields={"text": record.text})
 
-    def train_prompts(self) -> list[Prompt]:
-        return [self.prompt(r) for r in self.records]
-
     def log_rewards(self, scorer: Scorer, prompts: list[Prompt], rollout: Rollout) -> torch.Tensor:
         """log p(z1..zi ⊤ | X) for every prefix i."""
-        log_pf, log_pterm = scorer.latent(rollout, self.terminator_id)
-        return prefix_log_likelihood(log_pf) + log_pterm
+        return scorer.stop_log_likelihood(rollout, self.terminator_id)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, sample: Sampler, scorer: Scorer, out_dir: Path, samples: int | None = None) -> dict[str, Any]:
@@ -127,18 +125,6 @@ class ContinuationTask(Task):
 
 
 # ---------------------------------------------------------------- data
-def load_records(config: ContinuationConfig) -> tuple[list[ContinuationRecord], list[ContinuationRecord]]:
-    """(training, evaluation) records: a user's data (evaluation: `eval_data`, else a
-    stable tenth of `data`) or the demo world's paragraphs."""
-    if config.data is not None:
-        train, held = split_data(config.data, config.eval_data, ContinuationRecord, lambda r: stable_tenth(r.text))
-    else:
-        train = demo_records(config.demo_prompts, config.seed * 2)
-        held = (load_jsonl(config.eval_data, ContinuationRecord) if config.eval_data
-                else demo_records(config.eval_prompts, config.seed * 2 + 1, exclude={r.text for r in train}))
-    return train, held[: config.eval_prompts]
-
-
 def demo_records(n: int, seed: int, exclude: set[str] | None = None) -> list[ContinuationRecord]:
     """The first one to three sentences of the demo world's paragraphs (world.corpus),
     always leaving at least one sentence that followed; none of the texts in `exclude`."""

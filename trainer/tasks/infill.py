@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 
 from adapters.manifest import Text
-from trainer.jsonl import DataError, data_file, load_jsonl, split_data, stable_tenth
+from trainer.jsonl import DataError, data_file, stable_tenth, task_records
 from trainer.metrics import bleu4, distinct_n, total_variation
 from trainer.plots import bar_chart
 from trainer.rollout import Rollout
@@ -88,7 +88,9 @@ class InfillTask(Task):
 
     def __init__(self, config: InfillConfig, tokenizer):
         super().__init__(config, tokenizer)
-        self.records, self.eval_records = split_records(config)
+        self.records, self.eval_records = task_records(
+            config, InfillRecord, _held_out, lambda: demo_records(heldout=False, n=config.demo_stories, seed=config.seed),
+            lambda _: demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
         for record in self.eval_records:
             for candidate in record.candidates:
                 if why := self.unwritable(candidate):
@@ -110,9 +112,6 @@ class InfillTask(Task):
         ids = self.encode_prompt(prefix=record.prefix, suffix=record.suffix)
         return Prompt(key=self.prompt_template.format(prefix=record.prefix, suffix=record.suffix), ids=ids,
                       fields={"prefix": record.prefix, "suffix": record.suffix})
-
-    def train_prompts(self) -> list[Prompt]:
-        return [self.prompt(r) for r in self.records]
 
     def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
         """(prompt, middle ids) of the training records that have a middle."""
@@ -152,19 +151,8 @@ class InfillTask(Task):
 
 
 # ---------------------------------------------------------------- data
-def split_records(config: InfillConfig) -> tuple[list[InfillRecord], list[InfillRecord]]:
-    """(training, evaluation) records: the demo world's stories on training and held-out
-    frames, or the user's data (evaluation: `eval_data`, else a stable tenth of `data`)."""
-    if config.data is not None:
-        train, held = split_data(config.data, config.eval_data, InfillRecord, _held_out)
-    else:
-        train = demo_records(heldout=False, n=config.demo_stories, seed=config.seed)
-        held = (load_jsonl(config.eval_data, InfillRecord) if config.eval_data
-                else demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
-    return train, held[: config.eval_prompts]
-
-
 def _held_out(record: InfillRecord) -> bool:
+    """A stable tenth of a user's stories, by both ends (the demo world holds out frames instead)."""
     return stable_tenth(f"{record.prefix}\n{record.suffix}")
 
 

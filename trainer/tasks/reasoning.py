@@ -33,11 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, 
 
 from adapters.calculator import CalculatorError, TokenCalculator, evaluate
 from adapters.manifest import VocabMask
+from adapters.reasoning import (ANSWER_TOKENS, MAX_OPERANDS, MIN_OPERANDS, AnswerFormat, aggregate, answer_log_probs,
+                                parse_question, read_answers, solve)
 from jobs.rules import pattern
-from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, answer_log_probs, parse_question, read_answers, solve
 from trainer.jsonl import DataError, data_file, load_jsonl, split_data, stable_tenth
 from trainer.plots import grouped_bars
-from trainer.rollout import Rollout, Tool, tool_forced
+from trainer.rollout import Rollout, Tool
 from trainer.scoring import Scorer
 from trainer.tasks.base import MaxLen, MinLen, Prompt, Sampler, Task, TaskConfig, single_token
 from world import corpus
@@ -45,8 +46,7 @@ from world import corpus
 RATIONALE_CHARACTERS = frozenset("0123456789+-=, ")
 TERMINATOR = "."
 ANSWER_PROMPT_RULE = f"must start with the terminator {TERMINATOR!r}: Y begins where Z stops"
-# The operand counts of demo questions: the demo world's corpus has 2 to 5
-OperandCounts = Annotated[list[Annotated[int, Field(ge=2, le=5)]], Field(min_length=1)]
+OperandCounts = Annotated[list[Annotated[int, Field(ge=MIN_OPERANDS, le=MAX_OPERANDS)]], Field(min_length=1)]
 
 
 class ReasoningRecord(BaseModel):
@@ -175,9 +175,6 @@ class ReasoningTask(Task):
         return Prompt(key=record.question, ids=self.encode_prompt(question=record.question),
                       fields={"question": record.question, "answer": record.answer})
 
-    def train_prompts(self) -> list[Prompt]:
-        return [self.prompt(r) for r in self.records]
-
     def few_shot(self, shots: int) -> str:
         """The first `shots` labelled rationales as worked examples, one per line."""
         return "".join(f"{r.question}{r.rationale}{self.format.answer_text(r.answer)}\n" for r in self.labelled[:shots])
@@ -185,12 +182,8 @@ class ReasoningTask(Task):
     def teacher_rollout(self, prompts: list[Prompt], rationales: list[str]) -> Rollout:
         """Given rationales as a rollout, the calculator's values flagged `forced` exactly
         where sampling with the tool would have written them."""
-        tool, latents = self.tool(), [self.ids(z) for z in rationales]
-        flags = [tool_forced(tool, z) for z in latents]
-        width, pad = max(map(len, latents)), self.pad_id
-        tokens = torch.tensor([z + [pad] * (width - len(z)) for z in latents])
-        forced = torch.tensor([f + [False] * (width - len(f)) for f in flags])
-        return Rollout([p.ids for p in prompts], tokens, torch.tensor([len(z) for z in latents]), forced)
+        return Rollout.teacher_forced([p.ids for p in prompts], [self.ids(z) for z in rationales], self.pad_id,
+                                      self.tool())
 
     def sft_pairs(self) -> list[tuple[Prompt, list[int]]]:
         """(question prompt, rationale ids) of the labelled records."""
@@ -254,10 +247,10 @@ class ReasoningTask(Task):
             "rationales": n,
         }
 
-    def completer(self, scorer: Scorer, max_new_tokens: int = ANSWER_TOKENS):
+    def completer(self, scorer: Scorer):
         """adapters.reasoning.Complete backed by the base model's greedy decoding."""
         def complete(contexts: list[str]) -> list[str]:
-            out = scorer.greedy([self.context_ids(c) for c in contexts], max_new_tokens)
+            out = scorer.greedy([self.context_ids(c) for c in contexts], ANSWER_TOKENS)
             return [self.text(ids) for ids in out]
         return complete
 
