@@ -138,23 +138,29 @@ class AdapterStore:
                     "files": {},
                 }
             )
-            staging = self._staging_dir(name)
-            try:
-                shutil.copytree(src, staging)
-                files = {rel: sha256_file(path) for rel, path in _files(staging).items()}
-                manifest = manifest.model_copy(update={"files": files})
-                data = manifest.model_dump_json(indent=2).encode()
-                (staging / MANIFEST).write_bytes(data)
-                (staging / MANIFEST_DIGEST).write_text(hashlib.sha256(data).hexdigest())
-                for path in [*staging.rglob("*"), staging]:
-                    fsync_path(path)
-                write_atomic(name_dir / _LAST_VERSION, str(version).encode())
-                os.rename(staging, name_dir / f"v{version}")
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            manifest = self._write_version(src, self._staging_dir(name), name_dir, manifest)
             fsync_path(name_dir)
             fsync_path(self.root)  # the name's directory itself, new on a name's first save
+        return manifest
+
+    @staticmethod
+    def _write_version(src: Path, staging: Path, name_dir: Path, manifest: Manifest) -> Manifest:
+        """Copy `src` into `staging` with its checksummed manifest, durably, then rename it into
+        place as the version: a crash at any point leaves either no version or a whole one."""
+        try:
+            shutil.copytree(src, staging)
+            files = {rel: sha256_file(path) for rel, path in _files(staging).items()}
+            manifest = manifest.model_copy(update={"files": files})
+            data = manifest.model_dump_json(indent=2).encode()
+            (staging / MANIFEST).write_bytes(data)
+            (staging / MANIFEST_DIGEST).write_text(hashlib.sha256(data).hexdigest())
+            for path in [*staging.rglob("*"), staging]:
+                fsync_path(path)
+            write_atomic(name_dir / _LAST_VERSION, str(manifest.version).encode())
+            os.rename(staging, name_dir / f"v{manifest.version}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return manifest
 
     def load(

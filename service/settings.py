@@ -13,8 +13,8 @@ from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.device import Device, resolve_device
-from adapters.home import store_root
 from adapters.errors import StoreNotADirectory
+from adapters.home import store_root
 from adapters.store import AdapterRef, AdapterStore
 
 

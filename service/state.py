@@ -66,12 +66,12 @@ class ServiceState:
         jobs = None
         if settings.redis_url:
             jobs = JobQueue(Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2))
-        state = cls(settings, str(base_model), tokenizer, engine, registry,
-                    RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s),
-                    metrics, TokenCalculator(tokenizer), jobs,
-                    AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused,
-                                   None if settings.adapters is None else frozenset(r.partition("@")[0] for r in settings.adapters)),
-                    refused)
+        followed = None if settings.adapters is None else frozenset(parse_ref(r)[0] for r in settings.adapters)
+        watcher = AdapterWatcher(registry, store, settings.redis_url, settings.watch_poll_s, refused, followed)
+        cache = RationaleCache(metrics, settings.redis_url, settings.cache_size, settings.max_n, settings.cache_ttl_s)
+        state = cls(settings=settings, base_model=str(base_model), tokenizer=tokenizer, engine=engine,
+                    registry=registry, cache=cache, metrics=metrics, calculator=TokenCalculator(tokenizer), jobs=jobs,
+                    watcher=watcher, refused=refused)
         for pinned, candidates in wanted:
             for manifest in candidates:  # the first that loads; each refused one is listed
                 try:
@@ -176,18 +176,25 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
         except AdapterError as error:
             refused[ref] = str(error)
             continue
-        candidates = []
-        for version in versions:
-            try:
-                manifest = store.manifest(name, version)
-            except AdapterError as error:
-                if not candidates:  # past the version that would serve, damage is for `gfn adapters list`
-                    refused[format_ref(name, version)] = str(error)
-                continue
-            if manifest.base_model.fingerprint == base_fingerprint:
-                candidates.append(manifest)
-            elif version == versions[0]:  # the version the watcher would offer: refused now, and said why
-                refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
-                                         f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
-        wanted.append((False, candidates))
+        wanted.append((False, _candidates(store, name, versions, base_fingerprint, refused)))
     return wanted, refused
+
+
+def _candidates(store: AdapterStore, name: str, versions: list[int], base_fingerprint: str,
+                refused: dict[str, str]) -> list[Manifest]:
+    """The manifests of `versions` (newest first) trained on this base model. Into `refused`, said
+    why: each damaged version newer than the first of them, and the newest if it is another model's."""
+    candidates = []
+    for version in versions:
+        try:
+            manifest = store.manifest(name, version)
+        except AdapterError as error:
+            if not candidates:  # past the version that would serve, damage is for `gfn adapters list`
+                refused[format_ref(name, version)] = str(error)
+            continue
+        if manifest.base_model.fingerprint == base_fingerprint:
+            candidates.append(manifest)
+        elif version == versions[0]:  # the version the watcher would offer: refused now, and said why
+            refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
+                                     f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
+    return candidates

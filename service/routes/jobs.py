@@ -7,8 +7,9 @@ thread pool and the event loop never waits on Redis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path as PathLib
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,8 +19,10 @@ from jobs import ConfigError, JobNotFound, JobQueue, JobStatus, bundled_configs,
 from jobs.configs import relative_data_paths
 from service.deps import State
 from service.errors import invalid
+from service.state import ServiceState
 
 router = APIRouter(tags=["jobs"])
+T = TypeVar("T")
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
@@ -31,13 +34,13 @@ class JobSubmit(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict, description='e.g. {"steps": 300, "optim.lr": 1e-3}')
 
 
-def _queue(state) -> JobQueue:
+def _queue(state: ServiceState) -> JobQueue:
     if state.jobs is None:
         raise HTTPException(503, "training jobs need Redis: start the service with GFN_REDIS_URL set")
     return state.jobs
 
 
-def _call(function, *args, **kwargs):
+def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Redis going away is the service's degradation, not a client error: 503, clearly."""
     try:
         return function(*args, **kwargs)
@@ -52,6 +55,12 @@ def _call(function, *args, **kwargs):
 def submit_job(body: JobSubmit, state: State) -> JobStatus:
     """Validate the config (base config + overrides) and queue it; returns the job with its id."""
     queue = _queue(state)
+    job_id = _call(queue.submit, _job_config(body, state))
+    return _call(queue.status, job_id)
+
+
+def _job_config(body: JobSubmit, state: ServiceState) -> dict[str, Any]:
+    """The config a submission asks for, checked (a 422 naming the field), on the served base model."""
     name = body.config or body.task
     if name not in bundled_configs():
         raise invalid("config" if body.config else "task", f"no bundled config {name!r}; "
@@ -74,8 +83,7 @@ def submit_job(body: JobSubmit, state: State) -> JobStatus:
         raise invalid("overrides", f"this service serves base model {state.base_model}; a job for it trains on "
                       f"that one, not {data['base_model']}", body.overrides)
     data["base_model"] = state.base_model  # what the service serves, not the bundled configs' demo
-    job_id = _call(queue.submit, data)
-    return _call(queue.status, job_id)
+    return data
 
 
 def _same_path(a: str, b: str) -> bool:
