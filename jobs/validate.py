@@ -68,7 +68,8 @@ def _is_unicode(text: str) -> bool:
         return False
 
 
-def _rules(validator: Any, declared: Mapping[str, Any], instance: Any, schema: Mapping[str, Any]) -> Iterator[ValidationError]:
+def _rules(validator: Any, declared: Mapping[str, Any], instance: Any,
+           schema: Mapping[str, Any]) -> Iterator[ValidationError]:
     """The `x-rules` keyword: a section's rules between fields, an absent field at its default."""
     if validator.is_type(instance, "object"):
         defaults = {key: field.get("default") for key, field in schema.get("properties", {}).items()}

@@ -83,7 +83,8 @@ EvalPrompts = Annotated[int, Field(gt=0, description="the prompts evaluated: the
 class TaskConfig(Ruled):
     """Fields every task config has; each task adds its own."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=rules(ordered=[("min_len", "max_len")]))
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
+                              json_schema_extra=rules(ordered=[("min_len", "max_len")]))
 
     name: str
     min_len: MinLen = 1

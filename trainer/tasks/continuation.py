@@ -67,7 +67,8 @@ class ContinuationTask(Task):
     def __init__(self, config: ContinuationConfig, tokenizer):
         super().__init__(config, tokenizer)
         self.records, self.eval_records = task_records(
-            config, ContinuationRecord, lambda r: stable_tenth(r.text), lambda: demo_records(config.demo_prompts, config.seed * 2),
+            config, ContinuationRecord, lambda r: stable_tenth(r.text),
+            lambda: demo_records(config.demo_prompts, config.seed * 2),
             lambda train: demo_records(config.eval_prompts, config.seed * 2 + 1, exclude={r.text for r in train}))
         self._terminator_id = single_token(tokenizer, TERMINATOR)
 

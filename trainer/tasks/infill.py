@@ -89,7 +89,8 @@ class InfillTask(Task):
     def __init__(self, config: InfillConfig, tokenizer):
         super().__init__(config, tokenizer)
         self.records, self.eval_records = task_records(
-            config, InfillRecord, _held_out, lambda: demo_records(heldout=False, n=config.demo_stories, seed=config.seed),
+            config, InfillRecord, _held_out,
+            lambda: demo_records(heldout=False, n=config.demo_stories, seed=config.seed),
             lambda _: demo_records(heldout=True, n=config.eval_prompts, seed=config.seed))
         for record in self.eval_records:
             for candidate in record.candidates:
