@@ -9,7 +9,7 @@ from pydantic import Field
 if TYPE_CHECKING:
     import torch
 
-Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description=(
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]{1,4})?)$", description=(
     "where the model runs: auto (the GPU where CUDA is available, else the CPU), cpu, cuda or cuda:N"))]
 
 

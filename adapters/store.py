@@ -34,7 +34,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field, ValidationError
 
 from adapters._fs import fsync_path, sha256_file, write_atomic
-from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName, StoreNotADirectory
+from adapters.errors import (AdapterCorrupt, AdapterError, AdapterNotFound, BaseModelMismatch, InvalidAdapterName,
+                             StoreNotADirectory)
 from adapters.home import file_in_the_way
 from adapters.manifest import Manifest
 
@@ -200,11 +201,13 @@ class AdapterStore:
         return next((m.task for m in self._manifests(name, reversed(self.versions(name)))), None)
 
     def versions(self, name: str) -> list[int]:
-        """Stored versions of ``name`` in increasing order; empty if there are none."""
+        """Stored versions of ``name`` in increasing order; empty if there are none. Only directories
+        a ref can name count: a file called `v2`, or a `v99999999999` made by hand, is no version."""
         name_dir = self.root / check_name(name)
         if not name_dir.is_dir():
             return []
-        return sorted(int(m[1]) for p in name_dir.iterdir() if (m := _VERSION_RE.fullmatch(p.name)))
+        return sorted(n for p in name_dir.iterdir()
+                      if (m := _VERSION_RE.fullmatch(p.name)) and (n := int(m[1])) <= MAX_VERSION and p.is_dir())
 
     def latest(self, name: str) -> int:
         """Highest stored version of ``name``."""
@@ -269,8 +272,16 @@ class AdapterStore:
     def _next_version(self, name_dir: Path) -> int:
         """One past the highest version ever allocated, deleted ones included."""
         last = name_dir / _LAST_VERSION
-        allocated = int(last.read_text()) if last.exists() else 0
-        return max([allocated, *self.versions(name_dir.name)]) + 1
+        try:
+            allocated = int(last.read_text()) if last.exists() else 0
+        except (OSError, ValueError):  # damaged by hand: the versions present still bound it
+            allocated = 0
+        version = max([allocated, *self.versions(name_dir.name)]) + 1
+        while (name_dir / f"v{version}").exists():  # a file of that name, left by hand
+            version += 1
+        if version > MAX_VERSION:
+            raise AdapterCorrupt(f"{name_dir}: no version is left to allocate past {MAX_VERSION} (see {last})")
+        return version
 
     def saved_by(self, name: str, job_id: str) -> Manifest | None:
         """The version a job already saved, if any. A damaged version is skipped: it must not
@@ -283,7 +294,7 @@ class AdapterStore:
         for version in versions:
             try:
                 yield self.manifest(name, version)
-            except AdapterCorrupt as error:
+            except AdapterError as error:  # damaged, or gone since it was listed
                 if damaged is not None:
                     damaged[format_ref(name, version)] = str(error)
 

@@ -40,17 +40,13 @@ app.add_typer(configs_app, name="configs")
 
 
 def _redis_url(url: str) -> str:
-    """A URL redis can parse, checked before anything connects (redis raises a bare ValueError)."""
-    from redis.connection import parse_url
+    """A URL redis can parse, checked before anything connects."""
+    from jobs.queue import check_redis_url
 
     try:
-        parse_url(url)
+        return check_redis_url(url)
     except ValueError as error:
-        raise typer.BadParameter(f"{url!r}: {error}") from None
-    database = urlsplit(url).path.strip("/")
-    if url.startswith(("redis:", "rediss:")) and database and not database.isdigit():  # redis would use 0
-        raise typer.BadParameter(f"{url!r}: the database {database!r} is not a number (redis://host:port/0)")
-    return url
+        raise typer.BadParameter(str(error)) from None
 
 
 RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue", callback=_redis_url)]

@@ -20,9 +20,11 @@ import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 from redis import Redis
+from redis.connection import parse_url
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -83,6 +85,19 @@ class JobStatus(BaseModel):
     enqueued_at: datetime | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+
+
+def check_redis_url(url: str) -> str:
+    """`url` if redis can parse it and its database is a number; else ValueError saying why (redis
+    itself raises a bare ValueError at the first connection, and reads `/jobs` as database 0)."""
+    try:
+        parse_url(url)
+    except ValueError as error:
+        raise ValueError(f"{url!r}: {error}") from None
+    database = urlsplit(url).path.strip("/")
+    if url.startswith(("redis:", "rediss:")) and database and not database.isdigit():
+        raise ValueError(f"{url!r}: the database {database!r} is not a number (redis://host:port/0)")
+    return url
 
 
 class JobQueue:

@@ -112,7 +112,8 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         prompt = state.encode_context(rendered, manifest)
         check_words(manifest, words or {}, state.tokenizer)
         bias = word_bias(manifest.word_biases, words or {}, state.tokenizer, manifest.terminator_id)
-        generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens, bias=bias)
+        generation = gen_request(manifest, prompt, body.n, body.temperature, body.seed, body.max_tokens,
+                                 state.settings.max_tokens, bias=bias)
         check_context(state, texts, len(prompt), generation.max_tokens)
         scores = functools.partial(scoring, manifest) if scoring else None
         return await guarded(request, _samples(request, state, generation, scores), state.settings.request_timeout_s)

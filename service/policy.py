@@ -32,13 +32,18 @@ def render(manifest: Manifest, fields: dict[str, str | None]) -> str:
 
 
 def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: float, seed: int | None,
-                max_tokens: int | None, tool: Tool | None = None, bias: Mapping[int, float] | None = None) -> GenRequest:
-    """Sampling of the trained policy; ``max_tokens`` (default: max_len) may only cut it shorter;
-    ``bias``: the prompt's word bias (adapters.manifest.word_bias of the manifest's rules)."""
+                max_tokens: int | None, cap: int, tool: Tool | None = None,
+                bias: Mapping[int, float] | None = None) -> GenRequest:
+    """Sampling of the trained policy; ``max_tokens`` (default: max_len, at most the service's
+    ``cap``, GFN_MAX_TOKENS) may only cut it shorter; ``bias``: the prompt's word bias
+    (adapters.manifest.word_bias of the manifest's rules)."""
     if max_tokens is not None and not manifest.min_len <= max_tokens <= manifest.max_len:
         raise invalid("max_tokens", f"max_tokens is {max_tokens}; adapter {manifest.ref} samples "
                                     f"{manifest.min_len} to {manifest.max_len} tokens", max_tokens)
+    if max_tokens is None and manifest.min_len > cap:
+        raise invalid("adapter", f"adapter {manifest.ref} samples at least {manifest.min_len} tokens; this service "
+                                 f"samples at most {cap} (GFN_MAX_TOKENS)", manifest.ref)
     return GenRequest(prompt_ids=prompt_ids, adapter=manifest.ref, terminator_id=manifest.terminator_id,
-                      max_tokens=max_tokens or manifest.max_len, min_tokens=manifest.min_len,
+                      max_tokens=max_tokens or min(manifest.max_len, cap), min_tokens=manifest.min_len,
                       stop_after=frozenset(manifest.stop_after), mask=manifest.mask,
                       bias=bias or {}, n=n, temperature=temperature, seed=seed, tool=tool)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.device import Device, resolve_device
 from adapters.errors import StoreNotADirectory
 from adapters.home import store_root
 from adapters.store import AdapterRef, AdapterStore
+from jobs.queue import check_redis_url
 
 
 class Settings(BaseSettings):
@@ -28,7 +29,8 @@ class Settings(BaseSettings):
     adapters: list[AdapterRef] | None = Field(
         None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
         "of every stored adapter trained on the base model")
-    redis_url: str | None = Field(None, description="rationale cache in Redis; in-process when unset")
+    redis_url: str | None = Field(None, description="rationale cache and training jobs in Redis; in-process cache "
+                                  "and no /jobs when unset")
     api_key: SecretStr | None = Field(None, description="when set, every route but /health, /ready, /metrics needs it")
 
     # limits
@@ -43,8 +45,9 @@ class Settings(BaseSettings):
     device: Device = Field("auto", description="transformers engine: where the model serves, auto: the GPU where "
                            "CUDA is available (vLLM places itself)")
     batch_max_size: PositiveInt = Field(256, description="transformers engine: samples generated together")
-    batch_wait_ms: float = Field(5.0, ge=0, description="transformers engine, when idle: wait for more requests")
-    torch_threads: PositiveInt | None = Field(None, description="transformers engine (and vLLM's lm_head scorer): "
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="transformers engine, when idle: wait for more "
+                                 "requests")
+    torch_threads: PositiveInt | None = Field(None, le=1024, description="transformers engine (and vLLM's lm_head scorer): "
                                               "intra-op threads; default: torch's (1 is faster on a busy machine)")
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: the largest rank to serve, for adapters to "
@@ -60,14 +63,36 @@ class Settings(BaseSettings):
 
     # rationale cache
     cache_size: PositiveInt = Field(4096, description="in-process cache: questions kept")
-    cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="Redis cache: expiry of a question's pool")
+    cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, le=10 * 365 * 24 * 3600,
+                                     description="Redis cache: expiry of a question's pool (Redis refuses years more)")
 
     # new adapter versions (written by training jobs) go live without a restart
-    watch_poll_s: PositiveFloat = Field(10.0, description="poll of the store, the fallback to Redis announcements")
+    watch_poll_s: float = Field(10.0, ge=0.1, description="poll of the store, the fallback to Redis announcements")
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("store", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """`GFN_STORE=` (an unset shell variable) means the default, as the CLI reads it, not `.`."""
+        if value != "":
+            return value
+        return store_root() if info.field_name == "store" else None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_redis_url(url)
+
+    @field_validator("api_key")
+    @classmethod
+    def _a_key(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty key would be met by every request that sends none."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("empty: unset GFN_API_KEY to serve without one, or give a key")
+        return key
 
     @field_validator("store")
     @classmethod

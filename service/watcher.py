@@ -68,12 +68,15 @@ class AdapterWatcher:
             except (AdapterError, OSError) as error:
                 log.warning("store poll failed", extra={"reason": str(error)})
                 continue
-            for ref in [r for r in self.refused if _removed(r, self._stored, versions)]:
-                del self.refused[ref]
-            self._stored = versions
-            for name, stored in versions.items():
-                if stored:
-                    await self.offer(name, stored[-1])
+            try:
+                for ref in [r for r in self.refused if _removed(r, self._stored, versions)]:
+                    del self.refused[ref]
+                self._stored = versions
+                for name, stored in versions.items():
+                    if stored:
+                        await self.offer(name, stored[-1])
+            except Exception:  # a bug must not end the watch for the service's lifetime
+                log.exception("store poll failed")
 
     async def _subscribe(self) -> None:
         """Listen for announcements; after every (re)connection, catch up from the latest-versions key."""

@@ -242,6 +242,15 @@ def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
         assert client.post("/reason", json=QUESTION).json()["cached"] == 4
 
 
+def test_the_token_cap_bounds_requests_that_leave_max_tokens_out(store, demo_model):
+    """GFN_MAX_TOKENS capped only an explicit max_tokens: without one, the adapter's max_len was drawn."""
+    with Server(create_app(_settings(store, demo_model, max_tokens=3))) as server, server.client() as client:
+        body = {"prefix": "Anna lived in a big city.", "suffix": "She was happy.", "n": 8, "seed": 1}
+        reply = client.post("/infill", json=body)
+        assert reply.status_code == 200 and all(len(s["token_ids"]) <= 3 for s in reply.json()["samples"]), reply.text
+        assert client.post("/infill", json={**body, "max_tokens": 4}).status_code == 422
+
+
 def test_settings_refuse_values_that_are_not_finite(monkeypatch):
     """An infinite batch wait would never end: the engine thread died and `gfn serve` hung at start."""
     from pydantic import ValidationError
@@ -253,3 +262,36 @@ def test_settings_refuse_values_that_are_not_finite(monkeypatch):
         with pytest.raises(ValidationError, match=name.removeprefix("GFN_").lower()):
             Settings()
         monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("name, value, said", [
+    ("GFN_TORCH_THREADS", "100000000000", "torch_threads"),  # the engine thread died on it and `gfn serve` hung
+    ("GFN_BATCH_WAIT_MS", "1e13", "batch_wait_ms"),  # the same, past the platform's time_t
+    ("GFN_CACHE_TTL_S", "100000000000000000", "cache_ttl_s"),  # Redis refused the expiry: pools kept forever
+    ("GFN_WATCH_POLL_S", "1e-9", "watch_poll_s"),  # an idle service spun a core
+    ("GFN_API_KEY", " ", "api_key"),  # every request without a key matched it
+    ("GFN_REDIS_URL", "foo", "redis_url"),  # a traceback after the model loaded
+    ("GFN_REDIS_URL", "redis://127.0.0.1:6379/jobs", "redis_url"),  # read as database 0
+    ("GFN_LOG_LEVEL", "loud", "log_level"),  # a traceback
+    ("GFN_DEVICE", "cuda:99999999999999999999", "device"),  # torch's RuntimeError, a traceback
+])
+def test_settings_refuse_values_the_service_would_fail_on_later(monkeypatch, name, value, said):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert [e["loc"] for e in refused.value.errors()] == [(said,)], refused.value
+
+
+def test_an_empty_store_or_redis_url_setting_means_unset(monkeypatch, tmp_path):
+    """`GFN_STORE=$UNSET` served `.` as the store while the CLI read GFN_HOME's."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("GFN_HOME", str(tmp_path))
+    monkeypatch.setenv("GFN_STORE", "")
+    monkeypatch.setenv("GFN_REDIS_URL", "")
+    settings = Settings()
+    assert settings.store == tmp_path / "adapters" and settings.redis_url is None

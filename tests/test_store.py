@@ -22,6 +22,7 @@ from adapters import (
     fingerprint,
     parse_ref,
 )
+from adapters.store import MAX_VERSION
 
 BASE_FP = "sha256:" + "a" * 64
 
@@ -238,6 +239,21 @@ def test_crash_leftovers_are_not_versions_and_are_cleaned(store: AdapterStore, s
     shutil.copytree(src, crashed)  # a save killed after the last one: a delete cleans it too
     store.delete("rng", 1)
     assert not crashed.exists() and foreign.exists() and store.versions("rng") == []
+
+
+def test_entries_no_ref_can_name_are_not_versions(store: AdapterStore, src: Path) -> None:
+    """A file called v2 made `list` and every later save fail; a v2147483648 made by hand could be
+    neither named nor deleted, and its refusal ended the service's store watch."""
+    store.save("rng", src, fields())
+    (store.root / "rng" / "v2").write_text("hi")
+    (store.root / "rng" / f"v{MAX_VERSION + 1}").mkdir()
+    (store.root / "rng" / ".last_version").write_text("abc")  # damaged by hand: the versions present bound it
+    assert store.versions("rng") == [1] and [m.ref for m in store.list()] == ["rng@v1"]
+    assert store.save("rng", src, fields()).version == 3  # past the file in v2's place
+    assert store.versions("rng") == [1, 3]
+    (store.root / "rng" / ".last_version").write_text(str(MAX_VERSION))
+    with pytest.raises(AdapterCorrupt, match="no version is left"):
+        store.save("rng", src, fields())
 
 
 def make_model(d: Path, weight: torch.Tensor, **config: object) -> Path:

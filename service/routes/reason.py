@@ -38,7 +38,8 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
             prompt = state.encode_context(render(manifest, {"question": question}), manifest)
             tool = state.calculator if config.get("tool") == "calculator" else None
             seed = None if body.seed is None else body.seed + cached  # a pool grown in steps = one drawn at once
-            generation = gen_request(manifest, prompt, n - cached, body.temperature, seed, body.max_tokens, tool)
+            generation = gen_request(manifest, prompt, n - cached, body.temperature, seed, body.max_tokens,
+                                     state.settings.max_tokens, tool)
             answer_format = AnswerFormat.of(config)  # the base model reads the answer after this
             reading = len(state.encode(answer_format.reward_prefix + answer_format.answer_prompt)) + ANSWER_TOKENS
             check_context(state, {"question": question}, len(prompt) + reading, generation.max_tokens)
