@@ -206,8 +206,11 @@ class AdapterStore:
         name_dir = self.root / check_name(name)
         if not name_dir.is_dir():
             return []
-        return sorted(n for p in name_dir.iterdir()
-                      if (m := _VERSION_RE.fullmatch(p.name)) and (n := int(m[1])) <= MAX_VERSION and p.is_dir())
+        try:
+            return sorted(n for p in name_dir.iterdir()
+                          if (m := _VERSION_RE.fullmatch(p.name)) and (n := int(m[1])) <= MAX_VERSION and p.is_dir())
+        except OSError as error:
+            raise AdapterCorrupt(f"adapter {name!r}: {name_dir} cannot be read ({error.strerror})") from None
 
     def latest(self, name: str) -> int:
         """Highest stored version of ``name``."""
@@ -223,7 +226,14 @@ class AdapterStore:
         """Names with at least one stored version, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if _is_name(p.name) and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir() if _is_name(p.name) and self._listed(p.name))
+
+    def _listed(self, name: str) -> bool:
+        """Whether `name` holds versions; an unreadable name is listed, for whoever reads it to say why."""
+        try:
+            return bool(self.versions(name))
+        except AdapterCorrupt:
+            return True
 
     def delete(self, name: str, version: int) -> None:
         """Remove one version; its number is not reused by later saves."""
@@ -304,7 +314,14 @@ class AdapterStore:
 
         Defined last: in the class body, ``list`` names this method from here on.
         """
-        return [m for name in self.names() for m in self._manifests(name, self.versions(name), damaged)]
+        manifests = []
+        for name in self.names():
+            try:
+                manifests += self._manifests(name, self.versions(name), damaged)
+            except AdapterCorrupt as error:  # the name's directory cannot be read
+                if damaged is not None:
+                    damaged[name] = str(error)
+        return manifests
 
 
 def _is_name(name: object) -> bool:
@@ -372,7 +389,10 @@ def _verify_files(path: Path, manifest: Manifest) -> None:
             "remove them"
         )
     for rel, expected in manifest.files.items():
-        found_sha = sha256_file(found[rel])
+        try:
+            found_sha = sha256_file(found[rel])
+        except OSError as error:  # a permission, a disk fault: this version's trouble, not the caller's crash
+            raise AdapterCorrupt(f"adapter {manifest.ref}: file {rel!r} cannot be read ({error.strerror})") from None
         if found_sha != expected:
             raise AdapterCorrupt(
                 f"adapter {manifest.ref}: file {rel!r} has sha256 {found_sha}, "

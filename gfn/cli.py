@@ -390,9 +390,9 @@ def serve(engine: EngineOption = None, host: HostOption = None, port: PortOption
         _fail(str(error))
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
 
-EXAMPLE = """The service is up on http://{host}:{port} (OpenAPI: /docs). Try:
+EXAMPLE = """The service is up on {url} (OpenAPI: /docs). Try:
 
-  curl -s http://{host}:{port}/infill -H 'content-type: application/json' -d '{{
+  curl -s {url}/infill -H 'content-type: application/json' -d '{{
     "prefix": "Anna lived in a big city. Every morning she walked to the market. One day she found an old key.",
     "suffix": "Anna cried all night.", "n": 4}}'
 """
@@ -400,6 +400,11 @@ TRAINING = ("The demo adapters {names} are training as jobs, in that order (once
             "take minutes, infill and constrained half an hour each); each goes live as it is stored, and a request "
             "for one still training answers 404 meanwhile. Follow them with\n"
             "  .venv/bin/gfn jobs list --redis-url {url}\n")
+
+
+def service_url(host: str, port: int) -> str:
+    """The service's URL as curl takes it: an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @app.command()
@@ -416,6 +421,8 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
 
     settings = _settings(engine=engine, host=host, port=port)  # bad options fail before anything starts
     host, port = settings.host, settings.port
+    if port == 0:
+        _fail("port 0 would serve on a port chosen at random, which the example printed could not name; give one")
     _check_address(settings)
     model = build()
     redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
@@ -433,7 +440,7 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
             training = queue_demo_adapters(redis.url, model)
         settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None,
                                                **(lora_settings(training, settings) if training else {})})
-        console.print(EXAMPLE.format(host=host, port=port))
+        console.print(EXAMPLE.format(url=service_url(host, port)))
         if training:
             console.print(TRAINING.format(names=", ".join(training), url=redis.url))
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))  # a closed terminal stops it as Ctrl-C

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.calculator import TokenCalculator
 from adapters.errors import AdapterError, AdapterNotFound
-from adapters.fingerprint import fingerprint
+from adapters.fingerprint import WEIGHT_SUFFIXES, fingerprint
 from adapters.manifest import Manifest
 from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
 from adapters.store import AdapterStore, format_ref, parse_ref
@@ -137,9 +137,11 @@ def base_model_of(settings: Settings) -> str:
     """The model directory to serve: GFN_BASE_MODEL, else the one the newest stored adapter was
     trained on. Checked before the engine starts, so that a typo is one line, not a traceback."""
     path = settings.base_model or _newest_base(AdapterStore(settings.store))
+    source = "GFN_BASE_MODEL" if settings.base_model else "the newest stored adapter's base model"
     if not (Path(path) / "config.json").is_file():
-        source = "GFN_BASE_MODEL" if settings.base_model else "the newest stored adapter's base model"
         raise NoBaseModel(f"{source} {path} is no model directory (it has no config.json)")
+    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(path).iterdir()):
+        raise NoBaseModel(f"{source} {path} holds no weights (no *.safetensors or *.bin file)")
     return path
 
 

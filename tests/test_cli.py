@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from gfn.cli import app
+from gfn.cli import app, service_url
 
 
 def test_up_and_serve_refuse_a_bad_engine_a_taken_port_and_an_unknown_host(tmp_path):
@@ -50,8 +50,12 @@ def test_serve_and_train_check_their_addresses_and_store_as_they_will_use_them(t
 
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
     empty = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
+    weightless = tmp_path / "weightless"  # a config.json copied alone: a traceback once the fingerprint read it
+    weightless.mkdir()
+    (weightless / "config.json").write_text('{"model_type": "llama"}')
     for env, said in (({}, f"no base model: set GFN_BASE_MODEL, or train an adapter into {tmp_path / 'store'} first"),
-                      ({"GFN_BASE_MODEL": str(tmp_path)}, f"GFN_BASE_MODEL {tmp_path} is no model directory")):
+                      ({"GFN_BASE_MODEL": str(tmp_path)}, f"GFN_BASE_MODEL {tmp_path} is no model directory"),
+                      ({"GFN_BASE_MODEL": str(weightless)}, f"GFN_BASE_MODEL {weightless} holds no weights")):
         result = CliRunner().invoke(app, ["serve", "--engine", "transformers"], env={**empty, **env})
         shown = " ".join(result.output.split())
         assert result.exit_code == 2 and said in shown and "Traceback" not in shown, shown
@@ -66,6 +70,9 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     assert busy.exit_code == 2 and f"127.0.0.1:{port}" in " ".join(busy.output.split())
     bad = CliRunner().invoke(app, ["up", "--engine", "tensorrt"], env={"GFN_ENGINE": "transformers"})
     assert bad.exit_code == 2 and "engine" in bad.output
+    anywhere = CliRunner().invoke(app, ["up", "--port", "0"])  # it printed http://127.0.0.1:0 to try
+    assert anywhere.exit_code == 2 and "port 0" in anywhere.output
+    assert service_url("::1", 8000) == "http://[::1]:8000" and service_url("127.0.0.1", 80) == "http://127.0.0.1:80"
     listed = CliRunner().invoke(app, ["up"], env={"GFN_LORA_TARGET_MODULES": "gate_proj"})  # not JSON
     assert listed.exit_code == 2 and "lora_target_modules" in listed.output and "take JSON" in listed.output
     pinned = CliRunner().invoke(app, ["up"], env={"GFN_ADAPTERS": '["rng@v1x"]'})  # refused at start, not at load

@@ -67,3 +67,17 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
             else:
                 expected = log_q(req, sample)
             assert sample.log_q == pytest.approx(expected, rel=1e-3)
+
+
+def test_an_engine_whose_thread_fails_fails_its_callers_instead_of_hanging(demo_model):
+    """A thread count torch refuses killed the worker thread, and start() (so `gfn serve`) waited forever."""
+    from service.engines.hf import HFEngine
+
+    async def start() -> None:
+        engine = HFEngine(demo_model, 0, threads=10**11)
+        with pytest.raises(RuntimeError, match="the transformers engine stopped"):
+            await asyncio.wait_for(engine.start(), 60)
+        with pytest.raises(RuntimeError, match="the transformers engine stopped"):  # and so does a later call
+            await asyncio.wait_for(engine.score([[1, 2]], [[3]]), 10)
+
+    asyncio.run(start())

@@ -24,6 +24,7 @@ from adapters import (
 )
 from adapters.store import MAX_VERSION
 
+REPO = Path(__file__).resolve().parent.parent
 BASE_FP = "sha256:" + "a" * 64
 
 
@@ -358,6 +359,42 @@ def test_an_empty_gfn_home_is_unset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GFN_HOME", "")
     assert gfn_home() == tmp_path / ".gfn"
+
+
+def _unprivileged() -> list[str]:
+    """A command prefix under which file permissions hold: root reads a mode-000 file otherwise."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("root without setpriv: permissions cannot be made to hold")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+
+
+def test_an_unreadable_file_or_name_is_a_damaged_version_not_a_crash(store, src):
+    """A permission denied on one version's weights gave a traceback in `gfn adapters verify`, and the
+    service failed to start for every adapter; on a name's directory `gfn adapters list` crashed too."""
+    store.save("rng", src, fields())
+    store.save("other", src, fields())
+    weights = store.root / "rng" / "v1" / "adapter_model.safetensors"
+
+    def gfn(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*_unprivileged(), sys.executable, "-m", "gfn.cli", "adapters", *args,
+                               "--store", str(store.root)], capture_output=True, text=True, cwd=REPO)
+    weights.chmod(0)
+    try:
+        verified = gfn("verify")
+        said = " ".join(verified.stdout.split())
+        assert verified.returncode == 1 and "Traceback" not in verified.stderr, verified.stderr
+        assert "damaged rng@v1" in said and "cannot be read" in said and "ok other@v1" in said, said
+    finally:
+        weights.chmod(0o644)
+    (store.root / "rng").chmod(0)
+    try:
+        listed = gfn("list")
+        assert listed.returncode == 0 and "other@v1" in listed.stdout and "Traceback" not in listed.stderr, listed.stderr
+    finally:
+        (store.root / "rng").chmod(0o755)
 
 
 def test_the_command_line_shows_verifies_and_deletes_versions(store, src):

@@ -201,6 +201,7 @@ class HFEngine(Engine):
         self._biases: dict[tuple, torch.Tensor] = {}
         self._seeds = random.Random()
         self._stopping = False
+        self._dead: Exception | None = None  # why the worker thread stopped, if it failed
 
     # ------------------------------------------------------------------ the event loop's side
     async def start(self) -> None:
@@ -233,6 +234,8 @@ class HFEngine(Engine):
         """Hand the work to the worker and wait; cancelling the caller cancels the future, and the
         worker then drops the work (its samples leave the batch at the next step)."""
         self._inbox.put(work)
+        if self._dead is not None:  # set before the dying worker fails what waits: checked after the put
+            raise self._dead
         return await work.future
 
     @property
@@ -249,6 +252,18 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ the worker thread
     def _serve(self) -> None:
+        """The worker thread. If it fails, every waiting and later caller gets the error: none waits
+        forever on a thread that is gone (`gfn serve` hung at start on one)."""
+        try:
+            self._serve_batches()
+        except Exception as error:  # noqa: BLE001 - delivered to every caller
+            self._dead = RuntimeError(f"the transformers engine stopped: {type(error).__name__}: {error}")
+            while not self._inbox.empty():
+                self._hold(self._inbox.get())
+            for work in [*self._held, *(row.work for row in self._batch.rows)]:
+                self._settle(work, self._dead)
+
+    def _serve_batches(self) -> None:
         _keep_freed_memory()
         if self.threads is not None:
             torch.set_num_threads(self.threads)
