@@ -176,7 +176,7 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
                     store: StoreOption = None) -> None:
     """Check every file of every version (of a name, or one version) against its manifest's
     checksums, as loading does; exit 1 if any is damaged."""
-    from adapters.errors import AdapterError, AdapterNotFound
+    from adapters.errors import AdapterCorrupt, AdapterError, AdapterNotFound
     from adapters.store import parse_ref
 
     adapters = _store(store)
@@ -186,11 +186,18 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
         name, version = parse_ref(adapter) if adapter else (None, None)
         if name:
             adapters.latest(name)  # an unknown name is named, not checked as zero versions
-        refs = [(n, v) for n in ([name] if name else adapters.names())
-                for v in ([version] if version else adapters.versions(n))]
+    except AdapterCorrupt as error:  # the name's directory cannot be read: damaged, not a usage error
+        console.print(f"[red]damaged[/red] {adapter}: {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except AdapterError as error:  # a malformed ref, an unknown name
         _fail(str(error))
-    damaged = 0
+    refs, damaged = [], 0
+    for n in [name] if name else adapters.names():
+        try:
+            refs += [(n, v) for v in ([version] if version else adapters.versions(n))]
+        except AdapterCorrupt as error:
+            damaged += 1
+            console.print(f"[red]damaged[/red] {n}: {escape(str(error))}", soft_wrap=True)
     for name, version in refs:
         try:
             adapters.load(name, version)

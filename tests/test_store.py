@@ -393,6 +393,9 @@ def test_an_unreadable_file_or_name_is_a_damaged_version_not_a_crash(store, src)
     try:
         listed = gfn("list")
         assert listed.returncode == 0 and "other@v1" in listed.stdout and "Traceback" not in listed.stderr, listed.stderr
+        verified = gfn("verify")  # exit 2 would say there is no store
+        said = " ".join(verified.stdout.split())
+        assert verified.returncode == 1 and "damaged rng" in said and "ok other@v1" in said, said
     finally:
         (store.root / "rng").chmod(0o755)
 
