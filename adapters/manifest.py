@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     import torch
 
 
+def format_ref(name: str, version: int) -> str:
+    """The serving name of one version, ``name@vN`` (adapters.store.parse_ref reads it)."""
+    return f"{name}@v{version}"
+
+
 def _has_text(value: str) -> str:
     if not value.strip():
         raise ValueError("must hold text, not only whitespace")
@@ -154,4 +159,4 @@ class Manifest(_Strict):
     @property
     def ref(self) -> str:
         """Serving name ``name@vN``: a version's weights never change, so a ref means one adapter."""
-        return f"{self.name}@v{self.version}"
+        return format_ref(self.name, self.version)

@@ -37,7 +37,7 @@ from adapters._fs import fsync_path, sha256_file, write_atomic
 from adapters.errors import (AdapterCorrupt, AdapterError, AdapterNotFound, BaseModelMismatch, InvalidAdapterName,
                              StoreNotADirectory)
 from adapters.home import file_in_the_way
-from adapters.manifest import Manifest
+from adapters.manifest import Manifest, format_ref
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
@@ -78,11 +78,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if at and not (_REF_VERSION_RE.fullmatch(version) and int(version) <= MAX_VERSION):
         raise InvalidAdapterName(f"invalid adapter {ref!r}: use 'name' or 'name@vN' (N from 1 to {MAX_VERSION})")
     return check_name(name), int(version) if at else None
-
-
-def format_ref(name: str, version: int) -> str:
-    """The serving name of one version, ``name@vN``: parse_ref's inverse."""
-    return f"{name}@v{version}"
 
 
 def _valid_ref(ref: str) -> str:

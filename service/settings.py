@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     batch_max_size: PositiveInt = Field(256, description="transformers engine: samples generated together")
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000, description="transformers engine, when idle: wait for more "
                                  "requests")
-    torch_threads: PositiveInt | None = Field(None, le=1024, description="transformers engine (and vLLM's lm_head scorer): "
-                                              "intra-op threads; default: torch's (1 is faster on a busy machine)")
+    torch_threads: PositiveInt | None = Field(None, le=1024, description="transformers engine (and vLLM's lm_head "
+                                              "scorer): intra-op threads; default: torch's (1 is faster on a busy "
+                                              "machine)")
     max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: the largest rank to serve, for adapters to "
                                               "come; at least the largest present")
