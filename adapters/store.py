@@ -258,15 +258,18 @@ class AdapterStore:
     def _lock(self, name: str) -> Iterator[Path]:
         """Serialise the writers of one name: job lookup, version allocation and cleanup."""
         name_dir = self.root / name
-        name_dir.mkdir(parents=True, exist_ok=True)
-        with (name_dir / ".lock").open("a") as lock:
+        with _in_the_way(name_dir / ".lock"):
+            name_dir.mkdir(parents=True, exist_ok=True)
+            lock = (name_dir / ".lock").open("a")
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield name_dir
 
     def _staging_dir(self, name: str) -> Path:
         """A fresh path under ``.tmp``: same file system as the versions, so rename is atomic."""
         tmp = self.root / ".tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        with _in_the_way(tmp):
+            tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{name}~{uuid.uuid4().hex}"
 
     def _clean_staging(self, name: str) -> None:
@@ -317,6 +320,16 @@ class AdapterStore:
                 if damaged is not None:
                     damaged[name] = str(error)
         return manifests
+
+
+@contextmanager
+def _in_the_way(path: Path) -> Iterator[None]:
+    """A store path the store cannot make or open (a `.lock` that is a directory, a `.tmp` that
+    is a file, a permission) is a damaged store, named, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise AdapterCorrupt(f"cannot use {path} ({error.strerror}): remove or repair it") from error
 
 
 def _is_name(name: object) -> bool:

@@ -431,6 +431,9 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
     if port == 0:
         _fail("port 0 would serve on a port chosen at random, which the example printed could not name; give one")
     _check_address(settings)
+    if ignored := [f"GFN_{name.upper()}" for name in ("base_model", "redis_url") if getattr(settings, name)]:
+        console.print(f"[yellow]gfn up serves the demo model with a Redis of its own: {' and '.join(ignored)} "
+                      "ignored here (gfn serve and gfn worker take them)[/yellow]")
     model = build()
     redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
     try:

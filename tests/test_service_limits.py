@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
 from service_world import Server, corrupt, metric, save_adapter, task_fields
 
 from adapters.models import load_tokenizer
@@ -274,6 +275,8 @@ def test_settings_refuse_values_that_are_not_finite(monkeypatch):
     ("GFN_REDIS_URL", "redis://127.0.0.1:6379/jobs", "redis_url"),  # read as database 0
     ("GFN_LOG_LEVEL", "loud", "log_level"),  # a traceback
     ("GFN_DEVICE", "cuda:99999999999999999999", "device"),  # torch's RuntimeError, a traceback
+    pytest.param("GFN_VLLM_BLOCK_SIZE", "16", "vllm_block_size",  # a traceback after the model loaded
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU attention only")),
 ])
 def test_settings_refuse_values_the_service_would_fail_on_later(monkeypatch, name, value, said):
     from pydantic import ValidationError

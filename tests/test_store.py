@@ -257,6 +257,24 @@ def test_entries_no_ref_can_name_are_not_versions(store: AdapterStore, src: Path
         store.save("rng", src, fields())
 
 
+def test_a_lock_or_staging_path_in_the_way_is_named_and_loses_nothing(store: AdapterStore, src: Path) -> None:
+    """A `.lock` that is a directory or a `.tmp` that is a file gave a traceback on save and delete."""
+    store.save("rng", src, fields())
+    lock = store.root / "rng" / ".lock"
+    lock.unlink()
+    lock.mkdir()
+    for write in (lambda: store.save("rng", src, fields()), lambda: store.delete("rng", 1)):
+        with pytest.raises(AdapterCorrupt, match=f"cannot use {lock} .Is a directory.: remove or repair it"):
+            write()
+    lock.rmdir()
+    shutil.rmtree(store.root / ".tmp")
+    (store.root / ".tmp").write_text("")
+    for write in (lambda: store.save("rng", src, fields()), lambda: store.delete("rng", 1)):
+        with pytest.raises(AdapterCorrupt, match=f"cannot use {store.root / '.tmp'} "):
+            write()
+    assert store.versions("rng") == [1] and store.load("rng", 1).manifest.version == 1
+
+
 def make_model(d: Path, weight: torch.Tensor, **config: object) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4, **config}))
