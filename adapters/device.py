@@ -20,9 +20,9 @@ def resolve_device(name: str) -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    kind, _, index = name.partition(":")  # read here: torch keeps an index in 8 bits (cuda:999 is cuda:-25)
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {name} asked for, but CUDA is not available here (use auto or cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device: {name} asked for, but {torch.cuda.device_count()} GPUs are visible here")
-    return device
+    return torch.device(name)

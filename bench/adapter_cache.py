@@ -3,6 +3,7 @@ and the code that trains it are unchanged; anything else (or --fresh) trains ane
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -28,6 +29,19 @@ def log(message: str) -> None:
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_CODE = ("trainer", "adapters", "world")  # what decides an adapter besides its config and base model
+
+
+def bench_parser(doc: str | None, prompts: str | None = None, samples: str | None = None) -> argparse.ArgumentParser:
+    """The options of a bench that reuses its adapters: --fresh and --set; with `prompts` and
+    `samples` (what a record and a sample are called), the evaluation's size as well."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fresh", action="store_true", help="train the adapters anew instead of reusing them")
+    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    if prompts:
+        parser.add_argument("--prompts", type=int, help=f"held-out {prompts} (default: the config's eval_prompts)")
+    if samples:
+        parser.add_argument("--samples", type=int, help=f"{samples} (default: the config's eval_samples)")
+    return parser
 
 
 def bench_store() -> AdapterStore:

@@ -22,7 +22,6 @@ at most 2 nats below rejection's, and more samples per second than rejection.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -35,7 +34,7 @@ import torch  # noqa: E402
 
 from adapters.manifest import VocabMask  # noqa: E402
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
+from bench.adapter_cache import bench_parser, bench_store, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
 from trainer.metrics import distinct_n  # noqa: E402
@@ -101,12 +100,8 @@ def evaluate(name: str, draw, task: ConstrainedTask, scorer: Scorer, records: li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="train the adapter anew instead of reusing it")
-    parser.add_argument("--prompts", type=int, help="held-out keyword sets (default: the config's eval_prompts)")
-    parser.add_argument("--samples", type=int, help="sentences per set (default: the config's eval_samples)")
+    parser = bench_parser(__doc__, prompts="keyword sets", samples="sentences per set")
     parser.add_argument("--max-batches", type=int, default=20, help="rejection sampling's batches per set")
-    parser.add_argument("--set", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
     config = load_config("constrained", ["evaluate=false"] + args.set)

@@ -23,7 +23,6 @@ mean_loglik above temperature's, gfn distinct2 above beam's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, gfn_adapter, log  # noqa: E402
+from bench.adapter_cache import bench_parser, bench_store, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.decoding import beam_search, nucleus  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
@@ -65,11 +64,7 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="train the adapter anew instead of reusing it")
-    parser.add_argument("--prompts", type=int, help="held-out prompts (default: the config's eval_prompts)")
-    parser.add_argument("--samples", type=int, help="samples per prompt (default: the config's eval_samples)")
-    parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    parser = bench_parser(__doc__, prompts="prompts", samples="samples per prompt")
     args = parser.parse_args()
 
     config = load_config("continuation", ["evaluate=false"] + args.set)

@@ -23,7 +23,6 @@ importance.ess_per_second.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -36,7 +35,7 @@ import torch  # noqa: E402
 
 from adapters.manifest import VocabMask  # noqa: E402
 from adapters.models import load_causal_lm  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
+from bench.adapter_cache import bench_parser, bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
 from trainer.metrics import effective_sample_size, total_variation  # noqa: E402
@@ -123,12 +122,8 @@ def exact_sample_tv(posteriors: list[list[float]], n: int, generator: torch.Gene
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="train the adapters anew instead of reusing them")
-    parser.add_argument("--prompts", type=int, help="held-out records (default: the config's eval_prompts)")
-    parser.add_argument("--samples", type=int, help="samples per record (default: the config's eval_samples)")
+    parser = bench_parser(__doc__, prompts="records", samples="samples per record")
     parser.add_argument("--sft-steps", type=int, default=300, help="steps of the SFT baseline")
-    parser.add_argument("--set", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
     config = load_config("infill", ["evaluate=false"] + args.set)

@@ -24,7 +24,6 @@ at least 0.15 at 4 and 5 operands and beats direct and fewshot at every count.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 
 from adapters.models import load_causal_lm  # noqa: E402
 from adapters.reasoning import parse_answer, parse_question  # noqa: E402
-from bench.adapter_cache import bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
+from bench.adapter_cache import bench_parser, bench_store, cached_adapter, gfn_adapter, log  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.evaluate import LoadedPolicy  # noqa: E402
 from trainer.rl import load_rl_config, train_rl  # noqa: E402
@@ -86,11 +85,9 @@ def worked_rationale(question: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="train the adapters anew instead of reusing them")
+    parser = bench_parser(__doc__)
     parser.add_argument("--questions", type=int, help="held-out questions per operand count (default: the config's)")
     parser.add_argument("--rationales", type=int, help="rationales per question, N (default: the config's)")
-    parser.add_argument("--set", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
     overrides = ["evaluate=false"] + [f"task.eval_questions={args.questions}"] * bool(args.questions) + args.set

@@ -206,7 +206,7 @@ def test_reason_reads_answers_as_the_trainer_does(bos_model: Path, served_bos):
     _, _, client = served_bos
     task = ReasoningTask(ReasoningConfig(), load_tokenizer(bos_model))
     question = "Question: 3 + 4 - 2 = ? Answer:"
-    reply = client.post("/reason", json={"question": question, "n_rationales": 8, "seed": 1})
+    reply = client.post("/reason", json={"question": question, "n_rationales": 32, "seed": 1})
     assert reply.status_code == 200, reply.text
     rationales = [r["text"] for r in reply.json()["rationales"]]
     scorer = Scorer(load_causal_lm(bos_model), task.tokenizer.eos_token_id)

@@ -59,7 +59,8 @@ def _cli_train(run_dir: Path, store: Path, demo_model: Path) -> subprocess.Popen
     sets = [a for s in SHORT + [f"base_model={demo_model}"] for a in ("--set", s)]
     return subprocess.Popen(
         [sys.executable, "-m", "gfn.cli", "train", "rng", *sets, "--run-dir", str(run_dir), "--store", str(store)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
 
 
@@ -324,7 +325,7 @@ def test_states_barred_from_stopping_get_the_floor_and_their_flow_is_the_policys
         _, log_pterm = policy_log_probs(trainer.model, spec, batch.prompts, batch.tokens, trainer.pad_id)
         unbarred = PolicySpec(spec.terminator_id, spec.min_len, spec.max_len, spec.mask)
         _, raw_pterm = policy_log_probs(trainer.model, unbarred, batch.prompts, batch.tokens, trainer.pad_id)
-    flow = (log_r - log_pterm)[barred & states]
-    raw = raw_pterm[barred & states].double()
+    flow = (log_r - log_pterm.cpu())[barred & states]  # the model's outputs are on its device
+    raw = raw_pterm.cpu()[barred & states].double()
     expected = config.barred_flow_offset - raw + torch.log1p(-raw.exp())
     assert flow.tolist() == pytest.approx(expected.tolist(), abs=1e-3)
