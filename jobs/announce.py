@@ -8,16 +8,22 @@ A running service subscribes to `CHANNEL` to load a new version at once; message
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field
 from redis import Redis
+
+from adapters.store import MAX_VERSION, check_name
 
 CHANNEL = "gfn:adapters:new"
 LATEST = "gfn:adapters:latest"
 
 
 class NewVersion(BaseModel):
-    name: str
-    version: int
+    """A stored version as a ref spells it: a garbled or forged announcement is refused on reading."""
+
+    name: Annotated[str, AfterValidator(check_name)]
+    version: int = Field(ge=1, le=MAX_VERSION)
     job_id: str | None = None
 
 

@@ -20,6 +20,7 @@ from starlette.routing import Match
 
 from adapters.errors import AdapterCorrupt, AdapterNotFound, BaseModelMismatch, InvalidAdapterName
 from service.auth import key_refused
+from service.engines.base import EngineStopped
 
 
 class AdapterRefused(Exception):
@@ -51,6 +52,7 @@ _STATUS: dict[type[Exception], int] = {
     AdapterCorrupt: 409,
     BaseModelMismatch: 409,
     AdapterRefused: 409,
+    EngineStopped: 503,
     TimeoutError: 504,
     ClientDisconnected: 499,
 }

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from adapters.errors import AdapterError
+from adapters.errors import AdapterError, AdapterNotFound
 from adapters.store import AdapterStore, format_ref, parse_ref
 from jobs import CHANNEL, LATEST, NewVersion
 from service.errors import AdapterBusy, AdapterRefused
@@ -54,11 +54,23 @@ class AdapterWatcher:
             log.info("adapter version live", extra={"adapter": ref})
         except AdapterBusy as error:  # offered again by the next poll
             log.info("new adapter version deferred", extra={"adapter": ref, "reason": str(error)})
+        except AdapterNotFound:  # announced, not stored (yet): the poll offers it once it is
+            log.info("announced adapter version not in the store", extra={"adapter": ref})
         except (AdapterError, AdapterRefused) as error:
             self.refused[ref] = str(error)
             log.warning("new adapter version refused", extra={"adapter": ref, "reason": str(error)})
         except Exception:  # e.g. the version deleted while it was checked: the watch goes on
             log.exception("new adapter version failed to load", extra={"adapter": ref})
+
+    async def _offer_announced(self, announced: bytes | dict) -> None:
+        """Offer an announced version; a malformed one (no ref could name it) is logged and ignored."""
+        try:
+            new = (NewVersion.model_validate_json(announced) if isinstance(announced, bytes)
+                   else NewVersion.model_validate(announced))
+        except ValidationError:
+            log.warning("malformed announcement ignored", extra={"data": repr(announced)[:200]})
+            return
+        await self.offer(new.name, new.version)
 
     async def _poll(self) -> None:
         while True:
@@ -86,15 +98,10 @@ class AdapterWatcher:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL)
                     for name, version in await client.zrange(LATEST, 0, -1, withscores=True):
-                        await self.offer(name.decode(), int(version))
+                        await self._offer_announced({"name": name.decode(errors="replace"), "version": version})
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            try:
-                                new = NewVersion.model_validate_json(message["data"])
-                            except ValidationError:
-                                log.warning("malformed announcement ignored", extra={"data": repr(message["data"])[:200]})
-                                continue
-                            await self.offer(new.name, new.version)
+                            await self._offer_announced(message["data"])
             except (RedisError, OSError):
                 await asyncio.sleep(2)
             except Exception:  # a bug must not end the subscription for the service's lifetime

@@ -4,6 +4,8 @@ like the trainer writes. Tests may import trainer/ and world/; the service may n
 
 from __future__ import annotations
 
+import json
+
 import asyncio
 import shutil
 import socket
@@ -37,8 +39,9 @@ def task_fields(tokenizer: Any) -> dict[str, dict[str, Any]]:
 
 def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[str, Any], seed: int,
                  rank: int = 8, scale: float = 0.3, base_fingerprint: str | None = None,
-                 targets: list[str] = TARGETS) -> Manifest:
-    """A LoRA with A as peft initialises it and B ~ scale * N(0, 1): it moves the distribution."""
+                 targets: list[str] = TARGETS, peft_config: dict[str, Any] | None = None) -> Manifest:
+    """A LoRA with A as peft initialises it and B ~ scale * N(0, 1): it moves the distribution.
+    `peft_config` is written over its adapter_config.json (an adapter peft cannot load, say)."""
     torch.manual_seed(seed)
     model = peft.get_peft_model(load_causal_lm(model_dir), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                                           target_modules=targets))
@@ -48,6 +51,9 @@ def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[s
                 param.copy_(scale * torch.randn_like(param))
     out = store.root.parent / f"src-{name}-{seed}"
     model.save_pretrained(out)
+    if peft_config:
+        config = out / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), **peft_config}))
     lora = LoraSpec(r=rank, alpha=2 * rank, target_modules=targets)
     base = {"path": str(model_dir), "fingerprint": base_fingerprint or fingerprint(model_dir),
             "tokenizer": tokenizer_digest(load_tokenizer(model_dir))}

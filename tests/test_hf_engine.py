@@ -71,13 +71,49 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
 
 def test_an_engine_whose_thread_fails_fails_its_callers_instead_of_hanging(demo_model):
     """A thread count torch refuses killed the worker thread, and start() (so `gfn serve`) waited forever."""
+    from service.engines.base import EngineStopped
     from service.engines.hf import HFEngine
 
     async def start() -> None:
         engine = HFEngine(demo_model, 0, threads=10**11)
-        with pytest.raises(RuntimeError, match="the transformers engine stopped"):
+        with pytest.raises(EngineStopped, match="the transformers engine stopped"):
             await asyncio.wait_for(engine.start(), 60)
-        with pytest.raises(RuntimeError, match="the transformers engine stopped"):  # and so does a later call
-            await asyncio.wait_for(engine.score([[1, 2]], [[3]]), 10)
+        errors = []
+        for _ in range(2):  # and so does every later call, each with an error of its own
+            with pytest.raises(EngineStopped, match="the transformers engine stopped") as error:
+                await asyncio.wait_for(engine.score([[1, 2]], [[3]]), 10)
+            errors.append(error.value)
+        assert errors[0] is not errors[1] and not engine.alive  # one shared error gathered every caller's frames
 
     asyncio.run(start())
+
+
+def test_an_adapter_peft_refuses_leaves_no_layers_behind(demo_model, tmp_path):
+    """A refused load stayed in peft: its layers held memory, it became the active adapter once the
+    others left, and the base model was never given back."""
+    from service.engines.hf import HFEngine
+    from service.errors import AdapterRefused
+
+    store = AdapterStore(tmp_path / "adapters")
+    fields = task_fields(load_tokenizer(demo_model))["rng"]
+    bad = store.load("bad", save_adapter(store, "bad", demo_model, fields, 0, peft_config={"r": 4}).version)
+    good = store.load("good", save_adapter(store, "good", demo_model, fields, 1).version)
+    engine = HFEngine(demo_model, 0, threads=1)
+
+    def lora_layers() -> int:
+        return sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in engine.model.modules())
+
+    async def serve() -> None:
+        await engine.start()
+        with pytest.raises(AdapterRefused, match="bad@v1"):  # the first adapter: no peft model yet
+            await engine.add_adapter(bad)
+        assert engine.peft is None and lora_layers() == 0
+        await engine.add_adapter(good)
+        with pytest.raises(AdapterRefused, match="bad@v1"):  # beside another
+            await engine.add_adapter(bad)
+        assert list(engine.peft.peft_config) == ["good@v1"]
+        await engine.remove_adapter("good@v1")
+        assert engine.peft is None and lora_layers() == 0  # the base model given back
+        await engine.stop()
+
+    asyncio.run(serve())

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 import torch
-from service_world import Server, corrupt, metric, save_adapter, task_fields
+from service_world import Server, corrupt, metric, save_adapter, task_fields, wait_until
 
 from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
@@ -176,6 +176,29 @@ def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(
         assert served.status_code == 200 and served.json()["adapter"] == "in.fill@v2"
 
 
+def test_forged_or_early_announcements_neither_end_the_watch_nor_bar_a_version(demo_model, tmp_path, redis_server):
+    """A version past what a ref can spell ended every later poll (its refusal could not be read
+    back), and an announcement of a version not stored yet barred that version for good."""
+    from jobs import CHANNEL, LATEST
+
+    store = AdapterStore(tmp_path / "adapters")
+    fields = task_fields(load_tokenizer(demo_model))
+    save_adapter(store, "rng", demo_model, fields["rng"], 0)
+    settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
+                        redis_url=redis_server.url, watch_poll_s=0.2)
+    with Server(create_app(settings)) as server, server.client() as client:
+        announcer = redis.Redis.from_url(redis_server.url)
+        wait_until(lambda: announcer.pubsub_numsub(CHANNEL)[0][1], 30, "the service subscribes")
+        for forged in ({"name": "rng", "version": 3_000_000_000}, {"name": "rng", "version": 2},
+                       {"name": "../rng", "version": 1}, {"name": "rng", "version": 0}):
+            announcer.publish(CHANNEL, json.dumps(forged))
+        announcer.zadd(LATEST, {"../x": 1, "rng": 2})
+        time.sleep(1)  # the announcements are read
+        save_adapter(store, "rng", demo_model, fields["rng"], 1)  # v2, stored after it was announced
+        ready = wait_until(lambda: (r := client.get("/ready").json())["adapters"] == ["rng@v2"] and r, 30, "rng@v2")
+        assert ready["refused"] == {}
+
+
 def test_a_load_refused_while_the_version_retires_leaves_the_operators_unload_standing(demo_model, tmp_path):
     """DELETE /adapters while a request holds the version, then POST /adapters for it (409: it is
     being unloaded): the unload stands, and the watcher, polling the store, does not load it back."""
@@ -241,6 +264,17 @@ def test_rationales_are_cached_in_redis(store, demo_model, redis_server):
         assert client.get("/ready").status_code == 200
         client.post("/reason", json=QUESTION)
         assert client.post("/reason", json=QUESTION).json()["cached"] == 4
+
+
+def test_a_stopped_engine_fails_health_and_requests_with_503(store, demo_model):
+    """/health said ok over a dead engine (so the compose health check never restarted it) and
+    requests got a bare 500."""
+    with Server(create_app(_settings(store, demo_model))) as server, server.client() as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        server.call(server.state.engine.stop())
+        assert client.get("/health").status_code == 503
+        reply = client.post("/infill", json={"prefix": "Anna lived in a big city.", "suffix": "She was happy."})
+        assert reply.status_code == 503 and "engine was stopped" in reply.json()["detail"], reply.text
 
 
 def test_the_token_cap_bounds_requests_that_leave_max_tokens_out(store, demo_model):

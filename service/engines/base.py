@@ -78,6 +78,10 @@ class GenResult:
     """Time the request waited before the engine started on it."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine serves no more (it crashed, or was stopped): every call fails with why."""
+
+
 class Engine(ABC):
     """Samples from many adapters on one base model, and scores with the base model."""
 

@@ -27,12 +27,13 @@ from typing import Any
 import peft
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.cache_utils import Cache, DynamicLayer
 
 from adapters.device import resolve_device
 from adapters.models import left_pad, load_causal_lm
 from adapters.store import LoadedAdapter
-from service.engines.base import Engine, GenRequest, GenResult, Sample
+from service.engines.base import Engine, EngineStopped, GenRequest, GenResult, Sample
 from service.errors import AdapterRefused
 
 BASE_ROW = "__base__"
@@ -201,7 +202,7 @@ class HFEngine(Engine):
         self._biases: dict[tuple, torch.Tensor] = {}
         self._seeds = random.Random()
         self._stopping = False
-        self._dead: Exception | None = None  # why the worker thread stopped, if it failed
+        self._dead: str | None = None  # why the worker thread stopped: each caller gets its own error
 
     # ------------------------------------------------------------------ the event loop's side
     async def start(self) -> None:
@@ -213,6 +214,7 @@ class HFEngine(Engine):
     async def stop(self) -> None:
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join)
+        self._dead = self._dead or "the transformers engine was stopped"
         while not self._inbox.empty():
             self._hold(self._inbox.get())
         for work in [*self._held, *(row.work for row in self._batch.rows)]:  # queued or mid-generation
@@ -235,7 +237,7 @@ class HFEngine(Engine):
         worker then drops the work (its samples leave the batch at the next step)."""
         self._inbox.put(work)
         if self._dead is not None:  # set before the dying worker fails what waits: checked after the put
-            raise self._dead
+            raise EngineStopped(self._dead)
         return await work.future
 
     @property
@@ -257,11 +259,11 @@ class HFEngine(Engine):
         try:
             self._serve_batches()
         except Exception as error:  # noqa: BLE001 - delivered to every caller
-            self._dead = RuntimeError(f"the transformers engine stopped: {type(error).__name__}: {error}")
+            self._dead = f"the transformers engine stopped: {type(error).__name__}: {error}"
             while not self._inbox.empty():
                 self._hold(self._inbox.get())
             for work in [*self._held, *(row.work for row in self._batch.rows)]:
-                self._settle(work, self._dead)
+                self._settle(work, EngineStopped(self._dead))
 
     def _serve_batches(self) -> None:
         _keep_freed_memory()
@@ -349,7 +351,21 @@ class HFEngine(Engine):
             else:
                 self.peft.load_adapter(str(adapter.path), adapter_name=_peft_name(ref), torch_device=str(self.device))
         except Exception as error:  # peft raises many types; the registry reports which adapter failed
+            self._forget(ref)
             raise AdapterRefused(f"adapter {ref} could not be loaded by peft: {error}") from error
+
+    def _forget(self, ref: str) -> None:
+        """Undo a load peft failed part-way: its layers may be in the model already (the first
+        adapter's with no wrapper yet to unload them), and would take the base model's place."""
+        if self.peft is not None:
+            if _peft_name(ref) in self.peft.peft_config:
+                self._unload(ref)
+            return
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module.get_base_layer())
+        vars(self.model).pop("peft_config", None)  # else the next adapter's load reads this one's config too
 
     def _unload(self, ref: str) -> None:
         assert self.peft is not None

@@ -134,7 +134,7 @@ class VllmEngine(Engine):
 
     @property
     def alive(self) -> bool:
-        return not self.llm.errored
+        return not self.llm.errored and (self.scorer is None or self.scorer.alive)
 
     @property
     def running(self) -> int:

@@ -11,9 +11,11 @@ from service.deps import State
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """Alive: the process answers."""
+@router.get("/health", responses={503: {"description": "the engine stopped: restart the service"}})
+async def health(state: State) -> Any:
+    """Alive: the process answers and its engine runs; a crashed engine is a restart's to cure."""
+    if not state.engine.alive:
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
     return {"status": "ok"}
 
 
