@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from adapters.manifest import Manifest
 from adapters.store import WEIGHTS
@@ -65,12 +65,12 @@ class RationaleCache:
         else:
             try:
                 pool = [Rationale.model_validate_json(item) for item in await self._redis.lrange(key, 0, n - 1)]
-            except (RedisError, OSError) as error:
-                self._bypass("read", error)
-                return []
-            except ValidationError as error:
+            except (ValidationError, ResponseError) as error:  # not rationales, or no list (WRONGTYPE)
                 self._bypass("read", error)
                 await self._drop(key)
+                return []
+            except (RedisError, OSError) as error:
+                self._bypass("read", error)
                 return []
         if len(pool) >= n:
             self.metrics.cache_hits.labels(adapter).inc()

@@ -37,15 +37,20 @@ def test_a_pool_grows_only_from_what_was_seen(backend, request):
     assert asyncio.run(scenario()) == ["a0", "a1", "a2", "d0", "d1"]
 
 
-def test_a_pool_that_does_not_read_as_rationales_is_drawn_anew(redis_server):
-    """An entry another release (or a hand) wrote must not fail every request for its question."""
+@pytest.mark.parametrize("damage", ["an older format", "not a list"])
+def test_a_pool_that_does_not_read_as_rationales_is_drawn_anew(redis_server, damage):
+    """An entry another release (or a hand) wrote must not fail every request for its question; a
+    key that is no list (WRONGTYPE) was bypassed by every request, and kept forever."""
     from redis import Redis
 
     async def scenario() -> tuple[list[str], list[str], float]:
         metrics = Metrics()
         cache = RationaleCache(metrics, redis_server.url)
         await cache.add("k", _rationales("a", 2), after=0)
-        Redis.from_url(redis_server.url).lset("k", 1, '{"text": "an older format"}')
+        if damage == "an older format":
+            Redis.from_url(redis_server.url).lset("k", 1, '{"text": "an older format"}')
+        else:
+            Redis.from_url(redis_server.url).set("k", "x")
         missed = await cache.take("k", 2, "a")
         await cache.add("k", _rationales("b", 2), after=len(missed))
         pool = await cache.take("k", 2, "a")
