@@ -135,8 +135,10 @@ def check_words(manifest: Manifest, words: dict[str, list[str]], tokenizer: PreT
     claimed: dict[int, tuple[str, float]] = {}
     for rule, word, token in biased_tokens(manifest.word_biases, words, tokenizer, manifest.terminator_id):
         if not tokenizer.decode([token]).strip():
-            raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: it starts with "
-                                      "a bare whitespace token; give a word that starts with a letter", word)
+            raise invalid(rule.field, f"{word!r} cannot be biased by adapter {manifest.ref}: after a space the "
+                                      f"tokenizer spells it with a bare whitespace token first (none joins a space "
+                                      f"to {word[:1]!r}), and a bias on that token acts on every word; give a word "
+                                      "that starts with a letter the tokenizer joins to a space", word)
         other = claimed.setdefault(token, (word, rule.bias))
         if (other[1] > 0) != (rule.bias > 0):
             raise invalid(rule.field, f"{word!r} and {other[0]!r} start with the same token, which adapter "

@@ -212,7 +212,8 @@ def test_bad_requests_get_clear_errors(client):
     for keywords, avoid, said in ((["cat"], ["cats"], "'cats' and 'cat' start with the same token"),  # " cat" "s"
                                   (["answer"], ["Answers"], "'Answers' and 'answer' start with the same token"),
                                   (["cat"], ["5"], "'5' cannot be biased"),  # " " "5": would ban every space
-                                  (["5"], ["dog"], "'5' cannot be biased")):
+                                  (["5"], ["dog"], "'5' cannot be biased"),
+                                  (["日本"], ["dog"], "none joins a space to '日'")):  # " " and 日's bytes
         misapplied = client.post("/generate", json={"keywords": keywords, "avoid": avoid})
         error = misapplied.json()["detail"][0]
         assert misapplied.status_code == 422 and said in error["msg"], misapplied.text
