@@ -109,8 +109,7 @@ class AdapterStore:
 
         ``manifest_fields`` are all manifest fields except those the store owns (name, version,
         created_at, job_id, files). With a ``job_id`` the call is idempotent: a retried job gets
-        the version it already saved instead of a second one. A name keeps one task: the
-        service routes a task's requests by name, and another task's version would take them.
+        the version it already saved instead of a second one. A name keeps one task (`check_task`).
         """
         check_name(name)
         src = Path(src_dir)
@@ -118,10 +117,7 @@ class AdapterStore:
         with self._lock(name) as name_dir:
             if job_id is not None and (saved := self.saved_by(name, job_id)) is not None:
                 return saved
-            held = self.task_of(name)
-            if held is not None and held != manifest_fields.get("task"):
-                raise ValueError(f"adapter name {name!r} holds {held} adapters, not {manifest_fields.get('task')}: "
-                                 "a name keeps one task; pick another name")
+            self.check_task(name, manifest_fields.get("task"))
             self._clean_staging(name)
             version = self._next_version(name_dir)
             manifest = Manifest.model_validate(
@@ -194,6 +190,14 @@ class AdapterStore:
     def task_of(self, name: str) -> str | None:
         """The task of a name's newest readable version; None for a name not stored yet."""
         return next((m.task for m in self._manifests(name, reversed(self.versions(name)))), None)
+
+    def check_task(self, name: str, task: str | None) -> None:
+        """A name keeps one task: the service routes a task's requests by name, and another task's
+        version would take them. A ValueError saying so; checked again at save, under the lock."""
+        held = self.task_of(name)
+        if held is not None and held != task:
+            raise ValueError(f"adapter name {name!r} holds {held} adapters, not {task}: a name keeps one task; "
+                             "pick another name")
 
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name`` in increasing order; empty if there are none. Only directories

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from adapters.home import file_in_the_way, gfn_home, runs_root, store_root
 
@@ -333,7 +333,7 @@ def jobs_cancel(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
 def jobs_list(limit: Annotated[int, typer.Option(min=1, help="jobs to show")] = 20,
               redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """The most recent jobs, newest first."""
-    table = Table("job", "adapter", "status", "step", "result", "queued at")
+    table = Table(Column("job", no_wrap=True, min_width=36), "adapter", "status", "step", "result", "queued at")
     with _job_errors(redis_url):
         for job in _queue(redis_url).list(limit):
             step = f"{job.progress.step}/{job.progress.total}" if job.progress else ""

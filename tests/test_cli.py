@@ -192,6 +192,16 @@ def test_worker_refuses_what_never_heals_at_once_and_never_prints_a_password(red
         assert listed.exit_code == 2 and shown in said and "s3cret" not in said, said
 
 
+def test_jobs_list_shows_whole_job_ids(redis_server, demo_model):
+    """At 80 columns the ids were cut ("e37bb309-51bc-477d…"), and a cut id cannot be passed on."""
+    submitted = CliRunner().invoke(app, ["jobs", "submit", "rng", "--set", f"base_model={demo_model}",
+                                         "--set", "name=" + "a-rather-long-adapter-name" * 2, "--redis-url",
+                                         redis_server.url])
+    job_id = submitted.output.strip()
+    listed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", redis_server.url], env={"COLUMNS": "80"})
+    assert submitted.exit_code == listed.exit_code == 0 and job_id in listed.output, listed.output
+
+
 def test_a_worker_whose_redis_does_not_answer_yet_waits_for_it(tmp_path):
     """A Redis that accepts but stays silent (starting, a slow network) is not refused: the worker waits."""
     with socket.socket() as silent:

@@ -329,3 +329,13 @@ def test_states_barred_from_stopping_get_the_floor_and_their_flow_is_the_policys
     raw = raw_pterm.cpu()[barred & states].double()
     expected = config.barred_flow_offset - raw + torch.log1p(-raw.exp())
     assert flow.tolist() == pytest.approx(expected.tolist(), abs=1e-3)
+
+
+def test_a_name_holding_another_tasks_adapters_is_refused_before_training(tmp_path, demo_model):
+    """The refusal came at the save, after every step: a queued job trained for nothing, three times."""
+    store = AdapterStore(tmp_path / "store")
+    sets = ["steps=1", "evaluate=false", f"base_model={demo_model}", "name=mine"]
+    Trainer(load_config("rng", sets), tmp_path / "rng", store, quiet=True).run()
+    with pytest.raises(ValueError, match="adapter name 'mine' holds rng adapters, not continuation"):
+        Trainer(load_config("continuation", sets), tmp_path / "continuation", store, quiet=True)
+    assert not (tmp_path / "continuation" / "metrics.jsonl").exists()

@@ -79,6 +79,7 @@ class Trainer:
     def _setup(self) -> None:
         config = self.config
         _check_run_dir(self.run_dir)  # before the base model loads: a refusal costs nothing
+        self.store.check_task(config.name, config.task.name)  # not after training, at the save
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)

@@ -75,10 +75,10 @@ def _job_config(body: JobSubmit, state: ServiceState) -> dict[str, Any]:
     if data.get("task", {}).get("name") != body.task:
         raise invalid("task", f"config {name!r} trains task {data.get('task', {}).get('name')!r}, not {body.task!r}",
                       body.task)
-    held = state.registry.store.task_of(data["name"])
-    if held is not None and held != body.task:
-        raise invalid("overrides", f"adapter name {data['name']!r} holds {held} adapters: a name keeps one task; "
-                      "set another 'name'", body.overrides)
+    try:
+        state.registry.store.check_task(data["name"], body.task)
+    except ValueError as error:
+        raise invalid("overrides", str(error), body.overrides)
     if "base_model" in body.overrides and not _same_path(data["base_model"], state.base_model):
         raise invalid("overrides", f"this service serves base model {state.base_model}; a job for it trains on "
                       f"that one, not {data['base_model']}", body.overrides)
