@@ -5,7 +5,7 @@ per second each gives.
     .venv/bin/python bench/infill_posterior.py [--fresh] [--prompts 24] [--samples 128]
 
 Methods, on the same records with the same number of samples each:
-  gfn         the GFlowNet adapter (trainer/configs/infill.yaml; reused from the bench cache)
+  gfn         the GFlowNet adapter (configs/infill.yaml; reused from the bench cache)
   prior       the base model continuing the beginning alone, up to the sentence end
   prompted    the base model given the Beginning/Ending/Middle prompt
   importance  prior samples weighted by p(Y | X Z), drawn for as long as gfn took

@@ -360,7 +360,6 @@ PortOption = Annotated[Optional[int], typer.Option(help="default: GFN_PORT, else
 def _settings(**options: Any) -> Settings:
     """The service settings: GFN_* variables, overridden by the options given."""
     from pydantic import ValidationError
-    from pydantic_settings import SettingsError
 
     from service.settings import Settings
 
@@ -368,8 +367,6 @@ def _settings(**options: Any) -> Settings:
         return Settings(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as error:
         _fail(str(error))
-    except SettingsError as error:  # a list or mapping variable that is not JSON
-        _fail(f"{error}: such GFN_* variables take JSON, e.g. GFN_LORA_TARGET_MODULES='[\"gate_proj\", \"up_proj\"]'")
 
 
 def _check_address(settings: Settings) -> None:

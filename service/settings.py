@@ -1,16 +1,17 @@
 """Service settings: every knob in one typed model, read from ``GFN_*`` environment variables.
 
 ``GFN_ENGINE=transformers GFN_MAX_N=32 gfn serve`` overrides the defaults; list fields take
-JSON (``GFN_ADAPTERS='["infill", "rng@v3"]'``).
+commas or JSON (``GFN_ADAPTERS=infill,rng@v3`` or ``GFN_ADAPTERS='["infill", "rng@v3"]'``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.device import Device, resolve_device
 from adapters.errors import StoreNotADirectory
@@ -19,6 +20,19 @@ from adapters.store import AdapterRef, AdapterStore
 from jobs.queue import check_redis_url
 
 
+def _listed(value: object) -> object:
+    """A list setting as its variable spells it: JSON (`["a", "b"]`) or commas (`a,b`)."""
+    if not isinstance(value, str):
+        return value
+    if not value.lstrip().startswith("["):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return json.loads(value)
+    except ValueError as error:
+        raise ValueError(f"not a JSON list ({error}): give one, or the entries separated by commas") from None
+
+
+Listed = Annotated[list[str], NoDecode, BeforeValidator(_listed)]
 CPU_BLOCK_SIZE = 32
 """vLLM's CPU attention takes multiples of 32 and defaults to 128; a prompt's KV is shared only by
 whole blocks, so with 128 the n samples of a short prompt (and repeated prompts) each read it anew:
@@ -32,7 +46,7 @@ class Settings(BaseSettings):
     store: Path = Field(default_factory=store_root, description="adapter store root")
     engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM; without CUDA, transformers "
                                                                       "where vLLM cannot start on the model")
-    adapters: list[AdapterRef] | None = Field(
+    adapters: Annotated[list[AdapterRef] | None, NoDecode, BeforeValidator(_listed)] = Field(
         None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
         "of every stored adapter trained on the base model")
     redis_url: str | None = Field(None, description="rationale cache and training jobs in Redis; in-process cache "
@@ -56,13 +70,15 @@ class Settings(BaseSettings):
     torch_threads: PositiveInt | None = Field(None, le=1024, description="transformers engine (and vLLM's lm_head "
                                               "scorer): intra-op threads; default: torch's (1 is faster on a busy "
                                               "machine)")
-    max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start)")
+    max_loras: PositiveInt = Field(4, description="vLLM: adapters per batch (raised to the number loaded at start); "
+                                   "it keeps twice as many loaded")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: the largest rank to serve, for adapters to "
                                               "come; at least the largest present")
-    lora_target_modules: list[str] = Field(
+    lora_target_modules: Listed = Field(
         default_factory=list, description="vLLM: modules to serve LoRAs on besides those of the adapters present at "
         'start (JSON, e.g. ["gate_proj", "lm_head"]), for adapters trained after it starts: vLLM fixes them at start')
-    vllm_kv_cache_gib: PositiveFloat = 1.0
+    vllm_kv_cache_gib: PositiveFloat = Field(1.0, description="vLLM: KV cache, GiB (on a CPU, VLLM_CPU_KVCACHE_SPACE "
+                                             "overrides it where set)")
     vllm_block_size: PositiveInt | None = Field(
         None, description="vLLM: tokens per KV block; default: 32 on CPU (its attention takes multiples of 32), "
         "vLLM's own elsewhere. Only full blocks are shared, so n samples of a prompt shorter than a block each "
@@ -80,7 +96,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    @field_validator("store", "redis_url", mode="before")
+    @field_validator("store", "redis_url", "adapters", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
         """`GFN_STORE=` (an unset shell variable) means the default, as the CLI reads it, not `.`."""

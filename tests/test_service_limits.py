@@ -323,6 +323,18 @@ def test_settings_refuse_values_the_service_would_fail_on_later(monkeypatch, nam
     assert [e["loc"] for e in refused.value.errors()] == [(said,)], refused.value
 
 
+def test_list_settings_take_commas_or_json(monkeypatch):
+    """`GFN_ADAPTERS=rng` was refused as no list; only JSON was taken."""
+    from service.settings import Settings
+
+    monkeypatch.setenv("GFN_ADAPTERS", "rng, infill@v3")
+    monkeypatch.setenv("GFN_LORA_TARGET_MODULES", '["gate_proj", "up_proj"]')
+    settings = Settings()
+    assert settings.adapters == ["rng", "infill@v3"] and settings.lora_target_modules == ["gate_proj", "up_proj"]
+    monkeypatch.setenv("GFN_ADAPTERS", "")  # an unset shell variable: every stored adapter, not none
+    assert Settings().adapters is None
+
+
 def test_an_empty_store_or_redis_url_setting_means_unset(monkeypatch, tmp_path):
     """`GFN_STORE=$UNSET` served `.` as the store while the CLI read GFN_HOME's."""
     from service.settings import Settings
