@@ -39,8 +39,8 @@ def store(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapter
 
 
 def _settings(store: AdapterStore, demo_model: Path, **overrides) -> Settings:
-    return Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
-                    adapters=["infill", "reasoning", "rng", "alien"], **overrides)
+    return Settings(**{"engine": "transformers", "store": store.root, "base_model": str(demo_model), "torch_threads": 1,
+                       "adapters": ["infill", "reasoning", "rng", "alien"], **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +275,23 @@ def test_a_stopped_engine_fails_health_and_requests_with_503(store, demo_model):
         assert client.get("/health").status_code == 503
         reply = client.post("/infill", json={"prefix": "Anna lived in a big city.", "suffix": "She was happy."})
         assert reply.status_code == 503 and "engine was stopped" in reply.json()["detail"], reply.text
+
+
+def test_a_vllm_engine_whose_core_dies_fails_health_and_requests_with_503(store, demo_model):
+    """vLLM's EngineDeadError reached clients as a bare 500, and /health said ok."""
+    import multiprocessing
+    import os
+    import signal
+
+    before = {child.pid for child in multiprocessing.active_children()}
+    with Server(create_app(_settings(store, demo_model, engine="vllm"))) as server, server.client() as client:
+        assert client.post("/infill", json=INFILL).status_code == 200
+        for child in multiprocessing.active_children():
+            if child.pid not in before:  # vLLM's engine core
+                os.kill(child.pid, signal.SIGKILL)
+        wait_until(lambda: client.get("/health").status_code == 503, 60, "/health to see the engine dead")
+        reply = client.post("/infill", json=INFILL)
+        assert reply.status_code == 503 and "the vLLM engine stopped" in reply.json()["detail"], reply.text
 
 
 def test_the_token_cap_bounds_requests_that_leave_max_tokens_out(store, demo_model):

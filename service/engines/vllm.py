@@ -42,11 +42,12 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from adapters.manifest import LoraSpec, VocabMask
 from adapters.store import LoadedAdapter
-from service.engines.base import Engine, GenRequest, GenResult, Sample
+from service.engines.base import Engine, EngineStopped, GenRequest, GenResult, Sample
 from service.engines.hf import HFEngine
 from service.errors import AdapterBusy, AdapterRefused
 from service.settings import CPU_BLOCK_SIZE
@@ -233,9 +234,12 @@ class VllmEngine(Engine):
         """Run one vLLM request to its end; cancelling this aborts it in the engine."""
         lora = self._loras[adapter] if adapter is not None else None
         out = None
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
-                                           lora_request=lora):
-            pass
+        try:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
+                                               lora_request=lora):
+                pass
+        except EngineDeadError as error:
+            raise EngineStopped(f"the vLLM engine stopped: {error}") from None
         assert out is not None
         return out
 
