@@ -6,7 +6,9 @@ here imports the trainer; a worker (`gfn worker`) runs it. A job is retried a bo
 number of times (a crashed or killed worker's job too; not one refused at setup: JobRefused),
 ahead of the jobs queued meanwhile, resuming from its checkpoint in `runs/<job id>`; the
 store keeps at most one adapter version per job id. A worker asked to stop (SIGTERM) has its
-job checkpoint and go back to the queue, its retries untouched (Interrupted).
+job checkpoint and go back to the queue, its retries untouched (Interrupted). A job taken for
+abandoned while its first attempt still trains (its worker lost Redis a while) is queued again,
+but that attempt keeps the run: the new one steps aside, its retry given back (AnotherAttempt).
 
 Cancelling is cooperative: a flag in Redis that the trainer reads at every step
 boundary, after which it checkpoints and stops. The flag's value is a deadline after
@@ -26,7 +28,7 @@ from pydantic import BaseModel
 from redis import Redis
 from redis.connection import parse_url
 from rq import Queue, Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.results import Result
@@ -55,6 +57,12 @@ class JobRefused(Exception):
 class Interrupted(Exception):
     """The worker is stopping (SIGTERM: a redeploy, a scale-down): the job checkpointed at a step
     boundary and goes back to the queue without spending a retry; the next worker resumes it."""
+
+
+class AnotherAttempt(Exception):
+    """Another attempt of the job holds its run directory and trains on: RQ took it for abandoned
+    (its worker missed heartbeats while Redis was away) and queued the job again. This attempt steps
+    aside without spending a retry; the job stays with the live one."""
 
 
 class JobNotFound(LookupError):
@@ -124,9 +132,11 @@ class JobQueue:
         return self._fetch(job_id).args[0]
 
     def list(self, limit: int = 20) -> builtins.list[JobStatus]:
-        """The `limit` most recently queued jobs that are still kept, newest first."""
+        """The `limit` most recently queued jobs that are still kept, newest first (a job queued
+        again, retried or handed back, counts from then)."""
         q = self.queue
         ids = set(q.get_job_ids(max(0, q.count - limit), limit))  # the newest queued: the list's tail
+        ids.update(q.get_job_ids(0, limit))  # and its head: jobs queued again go first in line
         for registry in (q.started_job_registry, q.finished_job_registry, q.failed_job_registry,
                          q.canceled_job_registry, q.scheduled_job_registry, q.deferred_job_registry):
             ids.update(registry.get_job_ids(0, limit - 1, desc=True, cleanup=False))  # a read: workers clean up
@@ -136,10 +146,11 @@ class JobQueue:
 
     def cancel(self, job_id: str, grace_s: float = CANCEL_GRACE_S) -> JobStatus:
         """Ask the job to stop at its next step boundary (a queued job never starts); after
-        `grace_s` the worker stops it by force. Cancelling an ended job changes nothing."""
+        `grace_s` the worker stops it by force. Cancelling an ended job changes nothing, but one
+        failed as abandoned may still train (its worker only lost Redis a while): it gets the flag."""
         job = self._fetch(job_id)
         state = job.get_status()
-        if _STATES.get(state) in ("finished", "failed", "cancelled"):
+        if _STATES.get(state) in ("finished", "failed", "cancelled") and not _abandoned(job):
             return self._status(job)
         self.redis.set(cancel_key(job_id), time.time() + grace_s, nx=True, ex=KEEP_S)
         if state in (RQStatus.QUEUED, RQStatus.SCHEDULED, RQStatus.DEFERRED):
@@ -189,9 +200,17 @@ def cancel_deadline(redis: Redis, job_id: str) -> float | None:
     return float(value) if value is not None else None
 
 
-def save_progress(job: Job, metrics: Mapping[str, Any]) -> None:
+def save_progress(redis: Redis, job: Job, metrics: Mapping[str, Any]) -> None:
+    """Through `redis`, which need not be the job's client (the job's waits long on a stalled Redis)."""
     job.meta["progress"] = Progress.model_validate(metrics).model_dump()
-    job.save_meta()
+    redis.hset(job.key, "meta", job.serializer.dumps(job.meta))
+
+
+def _abandoned(job: Job) -> bool:
+    """RQ failed the job for its worker's missed heartbeats: its last attempt may train on."""
+    latest = job.latest_result()
+    return (job.get_status(refresh=False) == RQStatus.FAILED and latest is not None
+            and AbandonedJobError.__name__ in (latest.exc_string or ""))
 
 
 def _last_line(text: str | None) -> str | None:

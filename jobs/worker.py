@@ -8,11 +8,14 @@
   checkpoint.
 - A worker asked to stop (SIGTERM, as `docker stop` and `gfn up` send) passes it to its job's
   process: the job checkpoints at its next step boundary and goes back to the queue without
-  spending a retry (a second SIGTERM, or SIGKILL, stops it at once: then it is abandoned).
+  spending a retry (a second SIGTERM, or SIGKILL, stops it at once: then it is abandoned). A job
+  process the SIGTERM ends before it can catch it (in its first moments) goes back the same way.
 - A cancelled job still running at its deadline is stopped by force (RQ's stop).
 - Redis going away does not stop it: a running job trains on (its progress is not saved
   meanwhile), and where RQ's worker loop gives up on a lost connection, a new worker
-  starts once Redis answers again.
+  starts once Redis answers again. Away longer than the heartbeat grace, the job is taken for
+  abandoned and queued again; the attempt that trains on keeps it (its heartbeats register it
+  again), and the new attempt, finding the run directory in use, steps aside (AnotherAttempt).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from rq.job import Job
 from rq.worker import SpawnWorker
 
 from jobs.metrics import WorkerMetrics
-from jobs.queue import QUEUE, Interrupted, JobQueue, JobRefused, cancel_deadline
+from jobs.queue import QUEUE, AnotherAttempt, Interrupted, JobQueue, JobRefused, cancel_deadline
 
 MONITOR_S = 5  # the worker looks at its job's process (and heartbeats) this often
 HEARTBEAT_GRACE_S = 20  # a job whose worker missed its heartbeats this long is abandoned
@@ -42,6 +45,7 @@ MAINTENANCE_S = 10  # an idle worker looks for abandoned jobs this often
 WORKER_TTL_S = 20  # an idle worker wakes every WORKER_TTL_S - 15 s (RQ's rule)
 RESTART_S = 5  # pause before a worker lost to a Redis error is replaced
 PR_SET_PDEATHSIG = 1
+_TERMINATED = f"(signal {signal.SIGTERM.value});"  # how RQ's failure ends for a job process SIGTERM ended
 log = logging.getLogger("rq.worker")  # beside RQ's own lines in the worker's log
 _stopping = threading.Event()  # in the job's process: its worker passed on a SIGTERM
 
@@ -58,6 +62,9 @@ class TrainingWorker(SpawnWorker):
     def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
         try:
             super().maintain_heartbeats(job, execution)
+            # RQ's heartbeat only refreshes the job's entry among the started: one dropped as abandoned
+            # while Redis was away is written again, so that the attempt training on is watched again
+            job.started_job_registry.add_execution(execution, self.connection, ttl=self.get_heartbeat_ttl(job))
             deadline = cancel_deadline(self.connection, job.id)
         except RedisError as error:  # RQ would quit, and the job's process die with it
             self.log.warning("job %s: no heartbeat, Redis is away (%s); training on", job.id, error)
@@ -69,17 +76,33 @@ class TrainingWorker(SpawnWorker):
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string: str = "",
                            execution: Execution | None = None) -> None:
         """A job refused at setup fails at once: each retry would be refused the same way. An
-        interrupted one is queued again, first in line, with the retry RQ takes for it given back."""
+        interrupted one (also one whose process our SIGTERM ended before it could catch it) is queued
+        again, first in line, with the retry RQ takes for it given back. One whose run another attempt
+        holds is left to that attempt."""
         raised = exc_string.rstrip().rpartition("\n")[2]
+        if raised.startswith(_name(AnotherAttempt)):
+            self._step_aside(job, execution)
+            return
         if raised.startswith(_name(JobRefused)):
             job.retries_left = 0
-        elif raised.startswith(_name(Interrupted)):
+        elif raised.startswith(_name(Interrupted)) or (self.stopping and raised.endswith(_TERMINATED)):
             job.retries_left = (job.retries_left or 0) + 1
             job.enqueue_at_front_on_retry = True  # as every retry (JobQueue.submit), also without retries
         super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
 
+    def _step_aside(self, job: Job, execution: Execution | None) -> None:
+        """The job's live attempt keeps it: this one's execution goes, and the retry that queued it
+        again comes back. Its status is left as it is: started, or as the live attempt ended it since."""
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline, execution)
+            pipeline.hincrby(job.key, "retries_left", 1)
+            pipeline.execute()
+
     def handle_exception(self, job: Job, *exc_info) -> None:
-        """A job handed back (Interrupted) is a planned stop, not an error: one line, no traceback."""
+        """A job handed back (Interrupted) or left to its live attempt is no error: one line, no traceback."""
+        if isinstance(exc_info[1], AnotherAttempt):
+            self.log.warning("job %s: another attempt trains on; leaving it to that one: %s", job.id, exc_info[1])
+            return
         if isinstance(exc_info[1], Interrupted):
             self.log.warning("job %s: back to the queue: %s", job.id, exc_info[1])
             return
@@ -113,6 +136,8 @@ class TrainingWorker(SpawnWorker):
             self.connection.delete(self.key)
             self.register_birth()
         super().fork_work_horse(job, queue)
+        if self.stopping:  # asked to stop before the job's process was there to be told
+            self.kill_horse(signal.SIGTERM)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
         """Runs in the job's process."""

@@ -1,11 +1,12 @@
 """Training jobs through a real redis-server and real `gfn worker` processes: progress,
 new-version announcements, SIGKILL recovery from the checkpoint, SIGTERM handing the job back,
-cancel, bad configs and failing jobs."""
+cancel, bad configs and failing jobs, a stalled Redis and a job taken for abandoned while it trains."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,28 @@ def watch(queue: JobQueue, job_id: str, until: Callable[[JobStatus], bool], time
 
 def steps(seen: list[JobStatus]) -> list[int]:
     return [s.progress.step for s in seen if s.progress is not None]
+
+
+def children(pid: int, timeout: float = 60) -> list[int]:
+    """The process's children, once it has any (a worker's: its job's process), polled every 5 ms."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if found := Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            return [int(child) for child in found]
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} started no child in {timeout} s")
+
+
+def abandon(queue: JobQueue) -> None:
+    """What missed heartbeats amount to: the running jobs' entries among the started expire, and an idle
+    worker's cleanup acts on them (here at once, not after MONITOR_S + HEARTBEAT_GRACE_S and its next round)."""
+    registry = queue.queue.started_job_registry
+    queue.redis.zadd(registry.key, {entry: 1 for entry in queue.redis.zrange(registry.key, 0, -1)})
+    registry.cleanup()
+
+
+def trained_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_jobs_package_imports_no_training_code():
@@ -168,6 +191,17 @@ def test_the_list_shows_the_newest_queued_jobs(queue: JobQueue):
     ids = [queue.submit(config_data("rng", [f"seed={k}"])) for k in range(3)]  # no worker: they stay queued
     assert [j.id for j in queue.list(limit=1)] == ids[-1:]
     assert [j.id for j in queue.list(limit=2)] == ids[:0:-1]
+
+
+def test_the_list_shows_a_job_queued_again_first_in_line(queue: JobQueue):
+    """A retried or handed-back job goes to the queue's head and runs next: the list must show it."""
+    ids = [queue.submit(config_data("rng", [f"seed={k}"])) for k in range(3)]
+    again = Job.fetch(ids[0], connection=queue.redis)
+    queue.queue.remove(again)
+    queue.queue.enqueue_job(again, at_front=True)  # as RQ queues a retry
+    assert queue.queue.get_job_ids()[0] == ids[0]
+    assert [j.id for j in queue.list(limit=1)] == ids[:1]
+    assert [j.id for j in queue.list(limit=2)] == [ids[0], ids[2]]
 
 
 def test_submitted_job_trains_and_announces_its_version(workers, queue, redis_server, demo_model):
@@ -277,6 +311,83 @@ def test_a_stopped_workers_job_checkpoints_and_resumes_on_the_next_without_spend
     log = [json.loads(line) for line in (workers.home / "runs" / job_id / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == list(range(1, total + 1))
     assert AdapterStore(workers.home / "adapters").versions("rng") == [1]
+
+
+def test_a_worker_stopped_as_its_job_starts_hands_the_job_back_without_spending_a_retry(workers, queue, demo_model):
+    """A SIGTERM in the job process's first moments, before it can catch it, ends that process: the
+    stop is still the planned one, so the job goes back to the queue, its retries untouched (here none)."""
+    first = workers.start()
+    job_id = queue.submit(load("rng", ["steps=2", f"base_model={demo_model}", *SHORT]), retries=0)
+    children(first.pid)
+    first.terminate()
+    assert first.wait(60) == 0
+    assert "(signal 15)" in (workers.home / "worker0.log").read_text(), "the job's process caught the SIGTERM"
+    stopped = queue.status(job_id)
+    assert stopped.status == "queued" and stopped.retries_left == 0 and stopped.error is None, stopped
+    assert queue.queue.get_job_ids() == [job_id]
+
+
+def test_a_running_job_trains_on_while_redis_stalls(workers, queue, redis_server, demo_model):
+    """Redis stopped (not refusing: calls hang) for a few seconds: the job's steps go on, and its
+    progress is saved again soon after Redis answers."""
+    workers.start()
+    job_id = queue.submit(load("rng", ["steps=300", f"base_model={demo_model}", *SHORT]))
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 2, 180)
+    run = workers.home / "runs" / job_id
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        before = len(trained_steps(run))
+        time.sleep(6)
+        during = len(trained_steps(run)) - before
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert during >= 5, f"{during} steps trained in 6 s of a stalled Redis"
+    watch(queue, job_id, lambda s: s.progress.step > before + during, 15)
+    assert queue.cancel(job_id).cancel_requested
+    assert watch(queue, job_id, lambda s: s.status != "started", 60).status == "cancelled"
+
+
+def test_a_job_taken_for_abandoned_stays_with_its_attempt_that_trains_on(workers, queue, demo_model):
+    """A worker out of touch with Redis past the heartbeat grace (here stopped, its job's process too)
+    has its job queued again by an idle worker. The new attempt finds the run in use and steps aside:
+    no retry spent, the job still started; the first attempt is watched again and ends it."""
+    first = workers.start()
+    job_id = queue.submit(load("rng", ["steps=30", f"base_model={demo_model}", *SHORT]))
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 2, 180)
+    stopped = [first.pid, *children(first.pid)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        abandon(queue)
+        assert queue.status(job_id).retries_left == RETRIES - 1  # queued again
+        workers.start()
+        log = workers.home / "worker1.log"
+        seen = watch(queue, job_id, lambda s: "another attempt trains on" in log.read_text() or s.status == "failed", 180)
+        assert seen.status == "started" and seen.retries_left == RETRIES, seen
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    registry = queue.queue.started_job_registry
+    watch(queue, job_id, lambda s: job_id in registry.get_job_ids(cleanup=False), MONITOR_S + 5)
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 120)
+    assert done.status == "finished" and done.adapter == "rng@v1" and done.retries_left == RETRIES, done
+    assert trained_steps(workers.home / "runs" / job_id) == list(range(1, 31))
+
+
+def test_a_job_failed_as_abandoned_while_it_trains_on_can_still_be_cancelled(workers, queue, demo_model):
+    """Without retries, the job taken for abandoned is failed while its attempt trains on: a cancel must reach it."""
+    first = workers.start()
+    job_id = queue.submit(load("rng", ["steps=300", f"base_model={demo_model}", *SHORT]), retries=0)
+    watch(queue, job_id, lambda s: s.progress is not None and s.progress.step >= 2, 180)
+    os.kill(first.pid, signal.SIGSTOP)  # no heartbeats; its job's process trains on
+    try:
+        abandon(queue)
+        assert queue.status(job_id).status == "failed"
+        assert queue.cancel(job_id).cancel_requested
+        done = watch(queue, job_id, lambda s: s.status != "failed", 60)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert done.status == "cancelled" and done.error is None, done
 
 
 def test_cancels_at_the_same_moment_all_answer_cancelled(queue, demo_model):
