@@ -38,11 +38,13 @@ class WorkerMetrics(Collector):
         self.registry.register(self)
 
     def job_ended(self, job_id: str) -> None:
+        """Counts this worker's outcome; none for an attempt that stepped aside (the job still runs elsewhere)."""
         try:
             status = self.jobs.status(job_id).status
         except (RedisError, JobNotFound):
             return
-        self.ended.labels("retried" if status == "queued" else status).inc()
+        if status in OUTCOMES or status == "queued":
+            self.ended.labels("retried" if status == "queued" else status).inc()
 
     def collect(self) -> Iterator[Metric]:
         try:

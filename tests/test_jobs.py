@@ -28,6 +28,7 @@ from gfn.cli import app
 from gfn.local import free_port
 from jobs.announce import CHANNEL, LATEST, NewVersion
 from jobs.configs import ConfigError, config_data
+from jobs.metrics import OUTCOMES
 from jobs.queue import KEEP_S, RETRIES, JobQueue, JobStatus
 from jobs.worker import HEARTBEAT_GRACE_S, MONITOR_S, RESTART_S
 from jobs.validate import load
@@ -360,10 +361,15 @@ def test_a_job_taken_for_abandoned_stays_with_its_attempt_that_trains_on(workers
     try:
         abandon(queue)
         assert queue.status(job_id).retries_left == RETRIES - 1  # queued again
-        workers.start()
+        port = free_port()
+        workers.start(metrics_port=port)
         log = workers.home / "worker1.log"
         seen = watch(queue, job_id, lambda s: "another attempt trains on" in log.read_text() or s.status == "failed", 180)
         assert seen.status == "started" and seen.retries_left == RETRIES, seen
+        time.sleep(1)  # the worker counts its outcome after the line above
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        ended = [s for f in text_string_to_metric_families(scraped) for s in f.samples if s.name == "gfn:worker_jobs_total"]
+        assert {s.labels["status"]: s.value for s in ended} == dict.fromkeys(OUTCOMES, 0.0)  # no outcome: it runs on
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
