@@ -138,6 +138,22 @@ def test_a_fresh_start_is_refused_while_the_run_trains_and_a_failed_resume_lets_
     assert fresh.run().version == 2
 
 
+def test_a_run_in_use_is_refused_before_the_model_loads_and_a_refused_run_leaves_no_directory(tmp_path, demo_model):
+    """A job's second attempt loaded the whole base model before finding its run in use (on a GPU
+    beside the first: out of memory, a failure, a retry spent); a run refused at setup left its
+    directory behind."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    first = Trainer(config, run_dir, store, quiet=True)
+    absent = load_config("rng", SHORT + [f"base_model={tmp_path / 'absent'}", "steps=1", "evaluate=false"])
+    with pytest.raises(RunInUse):  # not the absent model's FileNotFoundError: nothing was loaded
+        Trainer(absent, run_dir, store, quiet=True)
+    assert first.run().version == 1
+    with pytest.raises(FileNotFoundError):
+        Trainer(absent, tmp_path / "runs" / "refused", store, quiet=True)
+    assert not (tmp_path / "runs" / "refused").exists()
+
+
 def test_a_directory_holding_other_files_is_refused_as_a_run_directory_never_cleared(tmp_path, demo_model):
     """`--run-dir ~/project --fresh` emptied the directory; a run's end rewrote any adapter/ in it."""
     config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=1", "evaluate=false"])

@@ -77,9 +77,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        _check_run_dir(self.run_dir)  # before anything loads: a refusal costs nothing
+        self.store.check_task(self.config.name, self.config.task.name)  # not after training, at the save
+        new = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim = _claim(self.run_dir)  # before the model loads: a second attempt steps aside at no cost
+        try:
+            self._build()
+            if self.fresh:  # only under the lock: a run training here keeps its checkpoints
+                _clear(self.run_dir)
+            elif (self.run_dir / CHECKPOINT).exists() or (self.run_dir / PREVIOUS).exists():
+                self._restore()
+        except BaseException:
+            if new:  # a run refused at setup leaves no directory behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._claim.close()
+            raise
+
+    def _build(self) -> None:
+        """The model with its LoRA, the task and the optimiser, as the config says."""
         config = self.config
-        _check_run_dir(self.run_dir)  # before the base model loads: a refusal costs nothing
-        self.store.check_task(config.name, config.task.name)  # not after training, at the save
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)
@@ -102,16 +119,6 @@ class Trainer:
         self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.rng = random.Random(config.seed)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._claim = _claim(self.run_dir)
-        try:
-            if self.fresh:  # only under the lock: a run training here keeps its checkpoints
-                _clear(self.run_dir)
-            elif (self.run_dir / CHECKPOINT).exists() or (self.run_dir / PREVIOUS).exists():
-                self._restore()
-        except BaseException:
-            self._claim.close()
-            raise
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Manifest | None:
