@@ -17,7 +17,8 @@ import sentencepiece as sentencepiece_trainer
 import torch
 from service_world import Server, policy_log_q, save_adapter
 from tokenizers import processors
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerBase)
 
 from adapters.errors import BaseModelMismatch
 from adapters.fingerprint import fingerprint
@@ -252,6 +253,50 @@ def test_byte_level_pieces_are_spelled_as_alone(demo_model: Path):
         for text in (line, " " + line, line[len(line) // 2:], "  two spaces", "\nnewline"):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             assert piece_ids(tokenizer, text) == ids and piece_text(tokenizer, ids) == tokenizer.decode(ids)
+
+
+def _small(model_class: type, config: object, demo_model: Path, out: Path) -> Path:
+    """A small random model of another architecture, with the demo tokenizer."""
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(out)
+    load_tokenizer(demo_model).save_pretrained(out)
+    return out
+
+
+def test_vllm_refuses_at_start_an_lm_head_lora_its_model_class_cannot_serve(demo_model: Path, tmp_path: Path):
+    """vLLM 0.32 serves an lm_head LoRA on Llama only: on Mistral (Qwen2, Gemma2) it started, then
+    refused every such adapter at its load, the bundled infill and constrained ones among them."""
+    import asyncio
+
+    from adapters.manifest import LoraSpec
+    from service.engines import start_engine
+
+    size = len(load_tokenizer(demo_model))
+    model_dir = _small(MistralForCausalLM, MistralConfig(vocab_size=size, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2), demo_model, tmp_path / "m")
+    loras = [LoraSpec(target_modules=["q_proj", "lm_head"])]
+
+    async def start(engine: str) -> str:
+        settings = Settings(engine=engine, store=tmp_path / "adapters", base_model=str(model_dir), torch_threads=1)
+        started = await start_engine(settings, model_dir, 0, 0, loras)
+        await started.stop()
+        return started.name
+
+    with pytest.raises(ValueError, match="vLLM serves no LoRA on lm_head for MistralForCausalLM.*GFN_ENGINE=transformers"):
+        asyncio.run(start("vllm"))
+    assert asyncio.run(start("auto")) == "transformers"  # on a CPU: the engine that serves it
+
+
+@pytest.mark.slow  # vLLM's start and failure take a minute
+def test_auto_serves_with_transformers_where_vllm_starts_but_cannot_run(demo_model: Path, tmp_path: Path):
+    """A head size vLLM's CPU attention lacks (16) started, then killed the engine at the first
+    request: the whole service with it."""
+    size = len(load_tokenizer(demo_model))
+    model_dir = _small(LlamaForCausalLM, LlamaConfig(vocab_size=size, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4), demo_model, tmp_path / "l")
+    settings = Settings(engine="auto", store=tmp_path / "adapters", base_model=str(model_dir), torch_threads=1)
+    with Server(create_app(settings)) as server, server.client() as client:
+        assert client.get("/ready").json()["engine"] == "transformers"
 
 
 @pytest.mark.slow  # vLLM's failed start takes half a minute

@@ -34,10 +34,12 @@ import json
 import uuid
 from pathlib import Path
 
+from transformers import AutoConfig
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
+from vllm.model_executor.models import ModelRegistry
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -79,6 +81,7 @@ class VllmEngine(Engine):
         self._load = _SchedulerLoad()
 
     async def start(self) -> None:
+        _check_lora_modules(self.model_dir, self.target_modules)
         args = AsyncEngineArgs(
             model=str(self.model_dir), dtype="float32", seed=0, enable_lora=True,
             max_loras=self.max_loras, max_cpu_loras=2 * self.max_loras, max_lora_rank=self.max_lora_rank,
@@ -97,6 +100,8 @@ class VllmEngine(Engine):
         self._masks: dict[tuple, tuple[list[int] | None, dict[int, float]]] = {}
         if self.scorer is not None:
             await self.scorer.start()
+        # a model vLLM loads but cannot run (an attention this CPU lacks) fails here, not at a first request
+        await self.generate([GenRequest(prompt_ids=[self.eos_id], adapter=None, terminator_id=self.eos_id, max_tokens=1)])
 
     async def stop(self) -> None:
         if self.scorer is not None:
@@ -251,6 +256,19 @@ class VllmEngine(Engine):
         outs = await asyncio.gather(*(self._final(c + x, params, None) for c, x in zip(contexts, continuations)))
         return [sum(position[token].logprob for position, token in zip(out.prompt_logprobs[len(c):], x))
                 for out, c, x in zip(outs, contexts, continuations)]
+
+
+def _check_lora_modules(model_dir: str | Path, modules: list[str]) -> None:
+    """vLLM 0.32 serves a LoRA on lm_head only for the model classes that list it among their
+    embedding modules (Llama's; not Mistral's, Qwen2's or Gemma2's): refused at start, naming the
+    engine that serves it, rather than every such adapter refused at its load."""
+    if "lm_head" not in modules:
+        return
+    architecture = (AutoConfig.from_pretrained(model_dir).architectures or ["?"])[0]
+    model_class = ModelRegistry._try_load_model_cls(architecture)
+    if "lm_head" not in (getattr(model_class, "embedding_modules", None) or {}):
+        raise ValueError(f"vLLM serves no LoRA on lm_head for {architecture}, which adapters (or "
+                         "GFN_LORA_TARGET_MODULES) ask for: serve them with GFN_ENGINE=transformers")
 
 
 def _vllm_rank(rank: int) -> int:
