@@ -199,6 +199,16 @@ class AdapterStore:
             raise ValueError(f"adapter name {name!r} holds {held} adapters, not {task}: a name keeps one task; "
                              "pick another name")
 
+    def check_writable(self) -> None:
+        """A ValueError where no version could be saved (a store that cannot be made, a read-only
+        one): a run checks before it trains, not at its save."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"adapter store {self.root} cannot be made: {error.strerror or error}") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise ValueError(f"adapter store {self.root} is not writable: no version could be saved there")
+
     def versions(self, name: str) -> list[int]:
         """Stored versions of ``name`` in increasing order; empty if there are none. Only directories
         a ref can name count: a file called `v2`, or a `v99999999999` made by hand, is no version."""
@@ -333,7 +343,8 @@ def _in_the_way(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        raise AdapterCorrupt(f"cannot use {path} ({error.strerror}): remove or repair it") from error
+        raise AdapterCorrupt(f"cannot use {path} ({error.strerror}): make it writable, or remove what is in the "
+                             "way") from error
 
 
 def _is_name(name: object) -> bool:

@@ -87,6 +87,7 @@ def train(
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
     from pydantic import ValidationError
 
+    from adapters.errors import AdapterError
     from trainer.config import config_errors, load_config
     from trainer.loop import RunInUse, Trainer
 
@@ -97,16 +98,14 @@ def train(
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
     run_dir = run_dir or runs_root() / cfg.name
-    adapters = _store(store)
-    try:  # now, not when training ends and saves into it
-        adapters.root.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        _fail(f"adapter store {adapters.root} cannot be made: {error.strerror or error}")
-    try:  # a missing base model, a run dir in use or holding another run
-        trainer = Trainer(cfg, run_dir, adapters, fresh=fresh)
+    try:  # a missing base model, a store that takes no version, a run dir in use or holding another run
+        trainer = Trainer(cfg, run_dir, _store(store), fresh=fresh)
     except (RunInUse, ValueError, OSError) as error:
         _fail(str(error))
-    manifest = trainer.run()
+    try:
+        manifest = trainer.run()
+    except (FloatingPointError, OSError, AdapterError) as error:  # a setting too extreme, a full disk
+        _fail(f"{error}\nthe run stopped; the same command resumes it from its last checkpoint in {run_dir}")
     console.print(f"saved {manifest.ref}: {json.dumps(manifest.metrics)}")
 
 

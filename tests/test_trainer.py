@@ -355,3 +355,41 @@ def test_a_name_holding_another_tasks_adapters_is_refused_before_training(tmp_pa
     with pytest.raises(ValueError, match="adapter name 'mine' holds rng adapters, not continuation"):
         Trainer(load_config("continuation", sets), tmp_path / "continuation", store, quiet=True)
     assert not (tmp_path / "continuation" / "metrics.jsonl").exists()
+
+
+def test_a_step_that_leaves_non_finite_weights_stops_the_run_before_they_are_kept(tmp_path, demo_model):
+    """An extreme weight decay stored an adapter whose weights were all NaN, and `verify` passed it."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "checkpoint_every=1", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    trainer = Trainer(config, run_dir, store, quiet=True)
+    trainer.lora_params[0].register_hook(lambda grad: grad * float("inf"))  # what such a setting does to a step
+    with pytest.raises(FloatingPointError, match="step 1: the adapter's weights are no longer finite"):
+        trainer.run()
+    assert store.names() == [] and not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=2", "optim.weight_decay=1e300", "optim.weight_decay=-1",
+                                     "reward_temperature.end=1e-300", "behaviour.temperature_low=1e-300",
+                                     "subtb_lambda=1e300", "barred_flow_offset=1e308"])
+def test_settings_that_turn_a_step_into_nan_are_refused_naming_them(setting):
+    """Each passed validation, then failed at step 1 with a traceback naming no field."""
+    with pytest.raises(ValidationError, match=setting.partition("=")[0].rpartition(".")[2]):
+        load_config("rng", [setting])
+
+
+def test_a_store_that_takes_no_version_is_refused_before_training(tmp_path, demo_model):
+    """A read-only store was found out at the save, after every step, as a 'damaged' store."""
+    from test_store import _unprivileged
+
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o555)
+    try:
+        trained = subprocess.run([*_unprivileged(), sys.executable, "-m", "gfn.cli", "train", "rng", "--set",
+                                  f"base_model={demo_model}", "--set", "steps=1", "--run-dir", str(tmp_path / "run"),
+                                  "--store", str(store)], capture_output=True, text=True, cwd=REPO)
+    finally:
+        store.chmod(0o755)
+    said = " ".join(trained.stdout.split())
+    assert trained.returncode == 2 and f"adapter store {store} is not writable" in said, trained.stdout + trained.stderr
+    assert not (tmp_path / "run").exists()

@@ -26,9 +26,9 @@ class _Strict(Ruled):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(5e-4, gt=0, le=1)  # bounds past which a step turns the weights into NaN
     warmup_steps: int = Field(20, ge=0)
-    weight_decay: float = 0.0
+    weight_decay: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
     accumulate: PositiveInt = 1
     final_lr_ratio: float = Field(1.0, gt=0, le=1, description=(
@@ -52,8 +52,8 @@ class BehaviourConfig(_Strict):
     on_policy: float = Field(0.5, ge=0)
     tempered: float = Field(0.25, ge=0)
     replay: float = Field(0.25, ge=0)
-    temperature_low: float = Field(0.5, gt=0)
-    temperature_high: float = Field(2.0, gt=0)
+    temperature_low: float = Field(0.5, ge=0.01, le=100)
+    temperature_high: float = Field(2.0, ge=0.01, le=100)
 
     def counts(self, samples: int) -> tuple[int, int]:
         """(tempered, replayed at most) of `samples` per prompt; the rest are on-policy, at least one
@@ -68,8 +68,8 @@ class BehaviourConfig(_Strict):
 class RewardTemperature(_Strict):
     """log R is divided by T, annealed linearly from `start` to `end`."""
 
-    start: float = Field(1.0, gt=0)
-    end: float = Field(1.0, gt=0)
+    start: float = Field(1.0, ge=0.01, le=100)
+    end: float = Field(1.0, ge=0.01, le=100)
     anneal_steps: int = Field(0, ge=0)
 
     def at(self, step: int) -> float:
@@ -99,8 +99,8 @@ class TrainConfig(_Strict):
     steps: PositiveInt = Field(200, le=1_000_000)
     prompts_per_step: PositiveInt = Field(1, le=1024)
     samples_per_prompt: PositiveInt = Field(64, le=4096)
-    subtb_lambda: float = Field(1.0, gt=0)
-    barred_flow_offset: float = Field(0.0, description=(
+    subtb_lambda: float = Field(1.0, gt=0, le=1000)
+    barred_flow_offset: float = Field(0.0, ge=-1000, le=1000, description=(
         "states that may not stop (before min_len, away from stop_after) have no reward; their log-flow is "
         "this minus the policy's log-probability of stopping there had it been allowed. A start near the "
         "task's log-rewards keeps early training stable: the base model puts that stop at e^-10 to e^-20 "

@@ -78,7 +78,8 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         _check_run_dir(self.run_dir)  # before anything loads: a refusal costs nothing
-        self.store.check_task(self.config.name, self.config.task.name)  # not after training, at the save
+        self.store.check_writable()  # these two not after training, at the save
+        self.store.check_task(self.config.name, self.config.task.name)
         new = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)  # before the model loads: a second attempt steps aside at no cost
@@ -113,8 +114,8 @@ class Trainer:
         self.scorer = Scorer(self.model, self.pad_id)
         self.prompts = self.task.train_prompts()
         check_prompts(self.task, self.prompts, self.model.config)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.lora_params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: config.optim.factor(s, config.steps))
         self.replay = ReplayBuffer(config.replay.capacity, config.replay.dedup_distance)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -171,6 +172,9 @@ class Trainer:
             parts.append({"loss": loss.item(), **metrics})
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
         self.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in self.lora_params):  # never checkpointed nor stored
+            raise FloatingPointError(f"step {self.step + 1}: the adapter's weights are no longer finite; the run "
+                                     "stops, its last checkpoint intact (a setting too extreme, e.g. optim.lr?)")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean = {key: sum(part[key] for part in parts) / len(parts) for key in parts[0]}

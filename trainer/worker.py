@@ -54,7 +54,10 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
         raise AnotherAttempt(_one_line(error)) from error
     except (ValueError, FileNotFoundError) as error:  # the config, its data, the base model: a retry fails alike
         raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
-    manifest = trainer.run()
+    try:
+        manifest = trainer.run()
+    except FloatingPointError as error:  # a setting too extreme: the retry, from the same checkpoint, fails alike
+        raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
     if manifest is None and not watch.cancelled():  # its worker is stopping: the next one resumes it
         raise Interrupted(f"the worker stopped; the job resumes from its checkpoint at step {trainer.step}")
     if manifest is None:

@@ -79,8 +79,8 @@ class ConstrainedConfig(TaskConfig):
     prompt_template: str = Field(PROMPT_TEMPLATE, json_schema_extra=template_pattern(FILLS["prompt_template"]))
     reward_template: str = Field(REWARD_TEMPLATE, json_schema_extra=template_pattern(FILLS["reward_template"]))
     penalty: PositiveFloat = Field(8.0, description="log-reward lost per missing keyword or avoided word present")
-    keyword_bias: float = Field(8.0, description="the policy's logit bias on the keywords' tokens (0: none)")
-    avoid_bias: float = Field(-99.0, description="the policy's logit bias on the avoided words' tokens (0: none)")
+    keyword_bias: float = Field(8.0, ge=-1000, le=1000, description="the policy's logit bias on the keywords' tokens (0: none)")
+    avoid_bias: float = Field(-99.0, ge=-1000, le=1000, description="the policy's logit bias on the avoided words' tokens (0: none)")
     data: RecordsFile = Field(None, description="JSONL of ConstrainedRecord; default: keyword sets of the demo world")
     eval_data: RecordsFile = Field(None, description="JSONL for evaluation; default: a held-out tenth of `data`, "
                                                      "or held-out keyword sets of the demo world")
