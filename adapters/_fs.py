@@ -33,10 +33,14 @@ def write_atomic(path: Path, data: bytes, previous: Path | None = None) -> None:
     With ``previous``, the old content moves there once the new one is durable: only a crash
     between those two renames leaves ``previous`` alone."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{PARTIAL}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk: a second copy left at each retry would fill it further
+        tmp.unlink(missing_ok=True)
+        raise
     if previous is not None and path.exists():
         os.replace(path, previous)
     os.replace(tmp, path)

@@ -172,6 +172,20 @@ def test_duplicate_keys_in_a_yaml_config_are_refused(tmp_path):
 
 
 
+def test_yaml_numbers_read_as_written_and_merge_keys_work(tmp_path):
+    """YAML 1.1 read `seed: 010` as 8 and `steps=1:30` as 90 (base 60), silently; a merge key
+    (`<<: *defaults`) was refused with a message about constructors."""
+    from jobs.configs import config_data
+
+    config = tmp_path / "merged.yaml"
+    config.write_text("defaults: &d {lr: 1.0e-3, warmup_steps: 5}\nname: rng\ntask: {name: rng}\nseed: 010\n"
+                      "optim: {<<: *d, warmup_steps: 1}\n")
+    data = config_data(config, [])
+    assert data["seed"] == 10 and data["optim"] == {"lr": 1e-3, "warmup_steps": 1}
+    sexagesimal = CliRunner().invoke(app, ["train", "rng", "--set", "steps=1:30"])
+    assert sexagesimal.exit_code == 2 and "steps" in sexagesimal.output, sexagesimal.output
+
+
 def test_worker_refuses_what_never_heals_at_once_and_never_prints_a_password(redis_server):
     """A wrong password, a database Redis lacks or a taken metrics port would have the worker retry
     forever (or crash); an unreachable Redis is not refused: the worker waits for it (test_jobs)."""

@@ -135,6 +135,7 @@ def write_lines(path, lines):
     ('{"prefix": " \\n ", "suffix": "B."}', "line 3: field 'prefix': Value error, must hold text"),
     ('{"prefix": "A.", "suffix": "B.", "midle": "C."}', "line 3: field 'midle': Extra inputs"),
     ('["A.", "B."]', "line 3: expected a JSON object"),
+    ('{"prefix": "A.", "suffix": "B.", "middle": "C.", "middle": "D."}', "line 3: field 'middle' appears twice"),
     ('{"prefix": "A.", "suffix": "B.", "candidates": ["C.", "C. ", "D."]}',  # would halve one middle's mass
      "line 3: field 'candidates': Value error, 'C.' is listed twice"),
 ])

@@ -264,7 +264,7 @@ def test_a_lock_or_staging_path_in_the_way_is_named_and_loses_nothing(store: Ada
     lock.unlink()
     lock.mkdir()
     for write in (lambda: store.save("rng", src, fields()), lambda: store.delete("rng", 1)):
-        with pytest.raises(AdapterCorrupt, match=f"cannot use {lock} .Is a directory.: remove or repair it"):
+        with pytest.raises(AdapterCorrupt, match=f"cannot use {lock} .Is a directory.: make it writable, or remove what is in the way"):
             write()
     lock.rmdir()
     shutil.rmtree(store.root / ".tmp")

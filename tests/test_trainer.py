@@ -131,7 +131,7 @@ def test_a_fresh_start_is_refused_while_the_run_trains_and_a_failed_resume_lets_
     assert (run_dir / "checkpoint.pt").exists()
     assert first.run().version == 1 and [h["step"] for h in first.history] == [1, 2]
     other = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=3", "evaluate=false"])
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match=r"another config \(steps differ\)"):
         Trainer(other, run_dir, store, quiet=True)
     fresh = Trainer(other, run_dir, store, quiet=True, fresh=True)  # not RunInUse: the failed one let go
     assert fresh.step == 0 and not (run_dir / "checkpoint.pt").exists() and (run_dir / ".lock").exists()
@@ -393,3 +393,27 @@ def test_a_store_that_takes_no_version_is_refused_before_training(tmp_path, demo
     said = " ".join(trained.stdout.split())
     assert trained.returncode == 2 and f"adapter store {store} is not writable" in said, trained.stdout + trained.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_writers_partial_file_is_removed_when_the_run_resumes(tmp_path, demo_model):
+    """A checkpoint write cut short (a kill, a full disk) left its temporary file for good."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    assert Trainer(config, run_dir, store, quiet=True, should_stop=lambda: True).run() is None
+    partial = run_dir / ".checkpoint.pt.0123abcd.tmp"
+    partial.write_bytes(b"torn")
+    Trainer(config, run_dir, store, quiet=True)  # resumes from the checkpoint the stop wrote
+    assert (run_dir / "checkpoint.pt").exists() and not partial.exists()
+
+
+def test_evaluating_an_adapter_whose_base_model_is_gone_names_it(tmp_path, demo_model):
+    """It said "Repo id must be in the form 'repo_name'" (the path read as a hub id)."""
+    from trainer.evaluate import LoadedPolicy
+
+    base = Path(shutil.copytree(demo_model, tmp_path / "base"))
+    store = AdapterStore(tmp_path / "store")
+    config = load_config("rng", ["steps=1", "evaluate=false", f"base_model={base}"])
+    manifest = Trainer(config, tmp_path / "run", store, quiet=True).run()
+    shutil.rmtree(base)
+    with pytest.raises(FileNotFoundError, match=f"rng@v1 was trained on the base model at {base}, which is gone"):
+        LoadedPolicy(store, manifest.name, manifest.version)

@@ -23,6 +23,8 @@ class LoadedPolicy:
     def __init__(self, store: AdapterStore, name: str, version: int | None = None):
         manifest = store.manifest(name, version)
         base = manifest.base_model.path
+        if not Path(base).is_dir():  # not a hub id: the path the trainer resolved
+            raise FileNotFoundError(f"adapter {manifest.ref} was trained on the base model at {base}, which is gone")
         self.tokenizer = load_tokenizer(base)
         loaded = store.load(name, manifest.version, fingerprint(base), tokenizer_digest(self.tokenizer))
         self.manifest = loaded.manifest

@@ -35,9 +35,11 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
+        except _DuplicateKey as error:
+            raise DataError(f"{path} line {number}: field '{error}' appears twice") from None
         if not isinstance(data, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
         try:
@@ -49,6 +51,18 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return records
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: json keeps the last of two silently, as configs do not."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        raise _DuplicateKey(next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i])))
+    return data
 
 
 def split_data(data: str, eval_data: str | None, record_type: type[Record],

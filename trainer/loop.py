@@ -83,6 +83,8 @@ class Trainer:
         new = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.run_dir)  # before the model loads: a second attempt steps aside at no cost
+        for partial in [p for p in self.run_dir.iterdir() if is_partial(p.name)]:  # a killed writer's, under the lock
+            partial.unlink()
         try:
             self._build()
             if self.fresh:  # only under the lock: a run training here keeps its checkpoints
@@ -274,8 +276,9 @@ class Trainer:
 
     def _restore(self) -> None:
         state = self._read_checkpoint()
-        if _identity(state["config"]) != _identity(self.config.model_dump()):
-            raise ValueError(f"{self.run_dir} holds a run with another config; use another run directory or --fresh")
+        if changed := _changed(_identity(state["config"]), _identity(self.config.model_dump())):
+            raise ValueError(f"{self.run_dir} holds a run with another config ({', '.join(changed[:5])} differ); "
+                             "use another run directory or --fresh")
         # .get: checkpoints written before these were recorded still resume
         if state.get("base_fingerprint", self.base_fingerprint) != self.base_fingerprint:
             raise ValueError(f"{self.run_dir} holds a run on another base model ({state['base_fingerprint']}, "
@@ -321,6 +324,14 @@ class Trainer:
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run the same run: its config but the device (a run may resume on another)."""
     return {key: value for key, value in config.items() if key != "device"}
+
+
+def _changed(old: Any, new: Any, at: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for k in sorted(old.keys() | new.keys(), key=str)
+                for key in _changed(old.get(k), new.get(k), f"{at}{k}.")]
+    return [] if old == new else [at.rstrip(".") or "config"]
 
 
 def _data_digest(task: Any) -> str | None:

@@ -20,7 +20,8 @@ def resolve_base_model(name: str) -> str:
     if path.is_dir():  # absolute: the manifest records it, and it is read from other directories
         return str(path.resolve())
     if path.is_absolute() or name.startswith((".", "~")) or path.exists():
-        raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory)")
+        where = "" if path.is_absolute() else f", read from the current directory {Path.cwd()}"
+        raise FileNotFoundError(f"base model directory {name} does not exist (or is not a directory{where})")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name)
