@@ -79,8 +79,9 @@ class ServiceState:
                     break
                 except (AdapterError, AdapterRefused) as error:
                     state.refused[manifest.ref] = str(error)
-        for ref, reason in state.refused.items():
-            log.error("adapter refused", extra={"adapter": ref, "reason": reason})
+        for ref, reason in state.refused.items():  # another model's adapters in a shared store are no fault
+            level = logging.INFO if reason.startswith(OTHER_BASE) else logging.ERROR
+            log.log(level, "adapter refused", extra={"adapter": ref, "reason": reason})
         state.watcher.start()
         log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
                                            "adapters": sorted(state.registry.entries)})
@@ -182,6 +183,9 @@ def _startup_adapters(store: AdapterStore, refs: list[str] | None, base_fingerpr
     return wanted, refused
 
 
+OTHER_BASE = "trained on another base model"
+
+
 def _candidates(store: AdapterStore, name: str, versions: list[int], base_fingerprint: str,
                 refused: dict[str, str]) -> list[Manifest]:
     """The manifests of `versions` (newest first) trained on this base model. Into `refused`, said
@@ -197,6 +201,6 @@ def _candidates(store: AdapterStore, name: str, versions: list[int], base_finger
         if manifest.base_model.fingerprint == base_fingerprint:
             candidates.append(manifest)
         elif version == versions[0]:  # the version the watcher would offer: refused now, and said why
-            refused[manifest.ref] = (f"trained on another base model ({manifest.base_model.path}, "
+            refused[manifest.ref] = (f"{OTHER_BASE} ({manifest.base_model.path}, "
                                      f"{manifest.base_model.fingerprint}); this service serves {base_fingerprint}")
     return candidates

@@ -140,12 +140,21 @@ def test_corrupt_and_mismatched_adapters_are_refused_and_the_rest_serves(slow):
 
 def test_adapters_of_another_base_model_are_listed_from_the_start(store, demo_model):
     """Without GFN_ADAPTERS the newest version of each name on this base model serves; the newest
-    of a name on another base is listed at once (the store's poll would only call it new)."""
+    of a name on another base is listed at once (the store's poll would only call it new), and
+    logged as no error (a store shared by services of several models logged one each per start)."""
     settings = _settings(store, demo_model).model_copy(update={"adapters": None, "watch_poll_s": 3600.0})
-    with Server(create_app(settings)) as server, server.client() as client:
-        ready = client.get("/ready").json()
+    service = logging.getLogger("gfn.service")
+    service.addHandler(handler := Lines())
+    try:
+        with Server(create_app(settings)) as server, server.client() as client:
+            ready = client.get("/ready").json()
+    finally:
+        service.removeHandler(handler)
     assert ready["adapters"] == ["infill@v1", "reasoning@v1"]
     assert "another base model" in ready["refused"]["alien@v1"] and "sha256" in ready["refused"]["rng@v1"]
+    lines = [json.loads(line) for line in handler.lines]
+    levels = {line["adapter"]: line["level"] for line in lines if line["msg"] == "adapter refused"}
+    assert levels == {"alien@v1": "info", "rng@v1": "error"}
 
 
 def test_the_watcher_follows_the_listed_names_only_and_forgets_removed_refusals(demo_model, tmp_path):
