@@ -36,8 +36,9 @@ class Entry:
 
 class Registry:
     def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, base_tokenizer: str,
-                 metrics: Metrics):
+                 metrics: Metrics, refused: dict[str, str] | None = None):
         self.store, self.engine, self.metrics = store, engine, metrics
+        self.refused = {} if refused is None else refused  # the service's: ref -> why it does not serve
         self.base_fingerprint, self.base_tokenizer = base_fingerprint, base_tokenizer
         self.entries: dict[str, Entry] = {}
         self.unloaded: set[str] = set()  # refs an operator unloaded: the watcher leaves them out
@@ -57,9 +58,11 @@ class Registry:
         _, version = parse_ref(adapter)
         entry = self.entries.get(adapter) if version else self.routed(adapter)
         if entry is None or entry.retiring:
+            why = [f"{ref}: {reason}" for ref, reason in self.refused.items() if ref == adapter or
+                   (not version and ref.startswith(f"{adapter}@v"))]
+            fix = f"refused ({'; '.join(why)})" if why else "POST /adapters loads a stored one"
             raise AdapterUnavailable(
-                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.live_refs()) or 'none'} "
-                "(POST /adapters loads a stored one)")
+                f"adapter {adapter!r} is not loaded; loaded: {', '.join(self.live_refs()) or 'none'} ({fix})")
         return entry
 
     def _default(self, task: str) -> Entry:

@@ -62,7 +62,7 @@ class ServiceState:
                                     [candidates[0].lora for _, candidates in wanted if candidates],  # sized for the newest
                                     on_batch=metrics.batch_size.observe)
         metrics.watch(engine)
-        registry = Registry(store, engine, base_fingerprint, tokenizer_digest(tokenizer), metrics)
+        registry = Registry(store, engine, base_fingerprint, tokenizer_digest(tokenizer), metrics, refused)
         jobs = None
         if settings.redis_url:
             jobs = JobQueue(Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2))

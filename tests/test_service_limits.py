@@ -148,8 +148,10 @@ def test_adapters_of_another_base_model_are_listed_from_the_start(store, demo_mo
     try:
         with Server(create_app(settings)) as server, server.client() as client:
             ready = client.get("/ready").json()
+            alien = client.post("/infill", json={**INFILL, "adapter": "alien"})  # said to load it, in vain
     finally:
         service.removeHandler(handler)
+    assert alien.status_code == 404 and "refused (alien@v1: trained on another base model" in alien.text, alien.text
     assert ready["adapters"] == ["infill@v1", "reasoning@v1"]
     assert "another base model" in ready["refused"]["alien@v1"] and "sha256" in ready["refused"]["rng@v1"]
     lines = [json.loads(line) for line in handler.lines]
