@@ -202,3 +202,21 @@ def test_sft_stores_an_adapter_with_the_task_manifest(tmp_path, demo_model):
     assert manifest.training["method"] == "sft" and manifest.training["pairs"] == 8
     with pytest.raises(ValueError, match="pair 0"):
         train_sft(config, AdapterStore(tmp_path), pairs=[(Prompt("p", [1, 2]), [5] * 50)])
+
+
+def test_evaluating_an_adapter_whose_data_changed_is_refused(tmp_path, demo_model):
+    """`gfn eval` read the edited file and reported metrics of other records, saying nothing."""
+    from trainer.config import load_config
+    from trainer.evaluate import evaluate_adapter
+    from trainer.loop import Trainer
+
+    lines = [json.dumps({"prefix": f"Story {i} begins.", "suffix": "It ends.", "middle": "Something happens."})
+             for i in range(30)]
+    data = write_lines(tmp_path / "data.jsonl", lines)
+    store = AdapterStore(tmp_path / "store")
+    config = load_config("infill", ["steps=1", "evaluate=false", "samples_per_prompt=4", f"base_model={demo_model}",
+                                    f"task.data={data}"])
+    Trainer(config, tmp_path / "run", store, quiet=True).run()
+    write_lines(data, lines[:20])
+    with pytest.raises(ValueError, match="infill@v1: its data files .* changed since it was trained"):
+        evaluate_adapter(store, "infill")

@@ -12,6 +12,7 @@ import torch
 from adapters.fingerprint import fingerprint
 from adapters.models import load_causal_lm, load_tokenizer, pad_id, tokenizer_digest
 from adapters.store import AdapterStore
+from trainer.jsonl import data_digest
 from trainer.rollout import Rollout, sampler
 from trainer.scoring import Scorer
 from trainer.tasks import TASKS, Task
@@ -25,14 +26,18 @@ class LoadedPolicy:
         base = manifest.base_model.path
         if not Path(base).is_dir():  # not a hub id: the path the trainer resolved
             raise FileNotFoundError(f"adapter {manifest.ref} was trained on the base model at {base}, which is gone")
+        task_type = TASKS[manifest.task]
+        task_config = task_type.config_type.model_validate(manifest.task_config)
+        if manifest.training.get("data_digest", data_digest(task_config)) != data_digest(task_config):
+            raise ValueError(f"adapter {manifest.ref}: its data files (task.data, task.eval_data) changed since it was "
+                             "trained: its evaluation would read other records")
         self.tokenizer = load_tokenizer(base)
         loaded = store.load(name, manifest.version, fingerprint(base), tokenizer_digest(self.tokenizer))
         self.manifest = loaded.manifest
         self.pad_id = pad_id(self.tokenizer)
         # torch_device: peft would read the weights onto a GPU first wherever there is one
         self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path, torch_device="cpu").eval()
-        task_type = TASKS[self.manifest.task]
-        self.task: Task = task_type(task_type.config_type.model_validate(self.manifest.task_config), self.tokenizer)
+        self.task: Task = task_type(task_config, self.tokenizer)
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)
 

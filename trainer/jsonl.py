@@ -11,6 +11,9 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ValidationError
 
+from adapters._fs import sha256_file
+from jobs.configs import DATA_KEYS
+
 Record = TypeVar("Record", bound=BaseModel)
 
 
@@ -51,6 +54,13 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
     if not records:
         raise DataError(f"{path}: no records (expected one JSON object per line)")
     return records
+
+
+def data_digest(task: Any) -> str | None:
+    """sha256 of the user's data files (task.data, task.eval_data), or None for the demo world's:
+    a path names a run's data only while the file stays as it was."""
+    files = [path for key in DATA_KEYS if (path := getattr(task, key, None)) is not None]
+    return " ".join(sha256_file(Path(path)) for path in files) or None
 
 
 class _DuplicateKey(ValueError):

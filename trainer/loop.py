@@ -20,15 +20,15 @@ import peft
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from adapters._fs import is_partial, sha256_file, write_atomic
+from adapters._fs import is_partial, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
 from adapters.manifest import Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
-from jobs.configs import DATA_KEYS
 from trainer import plots
 from trainer.config import TrainConfig
+from trainer.jsonl import data_digest
 from trainer.objective import subtb_loss
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
@@ -103,7 +103,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model_dir = resolve_base_model(config.base_model)
         self.base_fingerprint = fingerprint(self.model_dir)
-        self.data_digest = _data_digest(config.task)
+        self.data_digest = data_digest(config.task)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
         self.model = attach_lora(load_causal_lm(self.model_dir), config.lora).to(resolve_device(config.device))
@@ -316,7 +316,8 @@ class Trainer:
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
         return publish(self.store, self.config.name, out, self.task, model_dir=self.model_dir,
                        base_fingerprint=self.base_fingerprint, lora=self.config.lora,
-                       training={"method": self.method, "config": self.config.model_dump(), "steps": self.step},
+                       training={"method": self.method, "config": self.config.model_dump(), "steps": self.step,
+                                 "data_digest": self.data_digest},
                        metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},
                        evaluation=(sampler(self.model, self.spec, self.pad_id, self.generator, self.tool), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
 
@@ -334,11 +335,6 @@ def _changed(old: Any, new: Any, at: str = "") -> list[str]:
     return [] if old == new else [at.rstrip(".") or "config"]
 
 
-def _data_digest(task: Any) -> str | None:
-    """sha256 of the user's data files (task.data, task.eval_data), or None for the demo world's:
-    a path names a run's data only while the file stays as it was."""
-    files = [path for key in DATA_KEYS if (path := getattr(task, key, None)) is not None]
-    return " ".join(sha256_file(Path(path)) for path in files) or None
 
 
 def _digest(state: Any) -> str:
