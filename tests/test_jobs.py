@@ -364,7 +364,10 @@ def test_a_job_taken_for_abandoned_stays_with_its_attempt_that_trains_on(workers
         port = free_port()
         workers.start(metrics_port=port)
         log = workers.home / "worker1.log"
-        seen = watch(queue, job_id, lambda s: "another attempt trains on" in log.read_text() or s.status == "failed", 180)
+        def stepped_aside(status: JobStatus) -> bool:  # its log line comes just before its retry is given back
+            return "another attempt trains on" in log.read_text() and status.retries_left == RETRIES
+
+        seen = watch(queue, job_id, lambda s: stepped_aside(s) or s.status == "failed", 180)
         assert seen.status == "started" and seen.retries_left == RETRIES, seen
         time.sleep(1)  # the worker counts its outcome after the line above
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()

@@ -335,8 +335,6 @@ def _changed(old: Any, new: Any, at: str = "") -> list[str]:
     return [] if old == new else [at.rstrip(".") or "config"]
 
 
-
-
 def _digest(state: Any) -> str:
     """sha256 of a checkpoint's contents (every tensor's bytes, every other value's repr): a bit
     flipped on disk inside a tensor would otherwise load as a silently different run."""
