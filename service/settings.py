@@ -6,8 +6,8 @@ commas or JSON (``GFN_ADAPTERS=infill,rng@v3`` or ``GFN_ADAPTERS='["infill", "rn
 
 from __future__ import annotations
 
-from pathlib import Path
 import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt, SecretStr, ValidationInfo, field_validator
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
                                               "come; at least the largest present")
     lora_target_modules: Listed = Field(
         default_factory=list, description="vLLM: modules to serve LoRAs on besides those of the adapters present at "
-        'start (JSON, e.g. ["gate_proj", "lm_head"]), for adapters trained after it starts: vLLM fixes them at start')
+        'start (commas or JSON, e.g. gate_proj,lm_head), for adapters trained after it starts: vLLM fixes them at start')
     vllm_kv_cache_gib: PositiveFloat = Field(1.0, description="vLLM: KV cache, GiB (on a CPU, VLLM_CPU_KVCACHE_SPACE "
                                              "overrides it where set)")
     vllm_block_size: PositiveInt | None = Field(

@@ -28,7 +28,7 @@ class LoadedPolicy:
             raise FileNotFoundError(f"adapter {manifest.ref} was trained on the base model at {base}, which is gone")
         task_type = TASKS[manifest.task]
         task_config = task_type.config_type.model_validate(manifest.task_config)
-        if manifest.training.get("data_digest", data_digest(task_config)) != data_digest(task_config):
+        if manifest.training.get("data_digest", digest := data_digest(task_config)) != digest:
             raise ValueError(f"adapter {manifest.ref}: its data files (task.data, task.eval_data) changed since it was "
                              "trained: its evaluation would read other records")
         self.tokenizer = load_tokenizer(base)
