@@ -43,8 +43,8 @@ class WorkerMetrics(Collector):
             status = self.jobs.status(job_id).status
         except (RedisError, JobNotFound):
             return
-        if status in OUTCOMES or status == "queued":
-            self.ended.labels("retried" if status == "queued" else status).inc()
+        if (outcome := "retried" if status == "queued" else status) in OUTCOMES:
+            self.ended.labels(outcome).inc()
 
     def collect(self) -> Iterator[Metric]:
         try:

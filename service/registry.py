@@ -36,9 +36,9 @@ class Entry:
 
 class Registry:
     def __init__(self, store: AdapterStore, engine: Engine, base_fingerprint: str, base_tokenizer: str,
-                 metrics: Metrics, refused: dict[str, str] | None = None):
+                 metrics: Metrics, refused: dict[str, str]):
         self.store, self.engine, self.metrics = store, engine, metrics
-        self.refused = {} if refused is None else refused  # the service's: ref -> why it does not serve
+        self.refused = refused  # the service's: ref -> why it does not serve
         self.base_fingerprint, self.base_tokenizer = base_fingerprint, base_tokenizer
         self.entries: dict[str, Entry] = {}
         self.unloaded: set[str] = set()  # refs an operator unloaded: the watcher leaves them out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field, PositiveFloat, PositiveInt, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,7 +32,8 @@ def _listed(value: object) -> object:
         raise ValueError(f"not a JSON list ({error}): give one, or the entries separated by commas") from None
 
 
-Listed = Annotated[list[str], NoDecode, BeforeValidator(_listed)]
+Item = TypeVar("Item")
+Listed = Annotated[list[Item], NoDecode, BeforeValidator(_listed)]
 CPU_BLOCK_SIZE = 32
 """vLLM's CPU attention takes multiples of 32 and defaults to 128; a prompt's KV is shared only by
 whole blocks, so with 128 the n samples of a short prompt (and repeated prompts) each read it anew:
@@ -46,7 +47,7 @@ class Settings(BaseSettings):
     store: Path = Field(default_factory=store_root, description="adapter store root")
     engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto: vLLM; without CUDA, transformers "
                                                                       "where vLLM cannot start on the model")
-    adapters: Annotated[list[AdapterRef] | None, NoDecode, BeforeValidator(_listed)] = Field(
+    adapters: Listed[AdapterRef] | None = Field(
         None, description="'name' (latest) or 'name@vN' (pinned) to load at start; default: the latest version "
         "of every stored adapter trained on the base model")
     redis_url: str | None = Field(None, description="rationale cache and training jobs in Redis; in-process cache "
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
                                    "it keeps twice as many loaded")
     max_lora_rank: PositiveInt | None = Field(None, description="vLLM: the largest rank to serve, for adapters to "
                                               "come; at least the largest present")
-    lora_target_modules: Listed = Field(
+    lora_target_modules: Listed[str] = Field(
         default_factory=list, description="vLLM: modules to serve LoRAs on besides those of the adapters present at "
         'start (commas or JSON, e.g. gate_proj,lm_head), for adapters trained after it starts: vLLM fixes them at start')
     vllm_kv_cache_gib: PositiveFloat = Field(1.0, description="vLLM: KV cache, GiB (on a CPU, VLLM_CPU_KVCACHE_SPACE "

@@ -301,13 +301,10 @@ def test_auto_serves_with_transformers_where_vllm_starts_but_cannot_run(demo_mod
 
 @pytest.mark.slow  # vLLM's failed start takes half a minute
 def test_auto_serves_with_transformers_where_vllm_cannot(demo_model: Path, tmp_path: Path):
-    model_dir = tmp_path / "gpt2"
     tokenizer = load_tokenizer(demo_model)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = _small(GPT2LMHeadModel, config, demo_model, tmp_path / "gpt2")
     store = AdapterStore(tmp_path / "adapters")
     fields = InfillTask(InfillConfig(), tokenizer).manifest_fields()
     save_adapter(store, "infill", model_dir, fields, seed=0, targets=["c_attn", "c_proj"])
