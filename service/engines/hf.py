@@ -242,7 +242,8 @@ class HFEngine(Engine):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """False as soon as the worker has failed, not only once its thread has ended."""
+        return self._dead is None and self._thread.is_alive()
 
     @property
     def running(self) -> int:
