@@ -15,7 +15,8 @@
   meanwhile), and where RQ's worker loop gives up on a lost connection, a new worker
   starts once Redis answers again. Away longer than the heartbeat grace, the job is taken for
   abandoned and queued again; the attempt that trains on keeps it (its heartbeats register it
-  again), and the new attempt, finding the run directory in use, steps aside (AnotherAttempt).
+  again), and the new attempt, finding the run directory in use for two heartbeats, steps aside
+  (AnotherAttempt).
 """
 
 from __future__ import annotations

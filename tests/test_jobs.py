@@ -4,6 +4,7 @@ cancel, bad configs and failing jobs, a stalled Redis and a job taken for abando
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -381,6 +382,23 @@ def test_a_job_taken_for_abandoned_stays_with_its_attempt_that_trains_on(workers
     done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 120)
     assert done.status == "finished" and done.adapter == "rng@v1" and done.retries_left == RETRIES, done
     assert trained_steps(workers.home / "runs" / job_id) == list(range(1, 31))
+
+
+def test_an_attempt_that_finds_its_run_in_use_trains_it_once_the_holder_dies(workers, queue, demo_model):
+    """The attempt holding the run dies after RQ queued the job again but before its next heartbeat
+    registered it again: the new attempt stepped aside, and the job stayed started, watched by no one.
+    The new attempt now waits a heartbeat or two and trains once the run comes free."""
+    job_id = queue.submit(load("rng", ["steps=6", f"base_model={demo_model}", *SHORT]))
+    run_dir = workers.home / "runs" / job_id
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:  # the dying attempt's hold on the run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        workers.start()
+        log = workers.home / "worker0.log"
+        watch(queue, job_id, lambda s: "another attempt holds its run" in log.read_text(), 180)
+    done = watch(queue, job_id, lambda s: s.status not in ("queued", "started"), 120)
+    assert done.status == "finished" and done.adapter == "rng@v1" and done.retries_left == RETRIES, done
+    assert trained_steps(run_dir) == list(range(1, 7))
 
 
 def test_a_job_failed_as_abandoned_while_it_trains_on_can_still_be_cancelled(workers, queue, demo_model):

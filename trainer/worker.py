@@ -28,13 +28,14 @@ from adapters.home import runs_root, store_root
 from adapters.store import AdapterStore
 from jobs.announce import NewVersion, announce
 from jobs.queue import AnotherAttempt, Interrupted, JobRefused, cancel_requested, save_progress
-from jobs.worker import stopping
+from jobs.worker import MONITOR_S, stopping
 from trainer.config import TrainConfig, config_errors
 from trainer.loop import RunInUse, Trainer
 
 PROGRESS_EVERY_S = 1.0
 QUICK_S = 0.2  # the longest a step waits on Redis (for the cancel flag, to save progress)
 AWAY_S = 5.0  # after a Redis call failed, the job leaves Redis alone this long
+LIVE_ATTEMPT_S = 2 * MONITOR_S + 2  # a live attempt holding the run registers again within MONITOR_S
 log = logging.getLogger("rq.worker")  # the job's lines beside its worker's
 
 
@@ -46,12 +47,10 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     if watch.cancelled():  # cancelled while its last worker died: RQ retried it; stop before loading anything
         return {"cancelled": True, "step": (job.meta.get("progress") or {}).get("step", 0)}
     try:  # the cross-field rules the schema cannot check, a missing base model, data, a damaged run
-        trainer = Trainer(
+        trainer = _claim_run(job, lambda: Trainer(
             TrainConfig.model_validate(config), runs_root() / job.id, AdapterStore(store_root()), job_id=job.id,
             on_progress=watch.report, should_stop=lambda: watch.cancelled() or stopping(), quiet=True,
-        )
-    except RunInUse as error:  # RQ took the attempt training there for abandoned and queued the job again
-        raise AnotherAttempt(_one_line(error)) from error
+        ))
     except (ValueError, FileNotFoundError) as error:  # the config, its data, the base model: a retry fails alike
         raise JobRefused(f"{type(error).__name__}: {_one_line(error)}") from error
     try:
@@ -67,6 +66,24 @@ def run_job(config: dict[str, Any]) -> dict[str, Any]:
     except RedisError as error:
         log.warning("job %s: stored %s, but Redis is away to announce it (%s)", job.id, manifest.ref, error)
     return {"adapter": manifest.ref}
+
+
+def _claim_run(job: Job, make: Callable[[], Trainer]) -> Trainer:
+    """The trainer, once this attempt holds the run. RQ took the attempt training there for abandoned
+    and queued the job again: while that one lives, it registers again at its next heartbeat and keeps
+    the job, and this one steps aside. Should it die before that, it would leave the job started and
+    watched by no one, so this one waits out a heartbeat or two and trains if the run comes free."""
+    deadline, told = time.monotonic() + LIVE_ATTEMPT_S, False
+    while True:
+        try:
+            return make()
+        except RunInUse as error:
+            if time.monotonic() >= deadline:
+                raise AnotherAttempt(_one_line(error)) from error
+            if not told:
+                log.warning("job %s: another attempt holds its run; waiting %s s to see it live", job.id, LIVE_ATTEMPT_S)
+                told = True
+            time.sleep(1)
 
 
 def _one_line(error: Exception) -> str:
