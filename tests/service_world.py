@@ -110,9 +110,9 @@ class Server:
     """The app served by uvicorn on 127.0.0.1 in a thread: real HTTP, lifespan included."""
 
     def __init__(self, app: Any):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.socket = socket.socket()  # held from now: nothing else binds the port while the service starts
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None,
                                                     access_log=False, timeout_graceful_shutdown=5))
@@ -120,7 +120,7 @@ class Server:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        await self.server.serve()
+        await self.server.serve(sockets=[self.socket])
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the server's event loop (to reach its engine directly)."""
@@ -146,6 +146,7 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(60)
+        self.socket.close()
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, **{"timeout": 120, **kwargs})

