@@ -1,7 +1,7 @@
 """Arithmetic with a calculator: accuracy by operand count on held-out questions of the
 demo world (3 and 4 operands as in training, 5 out of distribution).
 
-    .venv/bin/python bench/reasoning.py [--fresh] [--questions 30] [--rationales 10] [--set key=value]
+    .venv/bin/python bench/reasoning.py [--fresh] [--questions 30] [--rationales 10] [--sft-steps 150] [--set key=value]
 
 Methods, each reading N rationales per question and taking the majority vote
 (adapters.reasoning, as the service does):
@@ -88,6 +88,7 @@ def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--questions", type=int, help="held-out questions per operand count (default: the config's)")
     parser.add_argument("--rationales", type=int, help="rationales per question, N (default: the config's)")
+    parser.add_argument("--sft-steps", type=int, default=150, help="steps of the SFT baseline")
     args = parser.parse_args()
 
     overrides = ["evaluate=false"] + [f"task.eval_questions={args.questions}"] * bool(args.questions) + args.set
@@ -98,7 +99,7 @@ def main() -> None:
     rl, _ = cached_adapter(store, rl_config, lambda: train_rl(rl_config, store), args.fresh)
     log(f"rl adapter {rl.ref} ({rl.metrics['train_seconds']} s)")
     sft_config = SFTConfig(name="reasoning-sft", base_model=config.base_model, task=config.task, lora=config.lora,
-                           steps=150, batch_size=16, lr=1e-3, seed=config.seed, evaluate=False)
+                           steps=args.sft_steps, batch_size=16, lr=1e-3, seed=config.seed, evaluate=False)
     sft, _ = cached_adapter(store, sft_config, lambda: train_sft(sft_config, store), args.fresh)
     log(f"sft adapter {sft.ref} ({sft.metrics['train_seconds']} s)")
 

@@ -184,7 +184,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     def request(body: dict):
         text = render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]})
         prompt = context_ids(tokenizer, text, manifest.document_prefix)  # as the service encodes it
-        return gen_request(manifest, prompt, body["n"], 1.0, body["seed"], None)
+        return gen_request(manifest, prompt, body["n"], 1.0, body["seed"], None, settings.max_tokens)
 
     await asyncio.gather(*(engine.generate([request(b)]) for b in warm))
     requests = [request(b) for b in bodies]
