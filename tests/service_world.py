@@ -110,7 +110,9 @@ class Server:
     """The app served by uvicorn on 127.0.0.1 in a thread: real HTTP, lifespan included."""
 
     def __init__(self, app: Any):
-        self.socket = socket.socket()  # held from now: nothing else binds the port while the service starts
+        # held from now: nothing else binds the port while the service starts. IPPROTO_TCP named, or
+        # asyncio leaves Nagle on for its connections (44 ms a keep-alive request, not 2)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.app = app
