@@ -229,6 +229,18 @@ def test_submitted_job_trains_and_announces_its_version(workers, queue, redis_se
     assert json.loads(shown.output)["adapter"] == "rng@v1"
 
 
+def test_gfn_jobs_cancel_cancels_a_queued_job_and_names_an_unknown_one(redis_server, queue, demo_model):
+    def gfn(*args: str):
+        return CliRunner().invoke(app, ["jobs", *args, "--redis-url", redis_server.url])
+
+    job_id = gfn("submit", "rng", "--set", f"base_model={demo_model}").output.strip()
+    cancelled = gfn("cancel", job_id)
+    assert cancelled.exit_code == 0 and json.loads(cancelled.output)["status"] == "cancelled", cancelled.output
+    assert queue.status(job_id).status == "cancelled" and queue.queue.count == 0  # no worker will take it
+    unknown = gfn("cancel", "no-such-job")
+    assert unknown.exit_code == 2 and "no-such-job" in unknown.output, unknown.output
+
+
 def test_a_worker_waits_for_redis_and_outlives_redis_losing_its_data(workers, queue, redis_server, demo_model):
     """Started before Redis answers, a worker waits for it; when Redis loses its data (flushed, restarted
     without persistence), the worker registers again: its jobs' processes rebuild it from that record."""
