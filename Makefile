@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -c1-12)
 EXTRAS  ?= cpu,dev
 
-.PHONY: setup system world serve test test-slow bench lock clean
+.PHONY: setup system world serve test test-slow lock clean
 
 setup: $(STAMP)
 

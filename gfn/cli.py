@@ -1,4 +1,4 @@
-"""The `gfn` command: build the demo world, train and evaluate adapters, list the store.
+"""The `gfn` command: the demo world, training and evaluation, the adapter store, the service, training jobs.
 
 Heavy imports (torch, transformers, vLLM) happen inside the commands, so `gfn --help`
 and `gfn adapters list` stay fast.
@@ -174,7 +174,7 @@ def adapters_show(adapter: Annotated[str, typer.Argument(help="name or name@vN")
 def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name or name@vN; default: all")] = None,
                     store: StoreOption = None) -> None:
     """Check every file of every version (of a name, or one version) against its manifest's
-    checksums, as loading does; exit 1 if any is damaged."""
+    checksums, as loading does; exit 1 if any is damaged, 2 if there is no store or no such adapter."""
     from adapters.errors import AdapterCorrupt, AdapterError, AdapterNotFound
     from adapters.store import parse_ref
 

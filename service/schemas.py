@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 from adapters.manifest import Text
 from adapters.store import MAX_VERSION, AdapterName, AdapterRef
@@ -56,15 +56,23 @@ class GenerateRequest(Sampling):
                                      "adapters; [] for none, as training data without words to avoid reads)")
     text: Text | None = Field(None, description="text to continue (continuation adapters)")
 
-    @model_validator(mode="after")
-    def _words_agree(self) -> GenerateRequest:
-        """A repeated keyword would stack its bias; one also avoided would be barred."""
-        keywords, avoid = [w.lower() for w in self.keywords or []], {w.lower() for w in self.avoid or []}
-        if len(set(keywords)) < len(keywords):
-            raise ValueError("keywords: a word is given twice")
-        if both := sorted(avoid.intersection(keywords)):
-            raise ValueError(f"avoid: {both} also in keywords")
-        return self
+    @field_validator("keywords")
+    @classmethod
+    def _once_each(cls, keywords: list[str] | None) -> list[str] | None:
+        """A repeated keyword would stack its bias."""
+        lowered = [w.lower() for w in keywords or []]
+        if len(set(lowered)) < len(lowered):
+            raise ValueError("a word is given twice")
+        return keywords
+
+    @field_validator("avoid")
+    @classmethod
+    def _not_a_keyword(cls, avoid: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """A keyword also avoided would be barred (keywords, declared first, are validated by now)."""
+        keywords = {w.lower() for w in info.data.get("keywords") or []}
+        if both := sorted({w.lower() for w in avoid or []} & keywords):
+            raise ValueError(f"{both} also in keywords")
+        return avoid
 
 
 class ReasonRequest(_Drawing):
