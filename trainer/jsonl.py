@@ -69,10 +69,12 @@ class _DuplicateKey(ValueError):
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys are unique: json keeps the last of two silently, as configs do not."""
-    data = dict(pairs)
-    if len(data) < len(pairs):
-        raise _DuplicateKey(next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i])))
-    return data
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def split_data(data: str, eval_data: str | None, record_type: type[Record],

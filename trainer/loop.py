@@ -174,7 +174,7 @@ class Trainer:
             parts.append({"loss": loss.item(), **metrics})
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
         self.optimizer.step()
-        if not all(torch.isfinite(p).all() for p in self.lora_params):  # never checkpointed nor stored
+        if not torch.stack([torch.isfinite(p).all() for p in self.lora_params]).all():  # one host sync; never stored
             raise FloatingPointError(f"step {self.step + 1}: the adapter's weights are no longer finite; the run "
                                      "stops, its last checkpoint intact (a setting too extreme, e.g. optim.lr?)")
         self.scheduler.step()
