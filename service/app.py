@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,7 +18,7 @@ from service.deps import admit
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestContext
 from service.routes import adapters, generate, health, infill, jobs, reason
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 from service.state import ServiceState
 
 DESCRIPTION = """Samples from GFlowNet-tuned LoRA adapters: infilling, reasoning with a calculator,
@@ -42,6 +44,8 @@ def _errors(*codes: int) -> dict[int | str, dict]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logs.configure(settings.log_level)
+    for warning in unknown_variables(os.environ):
+        logging.getLogger("gfn.settings").warning(warning)
     metrics = Metrics()
 
     @asynccontextmanager

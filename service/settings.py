@@ -6,7 +6,9 @@ commas or JSON (``GFN_ADAPTERS=infill,rng@v3`` or ``GFN_ADAPTERS='["infill", "rn
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -144,3 +146,20 @@ class Settings(BaseSettings):
         """A GPU that is not here is named when the settings are read, before the model loads."""
         resolve_device(device)
         return device
+
+
+OTHER_VARIABLES = frozenset({
+    "GFN_HOME", "GFN_CACHE_DIR",  # where files live (adapters/home.py, adapters/fingerprint.py)
+    "GFN_IMAGE", "GFN_MODELS_DIR", "GFN_API_PORT", "GFN_API_GPUS", "GFN_WORKER_GPUS",  # docker compose's
+})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``GFN_*`` variables nothing reads, each named with the one it most resembles: pydantic-settings
+    skips them, so a typo (``GFN_MAX_TOKEN``) would leave its setting at the default unnoticed."""
+    known = {f"GFN_{field.upper()}" for field in Settings.model_fields} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(n for n in environ if n.upper().startswith("GFN_") and n.upper() not in known):
+        near = difflib.get_close_matches(name.upper()[4:], [k[4:] for k in known], n=1, cutoff=0.7)
+        warnings.append(f"{name} is no setting and is ignored" + "".join(f": did you mean GFN_{n}?" for n in near))
+    return warnings

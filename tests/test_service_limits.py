@@ -374,3 +374,19 @@ def test_an_empty_store_or_redis_url_setting_means_unset(monkeypatch, tmp_path):
     monkeypatch.setenv("GFN_REDIS_URL", "")
     settings = Settings()
     assert settings.store == tmp_path / "adapters" and settings.redis_url is None
+
+
+def test_a_mistyped_setting_is_named_at_start_with_the_one_meant(monkeypatch, capfd, tmp_path):
+    """`GFN_MAX_TOKEN=8` (for GFN_MAX_TOKENS) was skipped in silence: the cap stayed 512, unnoticed."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    monkeypatch.setenv("GFN_HOME", str(tmp_path))
+    monkeypatch.setenv("GFN_MAX_TOKEN", "8")
+    monkeypatch.setenv("gfn_redis", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("GFN_API_PORT", "8080")  # docker compose's: known, no warning
+    create_app(Settings())
+    warned = [line["msg"] for line in map(json.loads, capfd.readouterr().err.splitlines()) if line["level"] == "warning"]
+    assert "GFN_MAX_TOKEN is no setting and is ignored: did you mean GFN_MAX_TOKENS?" in warned, warned
+    assert "gfn_redis is no setting and is ignored: did you mean GFN_REDIS_URL?" in warned, warned
+    assert not [msg for msg in warned if "GFN_API_PORT " in msg or "GFN_HOME " in msg], warned
