@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,7 +53,9 @@ def _redis_url(url: str) -> str:
 RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue", callback=_redis_url)]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
-console = Console()
+# Where output is no terminal (a pipe, a file, CI logs) and COLUMNS is unset, rich would cut tables
+# and break lines at 80 columns; there a table takes its natural width and a line stays whole.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 10_000)
 
 
 def _fail(message: str) -> None:
@@ -446,7 +449,7 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
             training = queue_demo_adapters(redis.url, model)
         settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None,
                                                **(lora_settings(training, settings) if training else {})})
-        console.print(EXAMPLE.format(url=service_url(host, port)))
+        console.print(EXAMPLE.format(url=service_url(host, port)), soft_wrap=True)  # no break inside its JSON
         if training:
             console.print(TRAINING.format(names=", ".join(training), url=redis.url))
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))  # a closed terminal stops it as Ctrl-C

@@ -214,6 +214,12 @@ def test_jobs_list_shows_whole_job_ids(redis_server, demo_model):
     job_id = submitted.output.strip()
     listed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", redis_server.url], env={"COLUMNS": "80"})
     assert submitted.exit_code == listed.exit_code == 0 and job_id in listed.output, listed.output
+    # piped (no terminal, no COLUMNS), every cell was cut to fit 80 columns ("queu…")
+    env = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-m", "gfn.cli", "jobs", "list", "--redis-url", redis_server.url],
+                           env=env, capture_output=True, text=True, timeout=60)
+    row = next(line for line in piped.stdout.splitlines() if job_id in line)
+    assert "a-rather-long-adapter-name" * 2 in row and " queued " in row, piped.stdout
 
 
 def test_a_worker_whose_redis_does_not_answer_yet_waits_for_it(tmp_path):

@@ -92,6 +92,8 @@ def test_gfn_up_serves_at_once_and_a_ctrl_c_hands_the_training_job_back(demo_mod
     finally:
         if up.poll() is None:
             up.kill()
+    example = re.search(r"curl -s \S+/infill .* -d '(.*?)'", log.read_text(), re.DOTALL)
+    assert example and json.loads(example.group(1))["n"] == 4  # rich broke a line inside its JSON: as printed, it answered 422
     said = " ".join(log.read_text().split())
     assert "Traceback" not in said and "GFN_BASE_MODEL and GFN_REDIS_URL ignored here" in said  # overridden silently before
     with pytest.raises(OSError):  # its Redis stopped with it
