@@ -58,6 +58,14 @@ StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 10_000)
 
 
+def _warn_unknown_variables() -> None:
+    """A mistyped variable (GFN_STOR, GFN_REDIS_ULR) would leave its default in force unnoticed."""
+    from service.settings import unknown_variables
+
+    for warning in unknown_variables(os.environ):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
 def _fail(message: str) -> None:
     console.print("[red]error:[/red]", escape(message))  # a message may hold brackets: a pattern, pydantic's [type=...]
     raise typer.Exit(2)
@@ -88,6 +96,7 @@ def train(
     store: StoreOption = None,
 ) -> None:
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
+    _warn_unknown_variables()
     from pydantic import ValidationError
 
     from adapters.errors import AdapterError
@@ -109,7 +118,7 @@ def train(
         manifest = trainer.run()
     except (FloatingPointError, OSError, AdapterError) as error:  # a setting too extreme, a full disk
         _fail(f"{error}\nthe run stopped; the same command resumes it from its last checkpoint in {run_dir}")
-    console.print(f"saved {manifest.ref}: {json.dumps(manifest.metrics)}")
+    console.print(f"saved {manifest.ref} in {trainer.store.root}: {json.dumps(manifest.metrics)}")
 
 
 @app.command("eval")
@@ -248,6 +257,7 @@ def worker(
     metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="serve Prometheus /metrics on this port; 0: none")] = 0,
 ) -> None:
     """Run queued training jobs, each in a fresh process; one worker per device."""
+    _warn_unknown_variables()
     from redis import Redis
     from redis.exceptions import AuthenticationError, RedisError, ResponseError
 

@@ -48,6 +48,19 @@ def test_serve_and_train_check_their_addresses_and_store_as_they_will_use_them(t
     assert result.exit_code == 2 and f"adapter store {store} cannot be made" in said, said
 
 
+def test_train_and_worker_name_a_mistyped_variable_before_they_start(tmp_path):
+    """`GFN_STOR=...` trained into the default store, `GFN_REDIS_ULR` sent a worker to wait on the default Redis."""
+    env = {"GFN_HOME": str(tmp_path / "home"), "GFN_STOR": str(tmp_path / "mine"), "GFN_REDIS_ULR": "redis://x:1/0"}
+    with socket.socket() as taken:  # the worker stops at once, on a taken --metrics-port
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        for args in (["train", "rng", "--set", "steps=1", "--store", "/proc/no-store-here"],
+                     ["worker", "--metrics-port", str(taken.getsockname()[1])]):
+            said = " ".join(CliRunner().invoke(app, args, env=env).output.split())
+            assert "GFN_STOR is no setting and is ignored: did you mean GFN_STORE?" in said, said
+            assert "GFN_REDIS_ULR is no setting and is ignored: did you mean GFN_REDIS_URL?" in said, said
+
+
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
     empty = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
     weightless = tmp_path / "weightless"  # a config.json copied alone: a traceback once the fingerprint read it
