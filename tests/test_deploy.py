@@ -29,7 +29,7 @@ from gfn.local import RedisServer, free_port
 from jobs.queue import JobQueue
 from jobs.validate import load
 from service.app import create_app
-from service.settings import Settings
+from service.settings import Settings, unknown_variables
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -329,6 +329,8 @@ def test_env_example_documents_every_setting_with_its_default():
         assert variable in documented, f"{variable} is not in deploy/.env.example"
         if info.default_factory is None and info.default is not None:
             assert documented[variable] == str(info.default), f"{variable}: default {info.default!r}"
+    # every GFN_ variable compose and the example set is one the service knows: none draws the typo warning
+    assert unknown_variables(dict.fromkeys([*documented, *set_by_compose], "")) == []
 
 
 # ------------------------------------------------------------------ Dockerfile
