@@ -9,14 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -97,6 +95,13 @@ def train(
 ) -> None:
     """Train an adapter with SubTB and save it to the store (resumes a killed run)."""
     _warn_unknown_variables()
+    from jobs.configs import ConfigError
+    from jobs.validate import load
+
+    try:  # the check `gfn jobs submit` makes: the same messages, before torch loads
+        load(config, set_ or [])
+    except ConfigError as error:
+        _fail("\n".join(error.errors))
     from pydantic import ValidationError
 
     from adapters.errors import AdapterError
@@ -262,6 +267,7 @@ def worker(
     from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
     from gfn.local import bind_error
+    from jobs.queue import shown_url
     from jobs.worker import run
 
     if metrics_port and (error := bind_error("0.0.0.0", metrics_port)) is not None:  # where /metrics binds
@@ -271,7 +277,7 @@ def worker(
             redis.ping()
     except (AuthenticationError, ResponseError) as error:
         hint = " (a password goes into the URL: redis://:PASSWORD@host:port/db)" * ("auth" in str(error).lower())
-        _fail(f"--redis-url {_shown(redis_url)}: {' '.join(str(error).split())}{hint}")
+        _fail(f"--redis-url {shown_url(redis_url)}: {' '.join(str(error).split())}{hint}")
     except RedisError:
         pass
     run(redis_url, metrics_port)
@@ -282,7 +288,7 @@ def _job_errors(redis_url: str) -> Iterator[None]:
     from redis.exceptions import RedisError
 
     from jobs.configs import ConfigError
-    from jobs.queue import JobNotFound
+    from jobs.queue import JobNotFound, shown_url
 
     try:
         yield
@@ -291,15 +297,7 @@ def _job_errors(redis_url: str) -> Iterator[None]:
     except JobNotFound as error:
         _fail(str(error))
     except RedisError as error:
-        _fail(f"Redis at {_shown(redis_url)}: {error}")
-
-
-def _shown(redis_url: str) -> str:
-    """The URL as it may be printed: without its password (in the address or the query)."""
-    parts = urlsplit(redis_url)
-    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    query = re.sub(r"(?i)\bpassword=[^&]*", "password=***", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        _fail(f"Redis at {shown_url(redis_url)}: {error}")
 
 
 def _queue(redis_url: str):

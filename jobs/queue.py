@@ -18,15 +18,16 @@ which the worker stops the job by force (RQ's stop), in case a step never ends.
 from __future__ import annotations
 
 import builtins
+import re
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel
 from redis import Redis
-from redis.connection import parse_url
+from redis.connection import ConnectionPool, parse_url
 from rq import Queue, Retry
 from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -96,16 +97,32 @@ class JobStatus(BaseModel):
 
 
 def check_redis_url(url: str) -> str:
-    """`url` if redis can parse it and its database is a number; else ValueError saying why (redis
-    itself raises a bare ValueError at the first connection, and reads `/jobs` as database 0)."""
+    """`url` if redis can parse it, its database is a number and its query names only connection
+    arguments; else ValueError saying why, the password masked (redis itself raises a bare
+    ValueError, or a TypeError for an unknown argument, at the first connection, and reads `/jobs`
+    as database 0)."""
     try:
         parse_url(url)
     except ValueError as error:
-        raise ValueError(f"{url!r}: {error}") from None
+        raise ValueError(f"{shown_url(url)!r}: {error}") from None
     database = urlsplit(url).path.strip("/")
     if url.startswith(("redis:", "rediss:")) and database and not database.isdigit():
-        raise ValueError(f"{url!r}: the database {database!r} is not a number (redis://host:port/0)")
+        raise ValueError(f"{shown_url(url)!r}: the database {database!r} is not a number (redis://host:port/0)")
+    try:
+        ConnectionPool.from_url(url).make_connection()  # builds a connection's arguments; connects to nothing
+    except (TypeError, ValueError) as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        said = f"redis takes no query argument {unknown[1]!r}" if unknown else str(error)
+        raise ValueError(f"{shown_url(url)!r}: {said}") from None
     return url
+
+
+def shown_url(redis_url: str) -> str:
+    """The URL as it may be printed: without its password (in the address or the query)."""
+    parts = urlsplit(redis_url)
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(?i)\bpassword=[^&]*", "password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class JobQueue:
