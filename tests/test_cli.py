@@ -133,11 +133,14 @@ def test_out_of_range_options_are_refused_naming_them(tmp_path):
                          (["jobs", "status", "x", "--redis-url", "foo"], "--redis-url"),
                          (["jobs", "submit", "rng", "--redis-url", "redis://h:port"], "--redis-url"),
                          (["jobs", "list", "--redis-url", "redis://127.0.0.1:1/abc"], "--redis-url"),
+                         (["jobs", "list", "--redis-url", "redis://127.0.0.1:1/0?x=1"], "--redis-url"),  # a traceback
                          (["eval", "rng@v1", "--samples", "0", "--store", str(tmp_path)], "--samples"),
                          (["eval", "rng@v1", "--samples", "-5", "--store", str(tmp_path)], "--samples")):
         result = CliRunner().invoke(app, args)
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in said and "Traceback" not in said, said
+    unparsed = CliRunner().invoke(app, ["jobs", "list", "--redis-url", "redis://:s3cret@127.0.0.1:port/0"])
+    assert unparsed.exit_code == 2 and "redis://:***@" in unparsed.output and "s3cret" not in unparsed.output
     from_env = CliRunner().invoke(app, ["jobs", "status", "x"], env={"GFN_REDIS_URL": "foo"})
     assert from_env.exit_code == 2 and "GFN_REDIS_URL" in from_env.output and "redis://" in from_env.output
 

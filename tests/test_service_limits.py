@@ -337,6 +337,7 @@ def test_settings_refuse_values_that_are_not_finite(monkeypatch):
     ("GFN_API_KEY", " ", "api_key"),  # every request without a key matched it
     ("GFN_REDIS_URL", "foo", "redis_url"),  # a traceback after the model loaded
     ("GFN_REDIS_URL", "redis://127.0.0.1:6379/jobs", "redis_url"),  # read as database 0
+    ("GFN_REDIS_URL", "redis://127.0.0.1:6379/0?x=1", "redis_url"),  # a traceback every 2 s from the store watch
     ("GFN_LOG_LEVEL", "loud", "log_level"),  # a traceback
     ("GFN_DEVICE", "cuda:99999999999999999999", "device"),  # torch's RuntimeError, a traceback
     pytest.param("GFN_VLLM_BLOCK_SIZE", "16", "vllm_block_size",  # a traceback after the model loaded
