@@ -51,9 +51,12 @@ def _redis_url(url: str) -> str:
 RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue", callback=_redis_url)]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
-# Where output is no terminal (a pipe, a file, CI logs) and COLUMNS is unset, rich would cut tables
-# and break lines at 80 columns; there a table takes its natural width and a line stays whole.
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 10_000)
+# Rich breaks lines at the terminal's width, so a path or a command copies in pieces, and where output is
+# no terminal and COLUMNS is unset it cuts tables at 80 columns. Here a line stays whole (the terminal
+# wraps it), a table off a terminal takes its natural width, and errors and warnings go to stderr.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 10_000
+console = Console(soft_wrap=True, width=_WIDTH)
+complaints = Console(soft_wrap=True, stderr=True)
 
 
 def _warn_unknown_variables() -> None:
@@ -61,11 +64,11 @@ def _warn_unknown_variables() -> None:
     from service.settings import unknown_variables
 
     for warning in unknown_variables(os.environ):
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+        complaints.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _fail(message: str) -> None:
-    console.print("[red]error:[/red]", escape(message))  # a message may hold brackets: a pattern, pydantic's [type=...]
+    complaints.print("[red]error:[/red]", escape(message))  # a message may hold brackets: a pattern, pydantic's [type=...]
     raise typer.Exit(2)
 
 
@@ -160,17 +163,24 @@ def _store(root: Path | None) -> AdapterStore:
         _fail(str(error))
 
 
+def _table(*columns: str, folded: tuple[str, ...]) -> Table:
+    """A table whose cells are never cut ("fini…"): the long ones (`folded`) fold at a narrow
+    terminal, the others (a ref, a job id, a time) keep their line."""
+    return Table(*(Column(c, overflow="fold") if c in folded else Column(c, no_wrap=True) for c in columns))
+
+
 @adapters_app.command("list")
 def adapters_list(store: StoreOption = None) -> None:
     """Every stored adapter version with its task and headline metrics."""
 
-    table, damaged = Table("adapter", "task", "created", "base model", "metrics"), {}
-    for m in _store(store).list(damaged):
+    adapters, damaged = _store(store), {}
+    table = _table("adapter", "task", "created", "base model", "metrics", folded=("metrics",))
+    for m in adapters.list(damaged):
         headline = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.metrics.items() if not isinstance(v, dict)}
         table.add_row(m.ref, m.task, m.created_at[:19], m.base_model.fingerprint[:19], json.dumps(headline))
-    console.print(table)
+    console.print(table if table.row_count else f"no adapters in {adapters.root}")
     for ref, why in damaged.items():
-        console.print(f"[red]damaged[/red] {ref}: {why}", soft_wrap=True)
+        console.print(f"[red]damaged[/red] {ref}: {escape(why)}")
 
 
 @adapters_app.command("show")
@@ -203,7 +213,7 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
         if name:
             adapters.latest(name)  # an unknown name is named, not checked as zero versions
     except AdapterCorrupt as error:  # the name's directory cannot be read: damaged, not a usage error
-        console.print(f"[red]damaged[/red] {adapter}: {escape(str(error))}", soft_wrap=True)
+        console.print(f"[red]damaged[/red] {adapter}: {escape(str(error))}")
         raise typer.Exit(1) from None
     except AdapterError as error:  # a malformed ref, an unknown name
         _fail(str(error))
@@ -213,7 +223,7 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
             refs += [(n, v) for v in ([version] if version else adapters.versions(n))]
         except AdapterCorrupt as error:
             damaged += 1
-            console.print(f"[red]damaged[/red] {n}: {escape(str(error))}", soft_wrap=True)
+            console.print(f"[red]damaged[/red] {n}: {escape(str(error))}")
     for name, version in refs:
         try:
             adapters.load(name, version)
@@ -222,7 +232,7 @@ def adapters_verify(adapter: Annotated[Optional[str], typer.Argument(help="name 
             _fail(str(error))
         except AdapterError as error:
             damaged += 1
-            console.print(f"[red]damaged[/red] {name}@v{version}: {escape(str(error))}", soft_wrap=True)
+            console.print(f"[red]damaged[/red] {name}@v{version}: {escape(str(error))}")
     console.print(f"{len(refs)} versions checked, {damaged} damaged")
     if damaged:
         raise typer.Exit(1)
@@ -343,7 +353,7 @@ def jobs_cancel(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
 def jobs_list(limit: Annotated[int, typer.Option(min=1, help="jobs to show")] = 20,
               redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """The most recent jobs, newest first."""
-    table = Table(Column("job", no_wrap=True, min_width=36), "adapter", "status", "step", "result", "queued at")
+    table = _table("job", "adapter", "status", "step", "result", "queued at", folded=("adapter", "result"))
     with _job_errors(redis_url):
         for job in _queue(redis_url).list(limit):
             step = f"{job.progress.step}/{job.progress.total}" if job.progress else ""
@@ -439,14 +449,14 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
         _fail("port 0 would serve on a port chosen at random, which the example printed could not name; give one")
     _check_address(settings)
     if ignored := [f"GFN_{name.upper()}" for name in ("base_model", "redis_url") if getattr(settings, name)]:
-        console.print(f"[yellow]gfn up serves the demo model with a Redis of its own: {' and '.join(ignored)} "
+        complaints.print(f"[yellow]gfn up serves the demo model with a Redis of its own: {' and '.join(ignored)} "
                       "ignored here (gfn serve and gfn worker take them)[/yellow]")
     model = build()
     redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
     try:
         redis.start()
     except RuntimeError as error:
-        console.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503), "
+        complaints.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503), "
                       "once the demo adapters are trained here[/yellow]")
         redis = None
     try:
@@ -457,7 +467,7 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
             training = queue_demo_adapters(redis.url, model)
         settings = settings.model_copy(update={"base_model": str(model), "redis_url": redis.url if redis else None,
                                                **(lora_settings(training, settings) if training else {})})
-        console.print(EXAMPLE.format(url=service_url(host, port)), soft_wrap=True)  # no break inside its JSON
+        console.print(EXAMPLE.format(url=service_url(host, port)))
         if training:
             console.print(TRAINING.format(names=", ".join(training), url=redis.url))
         signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))  # a closed terminal stops it as Ctrl-C

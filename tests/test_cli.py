@@ -61,6 +61,17 @@ def test_train_and_worker_name_a_mistyped_variable_before_they_start(tmp_path):
             assert "GFN_REDIS_ULR is no setting and is ignored: did you mean GFN_REDIS_URL?" in said, said
 
 
+def test_errors_go_to_stderr_and_output_stays_what_it_says(tmp_path):
+    """`gfn adapters show rng@v9 > manifest.json` wrote the error into the file and showed nothing."""
+    def gfn(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gfn.cli", *args], capture_output=True, text=True, timeout=60)
+
+    shown = gfn("adapters", "show", "rng@v9", "--store", str(tmp_path))
+    assert shown.returncode == 2 and shown.stdout == "" and "error:" in shown.stderr and "rng" in shown.stderr
+    listed = gfn("adapters", "list", "--store", str(tmp_path / "none"))  # an empty table did not say which store
+    assert listed.returncode == 0 and listed.stdout.strip() == f"no adapters in {tmp_path / 'none'}", listed
+
+
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
     empty = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
     weightless = tmp_path / "weightless"  # a config.json copied alone: a traceback once the fingerprint read it

@@ -451,6 +451,8 @@ def test_the_command_line_shows_verifies_and_deletes_versions(store, src):
     assert gfn("delete", "rng@v1", "--yes")[0] == 2
     store.save("rng", src, fields())
     (store.root / "rng" / "v3" / "manifest.json").write_text("{")  # a version that no longer reads
+    code, said = gfn("list")  # the reason's "[type=json_invalid, ...]" was read as markup and dropped
+    assert code == 0 and "damaged rng@v3" in said and "[type=json_invalid" in said, said
     code, said = gfn("delete", "rng@v3", answer="y\n")
     assert code == 0 and "delete rng@v3 (damaged: " in said and store.versions("rng") == []
     file = store.root.parent / "a-file"
