@@ -383,10 +383,20 @@ def _settings(**options: Any) -> Settings:
 
     from service.settings import Settings
 
+    given = {k: v for k, v in options.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in options.items() if v is not None})
+        return Settings(**given)
     except ValidationError as error:
-        _fail(str(error))
+        _fail("\n".join(_setting_error(e, given) for e in error.errors()))
+
+
+def _setting_error(error: Any, given: dict[str, Any]) -> str:
+    """A settings problem named as the user wrote it (GFN_MAX_N, --port), with the value given,
+    except for the two that may hold a secret (the key; a password in the Redis URL)."""
+    field, *inner = error["loc"]
+    name = f"--{field}" if field in given else f"GFN_{str(field).upper()}"
+    value = "" if field in ("api_key", "redis_url") else f" (got {error['input']!r})"
+    return f"{name}{''.join(f'[{i}]' for i in inner)}: {error['msg'].removeprefix('Value error, ')}{value}"
 
 
 def _check_address(settings: Settings) -> None:

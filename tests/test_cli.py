@@ -29,6 +29,16 @@ def test_up_and_serve_refuse_a_bad_engine_a_taken_port_and_an_unknown_host(tmp_p
         assert nowhere.exit_code == 2 and "999.1.1.1:8000" in said and "pass another --host" in said, said
 
 
+def test_a_bad_setting_is_named_as_the_user_wrote_it_without_a_secret():
+    """Pydantic's dump named `max_n` (not GFN_MAX_N), linked its docs, and echoed a Redis password."""
+    for env, args, said in (({"GFN_MAX_N": "abc"}, [], "error: GFN_MAX_N: Input should be a valid integer"),
+                            ({}, ["--port", "99999"], "error: --port: Input should be less than or equal to 65535"),
+                            ({"GFN_REDIS_URL": "redis://:s3cret@h:1/x"}, [], "error: GFN_REDIS_URL: 'redis://:***@h:1/x'")):
+        result = CliRunner().invoke(app, ["serve", *args], env=env)
+        assert result.exit_code == 2 and result.output.startswith(said), result.output
+        assert "s3cret" not in result.output and "pydantic.dev" not in result.output
+
+
 def test_serve_and_train_check_their_addresses_and_store_as_they_will_use_them(tmp_path):
     """An IPv6 host is probed as IPv6 (uvicorn serves it); a store that cannot be made is named before training."""
     env = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
