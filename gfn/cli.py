@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from adapters.store import AdapterStore
     from service.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n\n")[0],
+                  rich_markup_mode="markdown")  # markdown: a docstring's line breaks are not kept
 demo = typer.Typer(no_args_is_help=True, help="The demo world: corpus, tokenizer and base model.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter store.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Training jobs on the Redis queue (`gfn worker` runs them).")
@@ -50,7 +51,8 @@ def _redis_url(url: str) -> str:
 
 RedisUrl = Annotated[str, typer.Option(envvar="GFN_REDIS_URL", help="the Redis of the job queue", callback=_redis_url)]
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root")]
+JobId = Annotated[str, typer.Argument(help="as `gfn jobs submit` printed it, or `gfn jobs list` shows it")]
+StoreOption = Annotated[Optional[Path], typer.Option(help="adapter store root; default: GFN_STORE, else GFN_HOME/adapters")]
 # Rich breaks lines at the terminal's width, so a path or a command copies in pieces, and where output is
 # no terminal and COLUMNS is unset it cuts tables at 80 columns. Here a line stays whole (the terminal
 # wraps it), a table off a terminal takes its natural width, and errors and warnings go to stderr.
@@ -79,13 +81,14 @@ def _check_home() -> None:
 
 
 @demo.command("build")
-def demo_build(quiet: bool = False) -> None:
+def demo_build(quiet: Annotated[bool, typer.Option(help="no progress bar; print the directory alone")] = False) -> None:
     """Build (or find cached) the demo base model and print its directory."""
     from world.base_model import build
 
     path = build(quiet=quiet)
     stats = json.loads((path / "world.json").read_text())
-    console.print(f"demo base model: {path} ({stats['parameters']:,} parameters, built in {stats['build_seconds']} s)")
+    console.print(path if quiet else f"demo base model: {path} ({stats['parameters']:,} parameters, built in "
+                  f"{stats['build_seconds']} s)")
 
 
 @app.command()
@@ -336,14 +339,14 @@ def jobs_submit(
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+def jobs_status(job_id: JobId, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """A job's status, progress, adapter version or error, as JSON."""
     with _job_errors(redis_url):
         console.print_json(_queue(redis_url).status(job_id).model_dump_json())
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
+def jobs_cancel(job_id: JobId, redis_url: RedisUrl = DEFAULT_REDIS_URL) -> None:
     """Stop a job at its next step boundary, after a checkpoint (by force after a grace period)."""
     with _job_errors(redis_url):
         console.print_json(_queue(redis_url).cancel(job_id).model_dump_json())
@@ -368,8 +371,23 @@ def configs_schema() -> None:
     from jobs.configs import SCHEMA
     from trainer.config import schema_json
 
-    SCHEMA.write_text(schema_json())
+    try:
+        SCHEMA.write_text(schema_json())
+    except OSError as error:
+        _fail(f"cannot write {SCHEMA}: {error.strerror or error}")
     console.print(f"wrote {SCHEMA}")
+
+
+@configs_app.command("list")
+def configs_list() -> None:
+    """The bundled configs, by the name `gfn train` and `gfn jobs submit` take, with their task and steps."""
+    from jobs.configs import bundled_configs, config_data
+
+    table = _table("config", "task", "steps", "base model", folded=("base model",))
+    for name in bundled_configs():
+        data = config_data(name)
+        table.add_row(name, data["task"]["name"], str(data.get("steps", "")), str(data.get("base_model", "demo")))
+    console.print(table)
 
 
 EngineOption = Annotated[Optional[str], typer.Option(help="vllm, transformers or auto (default: GFN_ENGINE, else auto)")]

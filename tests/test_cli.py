@@ -82,6 +82,15 @@ def test_errors_go_to_stderr_and_output_stays_what_it_says(tmp_path):
     assert listed.returncode == 0 and listed.stdout.strip() == f"no adapters in {tmp_path / 'none'}", listed
 
 
+def test_configs_list_names_every_bundled_config_as_train_takes_it():
+    from jobs.configs import bundled_configs
+
+    listed = CliRunner().invoke(app, ["configs", "list"])
+    rows = {line.split()[1]: line.split()[3] for line in listed.output.splitlines() if line.startswith("│")}
+    assert listed.exit_code == 0 and set(rows) == set(bundled_configs()) >= {"rng", "infill", "reasoning"}
+    assert rows["infill"] == "infill" and rows["rng"] == "rng", listed.output
+
+
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
     empty = {"GFN_STORE": str(tmp_path / "store"), "GFN_PORT": "0"}
     weightless = tmp_path / "weightless"  # a config.json copied alone: a traceback once the fingerprint read it
