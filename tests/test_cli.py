@@ -117,7 +117,7 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     assert anywhere.exit_code == 2 and "port 0" in anywhere.output
     assert service_url("::1", 8000) == "http://[::1]:8000" and service_url("127.0.0.1", 80) == "http://127.0.0.1:80"
     listed = CliRunner().invoke(app, ["up"], env={"GFN_LORA_TARGET_MODULES": '["gate_proj"'})  # torn JSON
-    assert listed.exit_code == 2 and "lora_target_modules" in listed.output and "not a JSON list" in listed.output
+    assert listed.exit_code == 2 and "GFN_LORA_TARGET_MODULES:" in listed.output and "not a JSON list" in listed.output
     pinned = CliRunner().invoke(app, ["up"], env={"GFN_ADAPTERS": '["rng@v1x"]'})  # refused at start, not at load
     assert pinned.exit_code == 2 and "adapters" in pinned.output and "name@vN" in pinned.output, pinned.output
 
