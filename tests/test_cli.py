@@ -119,7 +119,7 @@ def test_up_takes_its_address_from_gfn_variables_unless_given():
     listed = CliRunner().invoke(app, ["up"], env={"GFN_LORA_TARGET_MODULES": '["gate_proj"'})  # torn JSON
     assert listed.exit_code == 2 and "GFN_LORA_TARGET_MODULES:" in listed.output and "not a JSON list" in listed.output
     pinned = CliRunner().invoke(app, ["up"], env={"GFN_ADAPTERS": '["rng@v1x"]'})  # refused at start, not at load
-    assert pinned.exit_code == 2 and "adapters" in pinned.output and "name@vN" in pinned.output, pinned.output
+    assert pinned.exit_code == 2 and "GFN_ADAPTERS[0]:" in pinned.output and "name@vN" in pinned.output, pinned.output
 
 
 def test_eval_names_what_it_cannot_find(tmp_path):
