@@ -231,9 +231,10 @@ def _abandoned(job: Job) -> bool:
 
 
 def _last_line(text: str | None) -> str | None:
-    """An exception's message: the last line of its traceback."""
+    """An exception's message: the last line of its traceback, without the module path of one of
+    the project's own exceptions ("jobs.queue.JobRefused: "), whose message names the error."""
     lines = (text or "").strip().splitlines()
-    return lines[-1] if lines else None
+    return re.sub(r"^(?:adapters|jobs|trainer)\.[\w.]+: ", "", lines[-1]) if lines else None
 
 
 def _utc(moment: datetime | None) -> datetime | None:
