@@ -42,6 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"  # the one before, kept until the next is durable: a fallback if the newest is damaged
 METRICS = "metrics.jsonl"  # one line a step
 ADAPTER = "adapter"  # the adapter as the run saved it, before the store took it
+PLAIN_EVERY_S = 30.0  # off a terminal (a log file, `docker logs`) the bar is drawn once, at the end: a line this often
 
 log = logging.getLogger("gfn.trainer")
 
@@ -141,6 +142,7 @@ class Trainer:
         with Progress(*columns, disable=self.quiet) as bar:
             task = bar.add_task("train", total=total, completed=self.step, loss=float("nan"),
                                 log_reward=float("nan"), temperature=self.config.reward_temperature.at(self.step))
+            plain, said = not self.quiet and not bar.console.is_terminal, time.time()  # off a terminal: lines
             while self.step < total:
                 if self.should_stop is not None and self.should_stop():
                     self.checkpoint()
@@ -152,6 +154,11 @@ class Trainer:
                 self._log(metrics)
                 self.step += 1
                 bar.update(task, completed=self.step, **{k: metrics[k] for k in ("loss", "log_reward", "temperature")})
+                if plain and (time.time() - said >= PLAIN_EVERY_S or self.step == total):
+                    said = time.time()
+                    bar.console.print(f"{self.config.name} step {self.step}/{total} loss {metrics['loss']:.3g} "
+                                      f"logR {metrics['log_reward']:.2f} T {metrics['temperature']:.2f} "
+                                      f"({said - start:.0f} s)")
                 if self.on_progress is not None:
                     elapsed = time.time() - start
                     self.on_progress({**metrics, "total": total, "elapsed": elapsed,
