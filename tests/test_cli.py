@@ -94,7 +94,7 @@ def test_configs_list_names_every_bundled_config_as_train_takes_it():
 def test_train_piped_to_a_log_prints_progress_lines_and_where_it_saved(tmp_path, demo_model):
     """Off a terminal rich draws the bar once, at the end: a log showed nothing while the run trained."""
     store = tmp_path / "store"
-    run = subprocess.run([sys.executable, "-m", "gfn.cli", "train", "rng", "--set", "steps=2", "--set",
+    run = subprocess.run([sys.executable, "-m", "gfn.cli", "train", "rng", "--set", "steps=2", "--set", "evaluate=false", "--set",
                           f"base_model={demo_model}", "--store", str(store), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "rng step 2/2 loss " in run.stdout, run.stdout + run.stderr[-2000:]
