@@ -478,14 +478,14 @@ def up(engine: EngineOption = None, host: HostOption = None, port: PortOption = 
     _check_address(settings)
     if ignored := [f"GFN_{name.upper()}" for name in ("base_model", "redis_url") if getattr(settings, name)]:
         complaints.print(f"[yellow]gfn up serves the demo model with a Redis of its own: {' and '.join(ignored)} "
-                      "ignored here (gfn serve and gfn worker take them)[/yellow]")
+                         "ignored here (gfn serve and gfn worker take them)[/yellow]")
     model = build()
     redis, worker, training = RedisServer(gfn_home() / "redis", persist=True), None, []
     try:
         redis.start()
     except RuntimeError as error:
         complaints.print(f"[yellow]{error}: serving without Redis (in-process cache, /jobs answers 503), "
-                      "once the demo adapters are trained here[/yellow]")
+                         "once the demo adapters are trained here[/yellow]")
         redis = None
     try:
         if redis is None:

@@ -33,7 +33,8 @@ def test_a_bad_setting_is_named_as_the_user_wrote_it_without_a_secret():
     """Pydantic's dump named `max_n` (not GFN_MAX_N), linked its docs, and echoed a Redis password."""
     for env, args, said in (({"GFN_MAX_N": "abc"}, [], "error: GFN_MAX_N: Input should be a valid integer"),
                             ({}, ["--port", "99999"], "error: --port: Input should be less than or equal to 65535"),
-                            ({"GFN_REDIS_URL": "redis://:s3cret@h:1/x"}, [], "error: GFN_REDIS_URL: 'redis://:***@h:1/x'")):
+                            ({"GFN_REDIS_URL": "redis://:s3cret@h:1/x"}, [],
+                             "error: GFN_REDIS_URL: 'redis://:***@h:1/x'")):
         result = CliRunner().invoke(app, ["serve", *args], env=env)
         assert result.exit_code == 2 and result.output.startswith(said), result.output
         assert "s3cret" not in result.output and "pydantic.dev" not in result.output
@@ -94,8 +95,8 @@ def test_configs_list_names_every_bundled_config_as_train_takes_it():
 def test_train_piped_to_a_log_prints_progress_lines_and_where_it_saved(tmp_path, demo_model):
     """Off a terminal rich draws the bar once, at the end: a log showed nothing while the run trained."""
     store = tmp_path / "store"
-    run = subprocess.run([sys.executable, "-m", "gfn.cli", "train", "rng", "--set", "steps=2", "--set", "evaluate=false", "--set",
-                          f"base_model={demo_model}", "--store", str(store), "--run-dir", str(tmp_path / "run")],
+    run = subprocess.run([sys.executable, "-m", "gfn.cli", "train", "rng", "--set", "steps=2", "--set", "evaluate=false",
+                          "--set", f"base_model={demo_model}", "--store", str(store), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "rng step 2/2 loss " in run.stdout, run.stdout + run.stderr[-2000:]
     assert f"saved rng@v1 in {store}: " in run.stdout
@@ -197,7 +198,7 @@ def test_eval_refuses_a_sample_count_below_one_before_loading_anything(tmp_path)
 def test_train_and_submit_name_the_field_of_a_bad_config(tmp_path):
     """Refused as the config is read, before a model loads or Redis is asked (nothing listens on port 1),
     in the same words (train spoke pydantic's, 4 s later, once torch had loaded)."""
-    for override, said in (("task.target={kind: uniform, low: 0, high: 1000000000}", "task.target.high: must be <= 9999"),
+    for override, said in (("task.target={kind: uniform, low: 0, high: 1e9}", "task.target.high: must be <= 9999"),
                            ("stepz=2", "stepz: unknown field (known: "),
                            ("lora.r=1.5", "lora.r: must be of type integer, got 1.5")):
         for args in (["train", "rng", "--set", override, "--store", str(tmp_path)],
