@@ -50,9 +50,11 @@ class RationaleCache:
         self._append = self._redis.register_script(_APPEND) if self._redis else None
 
     @staticmethod
-    def key(manifest: Manifest, question: str, sampling: dict[str, Any]) -> str:
-        """By ref and weights: services with different stores may share one Redis."""
-        blob = json.dumps([manifest.ref, manifest.files[WEIGHTS], question, sampling], sort_keys=True)
+    def key(manifest: Manifest, question: str, sampling: dict[str, Any], engine: str) -> str:
+        """By ref and weights (services with different stores may share one Redis), and a seeded
+        pool by engine too: a seed draws alike on one engine only."""
+        by = [manifest.ref, manifest.files[WEIGHTS], question, sampling]
+        blob = json.dumps(by if sampling.get("seed") is None else [*by, engine], sort_keys=True)
         return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()
 
     async def take(self, key: str, n: int, adapter: str) -> list[Rationale]:

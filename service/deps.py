@@ -106,6 +106,7 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
     with state.registry.use(body.adapter, task) as entry:
         manifest = entry.manifest
         request.state.adapter = manifest.name
+        check_endpoint(manifest, request.scope["route"].path)
         rendered = render(manifest, fields)
         if not rendered:
             raise invalid(_longest(texts), f"adapter {manifest.ref}'s prompt is empty with these fields")
@@ -117,6 +118,19 @@ async def serve_samples(request: Request, state: ServiceState, body: Sampling, t
         check_context(state, texts, len(prompt), generation.max_tokens)
         scores = functools.partial(scoring, manifest) if scoring else None
         return await guarded(request, _samples(request, state, generation, scores), state.settings.request_timeout_s)
+
+
+ENDPOINTS = {"infill": "/infill", "reasoning": "/reason"}
+"""The tasks with an endpoint of their own; /generate serves the others (constrained, continuation, rng)."""
+
+
+def check_endpoint(manifest: Manifest, endpoint: str) -> None:
+    """An adapter answers on its task's endpoint: elsewhere the request's fields are not its prompt's,
+    and the error blamed a field (an rng adapter on /infill "does not take 'prefix'")."""
+    home = ENDPOINTS.get(manifest.task, "/generate")
+    if endpoint != home:
+        raise invalid("adapter", f"adapter {manifest.ref} is a {manifest.task} adapter: POST {home} serves it",
+                      manifest.ref)
 
 
 def check_special_tokens(tokenizer: PreTrainedTokenizerBase, texts: dict[str, str]) -> None:

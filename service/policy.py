@@ -31,18 +31,23 @@ def render(manifest: Manifest, fields: dict[str, str | None]) -> str:
     return manifest.prompt_template.format(**{name: fields[name] for name in needed})
 
 
-def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: float, seed: int | None,
-                max_tokens: int | None, cap: int, tool: Tool | None = None,
-                bias: Mapping[int, float] | None = None) -> GenRequest:
-    """Sampling of the trained policy; ``max_tokens`` (default: max_len, at most the service's
-    ``cap``, GFN_MAX_TOKENS) may only cut it shorter; ``bias``: the prompt's word bias
-    (adapters.manifest.word_bias of the manifest's rules)."""
+def check_max_tokens(manifest: Manifest, max_tokens: int | None, cap: int) -> None:
+    """``max_tokens`` may only cut the adapter's lengths shorter, and the service's ``cap`` must reach its least."""
     if max_tokens is not None and not manifest.min_len <= max_tokens <= manifest.max_len:
         raise invalid("max_tokens", f"max_tokens is {max_tokens}; adapter {manifest.ref} samples "
                                     f"{manifest.min_len} to {manifest.max_len} tokens", max_tokens)
     if max_tokens is None and manifest.min_len > cap:
         raise invalid("adapter", f"adapter {manifest.ref} samples at least {manifest.min_len} tokens; this service "
                                  f"samples at most {cap} (GFN_MAX_TOKENS)", manifest.ref)
+
+
+def gen_request(manifest: Manifest, prompt_ids: list[int], n: int, temperature: float, seed: int | None,
+                max_tokens: int | None, cap: int, tool: Tool | None = None,
+                bias: Mapping[int, float] | None = None) -> GenRequest:
+    """Sampling of the trained policy; ``max_tokens`` (default: max_len, at most the service's
+    ``cap``, GFN_MAX_TOKENS) may only cut it shorter; ``bias``: the prompt's word bias
+    (adapters.manifest.word_bias of the manifest's rules)."""
+    check_max_tokens(manifest, max_tokens, cap)
     return GenRequest(prompt_ids=prompt_ids, adapter=manifest.ref, terminator_id=manifest.terminator_id,
                       max_tokens=max_tokens or min(manifest.max_len, cap), min_tokens=manifest.min_len,
                       stop_after=frozenset(manifest.stop_after), mask=manifest.mask,

@@ -92,8 +92,10 @@ class Registry:
                 entry.idle.set()
 
     # ------------------------------------------------------------------ loading
-    async def load(self, name: str, version: int | None = None, pin: bool = False) -> Entry:
-        """Check, load, warm, then route; raises AdapterError or AdapterRefused (nothing changes then)."""
+    async def load(self, name: str, version: int | None = None, pin: bool | None = None) -> Entry:
+        """Check, load, warm, then route; raises AdapterError or AdapterRefused (nothing changes then).
+        ``pin`` True or False sets the version's pin (unpinned, a version its name no longer routes to
+        retires once idle); None leaves a loaded version's as it is and loads a new one unpinned."""
         async with self._lock:
             started = time.perf_counter()
             adapter = await asyncio.to_thread(self.store.load, name, version, self.base_fingerprint,
@@ -103,7 +105,10 @@ class Registry:
             if entry is not None and entry.retiring:  # refused: an operator's unload stands, the watcher keeps off it
                 raise AdapterBusy(f"adapter {manifest.ref} is being unloaded; load it again when that is done")
             if entry is not None:
-                entry.pinned |= pin
+                if pin is not None and entry.pinned != pin:
+                    entry.pinned = pin
+                    if not pin and self.routed(manifest.name) is not entry:
+                        self._retire_soon(entry)
                 return entry
             await self.engine.add_adapter(adapter)
             try:
@@ -112,16 +117,20 @@ class Registry:
                 await self.engine.remove_adapter(manifest.ref)
                 raise AdapterRefused(f"adapter {manifest.ref} failed its warm-up request: {error}") from error
             previous = self.routed(manifest.name)
-            entry = self.entries[manifest.ref] = Entry(manifest, pinned=pin)
+            entry = self.entries[manifest.ref] = Entry(manifest, pinned=bool(pin))
             self.unloaded.discard(manifest.ref)  # asked for again, and loaded
             self.metrics.adapter_info.labels(manifest.name, str(manifest.version), str(manifest.lora.r)).set(1)
             self.metrics.adapter_loaded(manifest.name)
             self.metrics.adapter_load.observe(time.perf_counter() - started)
         if previous is not None and not previous.pinned and previous.manifest.version < manifest.version:
-            task = asyncio.create_task(self._retire(previous))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retire_soon(previous)
         return entry
+
+    def _retire_soon(self, entry: Entry) -> None:
+        """Retire a version in the background: it leaves once its in-flight requests have finished."""
+        task = asyncio.create_task(self._retire(entry))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _warm(self, manifest: Manifest) -> None:
         """One tiny request through the engine, so that a broken adapter fails here, not in a user's request."""

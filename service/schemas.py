@@ -127,7 +127,9 @@ class ReasonResponse(BaseModel):
 class LoadRequest(_Body):
     name: AdapterName
     version: Version | None = Field(None, description="default: the newest stored version")
-    pin: bool = Field(False, description="keep it loaded when a newer version arrives")
+    pin: bool | None = Field(None, description="true: keep it loaded when a newer version arrives; false: unpin "
+                             "(a version no longer routed to then retires once idle); default: a loaded version's "
+                             "pin as it is, a new one unpinned")
 
 
 class AdapterOut(BaseModel):

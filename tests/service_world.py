@@ -4,9 +4,8 @@ like the trainer writes. Tests may import trainer/ and world/; the service may n
 
 from __future__ import annotations
 
-import json
-
 import asyncio
+import json
 import shutil
 import socket
 import threading

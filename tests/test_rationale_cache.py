@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from service_world import save_adapter, task_fields
 
+from adapters.models import load_tokenizer
+from adapters.store import AdapterStore
 from service.cache import RationaleCache
 from service.metrics import Metrics
 from service.reasoning import _Bridge
@@ -98,3 +101,12 @@ def test_a_closed_bridge_refuses_new_calls():
             await asyncio.to_thread(bridge(engine_call))
 
     asyncio.run(scenario())
+
+
+def test_a_seeded_pool_is_one_engines_an_unseeded_one_every_engines(tmp_path, demo_model):
+    """A seed draws alike on one engine only: a vLLM service's seeded pool answered a transformers one."""
+    fields = task_fields(load_tokenizer(demo_model))["reasoning"]
+    manifest = save_adapter(AdapterStore(tmp_path), "reasoning", demo_model, fields, seed=0)
+    seeded, unseeded = {"temperature": 1.0, "max_tokens": None, "seed": 0}, {"temperature": 1.0, "seed": None}
+    assert RationaleCache.key(manifest, "Q", seeded, "vllm") != RationaleCache.key(manifest, "Q", seeded, "transformers")
+    assert RationaleCache.key(manifest, "Q", unseeded, "vllm") == RationaleCache.key(manifest, "Q", unseeded, "hf")

@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from service_world import TARGETS, Server, make_store, metric, save_adapter, task_fields
+from service_world import TARGETS, Server, make_store, metric, save_adapter, task_fields, wait_until
 
 from adapters.models import load_causal_lm, load_tokenizer
 from adapters.store import AdapterStore
@@ -142,6 +142,9 @@ def test_rationale_cache_returns_the_same_number(client):
     counted = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
                for s in f.samples if s.labels.get("adapter") == first["adapter"].partition("@")[0]}
     assert counted["gfn:cache_lookups_total"] >= 4 and counted["gfn:cache_hits_total"] >= 1
+    lookups = metric(client, "gfn:cache_lookups_total", adapter="reasoning")
+    assert client.post("/reason", json={**question, "max_tokens": 400}).status_code == 422  # past max_len 48
+    assert metric(client, "gfn:cache_lookups_total", adapter="reasoning") == lookups  # a refused request looked up
 
 
 @pytest.mark.parametrize("body, field", [
@@ -181,7 +184,13 @@ def test_bad_requests_get_clear_errors(client):
                 client.post("/adapters", json={"name": "Infill"}), client.delete("/adapters/in fill/1")):
         error = bad.json()["detail"][0]
         assert bad.status_code == 422 and error["loc"][-1] in ("adapter", "name") and "adapter" in error["msg"], bad.text
-    assert client.post("/reason", json={"question": "1 + 2", "adapter": "rng"}).status_code == 422
+    for path, body, home in (("/infill", {**INFILL, "adapter": "rng"}, "/generate"),
+                             ("/generate", {"adapter": "infill"}, "/infill"),
+                             ("/reason", {"question": "1 + 2", "adapter": "rng"}, "/generate")):
+        wrong = client.post(path, json=body)  # it blamed a field the endpoint requires, or has not
+        error = wrong.json()["detail"][0]
+        assert wrong.status_code == 422 and error["loc"] == ["body", "adapter"], wrong.text
+        assert f"POST {home} serves it" in error["msg"], wrong.text
     assert client.post("/adapters", json={"name": "absent"}).status_code == 404
     assert client.delete("/adapters/absent/1").status_code == 404
     assert client.post("/infill", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
@@ -572,6 +581,12 @@ def test_a_pinned_version_keeps_serving_beside_a_newer_one(hf, store, demo_model
         assert client.post("/generate", json={"adapter": "rng7@v1", "n": 1}).json()["adapter"] == "rng7@v1"
         versions = {a["ref"]: a for a in client.get("/adapters").json()["loaded"] if a["name"] == "rng7"}
         assert versions.keys() == {"rng7@v1", new.ref} and not versions["rng7@v1"]["retiring"]
+        again = client.post("/adapters", json={"name": "rng7", "version": 1})  # 201 Created again, before
+        assert again.status_code == 200 and again.json()["pinned"], again.text
+        unpinned = client.post("/adapters", json={"name": "rng7", "version": 1, "pin": False})  # once, a pin stayed
+        assert unpinned.status_code == 200 and not unpinned.json()["pinned"], unpinned.text
+        wait_until(lambda: "rng7@v1" not in {a["ref"] for a in client.get("/adapters").json()["loaded"]}, 30,
+                   "the unpinned older version to retire")
 
 
 def test_a_special_token_added_to_a_tokenizer_is_refused_in_client_text(demo_model):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from adapters.store import format_ref
 from service.deps import State
@@ -24,12 +24,16 @@ async def list_adapters(state: State) -> AdaptersResponse:
     return AdaptersResponse(loaded=[_out(state, e) for e in entries], refused=state.refused)
 
 
-@router.post("", response_model=AdapterOut, status_code=201)
-async def load_adapter(body: LoadRequest, state: State) -> AdapterOut:
+@router.post("", response_model=AdapterOut, status_code=201, responses={200: {"description": "loaded already"}})
+async def load_adapter(body: LoadRequest, state: State, response: Response) -> AdapterOut:
     """Load a version from the store: checked (checksums, base model), warmed, then routed to if it
-    is the newest loaded version of its name; older unpinned versions retire once idle."""
+    is the newest loaded version of its name; older unpinned versions retire once idle. A version
+    loaded already answers 200 (with its pin set, where `pin` is given)."""
+    loaded = set(state.registry.entries)
     entry = await state.registry.load(body.name, body.version, body.pin)
     state.refused.pop(entry.manifest.ref, None)
+    if entry.manifest.ref in loaded:
+        response.status_code = 200
     return _out(state, entry)
 
 

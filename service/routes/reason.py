@@ -4,9 +4,9 @@ from fastapi import APIRouter, Request
 
 from adapters.reasoning import ANSWER_TOKENS, AnswerFormat, aggregate, parse_question
 from service.cache import RationaleCache
-from service.deps import State, check_caps, check_context, guarded
+from service.deps import State, check_caps, check_context, check_endpoint, guarded
 from service.errors import invalid
-from service.policy import gen_request, render
+from service.policy import check_max_tokens, gen_request, render
 from service.reasoning import sample_rationales
 from service.schemas import ReasonRequest, ReasonResponse
 
@@ -29,9 +29,12 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
     with state.registry.use(body.adapter, "reasoning") as entry:
         manifest, config = entry.manifest, entry.manifest.task_config
         request.state.adapter = manifest.name
-        if manifest.task != "reasoning" or "answer_prompt" not in config:
-            raise invalid("adapter", f"adapter {manifest.ref} (task {manifest.task}) is not a reasoning adapter")
-        key = RationaleCache.key(manifest, question, body.model_dump(include={"temperature", "max_tokens", "seed"}))
+        check_endpoint(manifest, "/reason")
+        if "answer_prompt" not in config:
+            raise invalid("adapter", f"adapter {manifest.ref} holds no answer prompt: train it again to serve it")
+        check_max_tokens(manifest, body.max_tokens, state.settings.max_tokens)  # before the cache counts a lookup
+        sampling = body.model_dump(include={"temperature", "max_tokens", "seed"})
+        key = RationaleCache.key(manifest, question, sampling, state.engine.name)
         pool = await state.cache.take(key, n, manifest.name)
         cached = len(pool)
         if cached < n:
