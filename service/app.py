@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from service import errors, logs
+from service.errors import responses
 from service.auth import require_key
 from service.deps import admit
 from service.metrics import Metrics
@@ -25,20 +26,6 @@ DESCRIPTION = """Samples from GFlowNet-tuned LoRA adapters: infilling, reasoning
 constrained generation. Each adapter serves the posterior it was trained to sample, with the prompt,
 mask and length limits of its manifest. With an API key set, send it as `Authorization: Bearer <key>`
 or `X-API-Key`; /health, /ready and /metrics are open."""
-
-
-ERRORS: dict[int | str, dict] = {code: {"description": text} for code, text in {
-    401: "missing or wrong API key",
-    404: "adapter not loaded (or not stored)",
-    409: "adapter refused: corrupt, trained on another base model, or beyond the engine's configuration",
-    413: "request body over the cap",
-    429: "too many requests in flight; retry after the Retry-After seconds",
-    504: "the request did not finish within the timeout",
-}.items()}
-
-
-def _errors(*codes: int) -> dict[int | str, dict]:
-    return {code: ERRORS[code] for code in codes}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -62,9 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     keyed, refused = ([Depends(require_key)], (401,)) if settings.api_key is not None else ([], ())
     app.include_router(health.router)
     for router in (infill.router, reason.router, generate.router):
-        app.include_router(router, dependencies=[*keyed, Depends(admit)], responses=_errors(*refused, 404, 413, 429, 504))
-    app.include_router(adapters.router, dependencies=keyed, responses=_errors(*refused, 404, 409, 413))
-    app.include_router(jobs.router, dependencies=keyed, responses=_errors(*refused, 413))
+        app.include_router(router, dependencies=[*keyed, Depends(admit)],
+                           responses=responses(*refused, 404, 413, 415, 429, 503, 504))
+    app.include_router(adapters.router, dependencies=keyed, responses=responses(*refused))
+    app.include_router(jobs.router, dependencies=keyed, responses=responses(*refused))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics,  # outermost: sees every response, 413 included
                        paths=frozenset(route.path for route in app.routes))

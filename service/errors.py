@@ -23,6 +23,23 @@ from service.auth import key_refused
 from service.engines.base import EngineStopped
 
 
+ERRORS = {
+    401: "missing or wrong API key",
+    404: "adapter not loaded (or not stored)",
+    409: "adapter refused: corrupt, trained on another base model, or beyond the engine's configuration",
+    413: "request body over the cap",
+    415: "the body was not sent as JSON (content-type application/json)",
+    429: "too many requests in flight; retry after the Retry-After seconds",
+    503: "the engine stopped (restart the service); for /jobs: Redis unreachable or not configured",
+    504: "the request did not finish within the timeout",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict]:
+    """The OpenAPI page's entries for these error statuses."""
+    return {code: {"description": ERRORS[code]} for code in codes}
+
+
 class AdapterRefused(Exception):
     """The engine cannot serve this adapter (rank or modules beyond its configuration, load failure)."""
 
@@ -92,9 +109,11 @@ async def _invalid(request: Request, error: RequestValidationError) -> ErrorResp
     """FastAPI's own 422 body, encoded safely; a 401 first to a client without the API key."""
     if (refused := await key_refused(request)) is not None:
         return ErrorResponse({"detail": refused.detail}, status_code=401, headers=refused.headers)
-    # a body that is not JSON comes back as raw bytes, which need not be UTF-8
-    detail = jsonable_encoder(error.errors(), custom_encoder={bytes: lambda b: b.decode("utf-8", "replace")})
-    return ErrorResponse({"detail": detail}, status_code=422)
+    sent = request.headers.get("content-type", "")
+    if sent and "json" not in sent and any(e["loc"] == ("body",) for e in error.errors()):  # read as bytes, not JSON
+        return ErrorResponse({"detail": f"content-type {sent!r}: send the body as JSON (application/json)"},
+                             status_code=415)
+    return ErrorResponse({"detail": jsonable_encoder(error.errors())}, status_code=422)
 
 
 async def _http(request: Request, error: StarletteHTTPException) -> Response:

@@ -194,6 +194,12 @@ def test_bad_requests_get_clear_errors(client):
     assert client.post("/adapters", json={"name": "absent"}).status_code == 404
     assert client.delete("/adapters/absent/1").status_code == 404
     assert client.post("/infill", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    twice = client.post("/infill", content=b'{"prefix": "a", "suffix": "b", "n": 1, "n": 2}',
+                        headers={"content-type": "application/json"})  # the last one won: 2 samples
+    assert twice.status_code == 422 and twice.json()["detail"][0]["loc"] == ["body", "n"], twice.text
+    plain = client.post("/infill", json=INFILL, headers={"content-type": "text/plain"})  # "a valid dictionary"
+    assert plain.status_code == 415 and "application/json" in plain.json()["detail"], plain.text
+    assert client.head("/health").status_code == 200  # load balancers probe with HEAD: 405
     surrogate = client.post("/infill", content=b'{"prefix": "a\\ud800", "suffix": "b"}',
                             headers={"content-type": "application/json"})  # valid JSON, not valid UTF-8
     assert surrogate.status_code == 422 and "prefix" in surrogate.json()["detail"][0]["loc"]
@@ -209,8 +215,8 @@ def test_bad_requests_get_clear_errors(client):
     for body in (b'{"prefix": "\xff\xfe", "suffix": "b"}', b"[" * 20000):  # not UTF-8; nested past the reader
         unread = client.post("/infill", content=body, headers={"content-type": "application/json"})
         assert unread.status_code == 422 and unread.json()["detail"][0]["loc"] == ["body"], unread.text
-    for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: echoed back in the error, safely
-        assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 422
+    for body in (b"\xff", b"\x80abc"):  # not JSON, not UTF-8: refused by its content type, not echoed
+        assert client.post("/infill", content=body, headers={"content-type": "text/plain"}).status_code == 415
     for text in ("", "   "):  # an empty prompt
         empty = client.post("/generate", json={"adapter": "continuation", "text": text})
         assert empty.status_code == 422 and "text" in empty.json()["detail"][0]["loc"], empty.text

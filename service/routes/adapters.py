@@ -4,10 +4,12 @@ from fastapi import APIRouter, Response
 
 from adapters.store import format_ref
 from service.deps import State
+from service.errors import responses
 from service.registry import Entry
+from service.routes.strict import StrictRoute
 from service.schemas import AdapterName, AdapterOut, AdaptersResponse, LoadRequest, Version
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
+router = APIRouter(prefix="/adapters", tags=["adapters"], route_class=StrictRoute)
 
 
 def _out(state: State, entry: Entry) -> AdapterOut:
@@ -24,7 +26,8 @@ async def list_adapters(state: State) -> AdaptersResponse:
     return AdaptersResponse(loaded=[_out(state, e) for e in entries], refused=state.refused)
 
 
-@router.post("", response_model=AdapterOut, status_code=201, responses={200: {"description": "loaded already"}})
+@router.post("", response_model=AdapterOut, status_code=201,
+             responses={200: {"description": "loaded already"}, **responses(404, 409, 413, 415)})
 async def load_adapter(body: LoadRequest, state: State, response: Response) -> AdapterOut:
     """Load a version from the store: checked (checksums, base model), warmed, then routed to if it
     is the newest loaded version of its name; older unpinned versions retire once idle. A version
@@ -37,7 +40,7 @@ async def load_adapter(body: LoadRequest, state: State, response: Response) -> A
     return _out(state, entry)
 
 
-@router.delete("/{name}/{version}")
+@router.delete("/{name}/{version}", responses=responses(404))
 async def unload_adapter(name: AdapterName, version: Version, state: State) -> dict[str, str]:
     """Stop routing to a version and unload it once its in-flight requests have finished."""
     ref = format_ref(name, version)

@@ -12,6 +12,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/health", responses={503: {"description": "the engine stopped: restart the service"}})
+@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD too
 async def health(state: State) -> Any:
     """Alive: the process answers and its engine runs; a crashed engine is a restart's to cure."""
     if not state.engine.alive:
@@ -20,6 +21,7 @@ async def health(state: State) -> Any:
 
 
 @router.get("/ready", responses={503: {"description": "not ready; the body says why"}})
+@router.head("/ready", include_in_schema=False)
 async def ready(state: State) -> Any:
     """Ready to serve: engine up, start-up adapters loaded (or refused, listed), Redis reachable when configured."""
     report = await state.readiness()

@@ -3,9 +3,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.deps import State, serve_samples
+from service.routes.strict import StrictRoute
 from service.schemas import InfillRequest, SamplesResponse
 
-router = APIRouter(tags=["sampling"])
+router = APIRouter(tags=["sampling"], route_class=StrictRoute)
 
 
 @router.post("/infill", response_model=SamplesResponse)

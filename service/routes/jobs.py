@@ -18,10 +18,12 @@ from redis.exceptions import RedisError
 from jobs import ConfigError, JobNotFound, JobQueue, JobStatus, bundled_configs, load
 from jobs.configs import relative_data_paths
 from service.deps import State
-from service.errors import invalid
+from service.errors import invalid, responses
+from service.routes.strict import StrictRoute
 from service.state import ServiceState
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], route_class=StrictRoute,
+                   responses={503: {"description": "Redis unreachable or not configured"}})
 T = TypeVar("T")
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
@@ -51,7 +53,7 @@ def _call(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 @router.post("/jobs", status_code=202, responses={422: {"description": "the config names the bad field"},
-                                                   503: {"description": "Redis unreachable or not configured"}})
+                                                   **responses(413, 415)})
 def submit_job(body: JobSubmit, state: State) -> JobStatus:
     """Validate the config (base config + overrides) and queue it; returns the job with its id."""
     queue = _queue(state)

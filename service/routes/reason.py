@@ -8,9 +8,10 @@ from service.deps import State, check_caps, check_context, check_endpoint, guard
 from service.errors import invalid
 from service.policy import check_max_tokens, gen_request, render
 from service.reasoning import sample_rationales
+from service.routes.strict import StrictRoute
 from service.schemas import ReasonRequest, ReasonResponse
 
-router = APIRouter(tags=["reasoning"])
+router = APIRouter(tags=["reasoning"], route_class=StrictRoute)
 
 
 @router.post("/reason", response_model=ReasonResponse)
