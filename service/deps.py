@@ -50,16 +50,18 @@ def check_caps(settings: Settings, n_field: str, n: int, max_tokens: int | None,
                       max_tokens)
     total = sum(len(text) for text in texts.values())
     if total > settings.max_prompt_chars:
-        raise invalid(_longest(texts), f"the prompt text is {total} characters; at most {settings.max_prompt_chars} "
-                               "(GFN_MAX_PROMPT_CHARS)")
+        longest = _longest(texts)
+        raise invalid(longest, f"the prompt text is {total} characters; at most {settings.max_prompt_chars} "
+                               "(GFN_MAX_PROMPT_CHARS)", texts[longest])
 
 
 def check_context(state: ServiceState, texts: dict[str, str], prompt_tokens: int, sampled_tokens: int) -> None:
     """The prompt and the samples must fit the model's context; the error names the longest text field."""
     limit = state.engine.max_model_len
     if prompt_tokens + sampled_tokens > limit:
-        raise invalid(_longest(texts), f"the prompt is {prompt_tokens} tokens; with {sampled_tokens} more to sample it "
-                               f"exceeds the model's context of {limit} tokens")
+        longest = _longest(texts)
+        raise invalid(longest, f"the prompt is {prompt_tokens} tokens; with {sampled_tokens} more to sample it "
+                               f"exceeds the model's context of {limit} tokens", texts.get(longest))
 
 
 def _longest(texts: dict[str, str]) -> str:
