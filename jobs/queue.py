@@ -33,6 +33,7 @@ from rq.exceptions import AbandonedJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.results import Result
+from rq.utils import now, utcformat
 
 from jobs.validate import validate
 
@@ -173,6 +174,7 @@ class JobQueue:
         if state in (RQStatus.QUEUED, RQStatus.SCHEDULED, RQStatus.DEFERRED):
             try:
                 job.cancel()
+                self.redis.hset(job.key, "ended_at", utcformat(now()))  # RQ leaves a cancelled job unended
                 job.cleanup(KEEP_S)  # kept as long as an ended job, not forever
             except InvalidJobOperation:  # a cancel at the same moment got there first
                 pass

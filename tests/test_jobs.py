@@ -473,7 +473,9 @@ def test_running_job_reports_progress_and_stops_at_a_step_boundary_when_cancelle
 
 def test_queued_job_cancelled_never_runs(workers, queue, demo_model):
     job_id = queue.submit(load("rng", [f"base_model={demo_model}", *SHORT]))
-    assert queue.cancel(job_id).status == "cancelled" and queue.queue.count == 0
+    cancelled = queue.cancel(job_id)
+    assert cancelled.status == "cancelled" and queue.queue.count == 0
+    assert cancelled.ended_at is not None and cancelled.ended_at >= cancelled.enqueued_at  # it had no end
     assert 0 < queue.redis.ttl(Job.key_for(job_id)) <= KEEP_S  # kept as long as an ended job, then gone
     workers.start()
     after = queue.submit(load("rng", ["steps=2", f"base_model={demo_model}", *SHORT]))  # queued behind it
