@@ -129,7 +129,8 @@ def train(
         manifest = trainer.run()
     except (FloatingPointError, OSError, AdapterError) as error:  # a setting too extreme, a full disk
         _fail(f"{error}\nthe run stopped; the same command resumes it from its last checkpoint in {run_dir}")
-    console.print(f"saved {manifest.ref} in {trainer.store.root}: {json.dumps(manifest.metrics)}")
+    # stored now, or by this run before (run again once finished): true either way
+    console.print(f"{manifest.ref} stored in {trainer.store.root}: {json.dumps(manifest.metrics)}")
 
 
 @app.command("eval")

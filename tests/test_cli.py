@@ -99,7 +99,7 @@ def test_train_piped_to_a_log_prints_progress_lines_and_where_it_saved(tmp_path,
                           "--set", f"base_model={demo_model}", "--store", str(store), "--run-dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "rng step 2/2 loss " in run.stdout, run.stdout + run.stderr[-2000:]
-    assert f"saved rng@v1 in {store}: " in run.stdout
+    assert f"rng@v1 stored in {store}: " in run.stdout
 
 
 def test_serve_names_a_missing_base_model_in_one_line_before_starting(tmp_path):
