@@ -392,7 +392,7 @@ def test_a_store_that_takes_no_version_is_refused_before_training(tmp_path, demo
                                   "--store", str(store)], capture_output=True, text=True, cwd=REPO)
     finally:
         store.chmod(0o755)
-    said = " ".join(trained.stdout.split())
+    said = " ".join(trained.stderr.split())
     assert trained.returncode == 2 and f"adapter store {store} is not writable" in said, trained.stdout + trained.stderr
     assert not (tmp_path / "run").exists()
 
