@@ -30,7 +30,7 @@ ERRORS = {
     413: "request body over the cap",
     415: "the body was not sent as JSON (content-type application/json)",
     429: "too many requests in flight; retry after the Retry-After seconds",
-    503: "the engine stopped (restart the service); for /jobs: Redis unreachable or not configured",
+    503: "the engine stopped: restart the service",
     504: "the request did not finish within the timeout",
 }
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, BaseModel, ValidationError
 
 from adapters._fs import sha256_file
+from adapters.unique_json import DuplicateKey, unique_keys
 from jobs.configs import DATA_KEYS
 
 Record = TypeVar("Record", bound=BaseModel)
@@ -38,11 +39,11 @@ def load_jsonl(path: str | Path, record_type: type[Record]) -> list[Record]:
         if not line.strip():
             continue
         try:
-            data = json.loads(line, object_pairs_hook=_unique_keys)
+            data = json.loads(line, object_pairs_hook=unique_keys)
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        except _DuplicateKey as error:
-            raise DataError(f"{path} line {number}: field '{error}' appears twice") from None
+        except DuplicateKey as error:
+            raise DataError(f"{path} line {number}: field '{error.key}' appears twice") from None
         if not isinstance(data, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(data).__name__}")
         try:
@@ -61,20 +62,6 @@ def data_digest(task: Any) -> str | None:
     a path names a run's data only while the file stays as it was."""
     files = [path for key in DATA_KEYS if (path := getattr(task, key, None)) is not None]
     return " ".join(sha256_file(Path(path)) for path in files) or None
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique: json keeps the last of two silently, as configs do not."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen.add(key)
-    return dict(pairs)
 
 
 def split_data(data: str, eval_data: str | None, record_type: type[Record],

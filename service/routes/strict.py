@@ -15,6 +15,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from adapters.unique_json import DuplicateKey, unique_keys
+
 
 class StrictRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -23,19 +25,13 @@ class StrictRoute(APIRoute):
         async def strict(request: Request) -> Response:
             if "json" in request.headers.get("content-type", ""):
                 try:
-                    json.loads(await request.body(), object_pairs_hook=_once)  # the body is kept for FastAPI
+                    json.loads(await request.body(), object_pairs_hook=unique_keys)  # the body is kept for FastAPI
+                except DuplicateKey as error:
+                    raise RequestValidationError([{"type": "value_error", "loc": ("body", error.key), "input": error.value,
+                                                   "msg": f"{error.key!r} is given twice in one object: give each "
+                                                          "field once"}]) from None
                 except (ValueError, RecursionError):  # FastAPI's to report: malformed, not UTF-8, too deep
                     pass
             return await handler(request)
 
         return strict
-
-
-def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body", key), "input": value,
-                                           "msg": f"{key!r} is given twice in one object: give each field once"}])
-        seen[key] = value
-    return seen
