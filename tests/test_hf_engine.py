@@ -124,3 +124,40 @@ def test_an_adapter_peft_refuses_leaves_no_layers_behind(demo_model, tmp_path):
         await engine.stop()
 
     asyncio.run(serve())
+
+
+def test_batches_of_one_adapter_after_another_each_sample_their_own(demo_model, tmp_path):
+    """A batch of one adapter takes peft's single-adapter path, which the engine switches only when
+    the adapter changes: each batch must still run its own adapter, across loads and unloads."""
+    from service.engines.base import GenRequest
+    from service.engines.hf import HFEngine
+
+    tok = load_tokenizer(demo_model)
+    store = AdapterStore(tmp_path / "adapters")
+    fields = task_fields(tok)["rng"]
+    loaded = {name: store.load(name, save_adapter(store, name, demo_model, fields, seed, scale=1.0).version)
+              for seed, name in enumerate(["a", "b", "c"])}
+    prompt = tok("The dog", add_special_tokens=False)["input_ids"]
+    order = ["a@v1", "b@v1", "a@v1", None, "a@v1", "-a@v1", "b@v1", "+c@v1", "c@v1", "b@v1"]  # -/+: unload/load
+
+    async def serve() -> list[tuple[str | None, object]]:
+        engine = HFEngine(demo_model, tok.pad_token_id, threads=1)
+        await engine.start()
+        for name in ("a", "b"):
+            await engine.add_adapter(loaded[name])
+        results = []
+        for seed, ref in enumerate(order):
+            if ref is not None and ref[0] in "-+":
+                await (engine.remove_adapter(ref[1:]) if ref[0] == "-" else engine.add_adapter(loaded[ref[1]]))
+                continue
+            request = GenRequest(prompt, ref, tok.eos_token_id, max_tokens=8, n=2, seed=seed)
+            results += [(ref, sample) for sample in (await engine.generate([request]))[0].samples]
+        await engine.stop()
+        return results
+
+    models = {f"{name}@v1": peft.PeftModel.from_pretrained(load_causal_lm(demo_model), item.path).eval()
+              for name, item in loaded.items()}
+    models[None] = load_causal_lm(demo_model).eval()
+    for ref, sample in asyncio.run(serve()):
+        expected = policy_log_q(models[ref], prompt, sample.token_ids, sample.stopped, tok.eos_token_id)
+        assert sample.log_q == pytest.approx(expected, rel=1e-3), ref

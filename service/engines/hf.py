@@ -101,9 +101,8 @@ class _Slab(DynamicLayer):
     """One layer's keys and values for the rows of a batch, with spare columns.
 
     A decoding step writes its column in place where a DynamicLayer copies the whole cache
-    (torch.cat: half of a step at 256 rows). Attention reads the whole slab and the columns not
-    written yet are masked out (get_mask_sizes, as transformers' StaticLayer). Rows are
-    aligned at their last column: a shorter cache joins left-padded (masked out too)."""
+    (torch.cat: half of a step at 256 rows); attention reads the columns written so far (a view).
+    Rows are aligned at their last column: a shorter cache joins left-padded (masked out)."""
 
     GROW = 32
 
@@ -111,7 +110,7 @@ class _Slab(DynamicLayer):
         super().__init__()
         self.is_initialized = True
         self.used = keys.shape[2]
-        self.keys, self.values = (_aligned([t[rows]], self.used, self.GROW) for t in (keys, values))
+        self.keys, self.values = (_aligned([(t, rows)], self.used, self.GROW) for t in (keys, values))
 
     def _width(self, new: int) -> int:
         """The slab's width once ``new`` columns are written: the same while they fit."""
@@ -122,29 +121,26 @@ class _Slab(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         new, width = key_states.shape[2], self._width(key_states.shape[2])
         if width != self.keys.shape[2]:
-            self.keys, self.values = (_aligned([t[:, :, :self.used]], self.used, width - self.used)
+            self.keys, self.values = (_aligned([(t[:, :, :self.used], None)], self.used, width - self.used)
                                       for t in (self.keys, self.values))
         self.keys[:, :, self.used:self.used + new] = key_states
         self.values[:, :, self.used:self.used + new] = value_states
         self.used += new
-        return self.keys, self.values
+        return self.keys[:, :, :self.used], self.values[:, :, :self.used]
 
     def get_seq_length(self) -> int:
         return self.used
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._width(query_length), 0
-
     def stack(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
         """Add ``rows`` of another cache below these; the narrower side is left-padded."""
         width = max(self.used, keys.shape[2])
-        self.keys, self.values = (_aligned([mine[:, :, :self.used], theirs[rows]], width, self.GROW)
+        self.keys, self.values = (_aligned([(mine[:, :, :self.used], None), (theirs, rows)], width, self.GROW)
                                   for mine, theirs in ((self.keys, keys), (self.values, values)))
         self.used = width
 
     def select(self, rows: torch.Tensor, start: int) -> None:
         """Keep these rows, from column ``start`` on."""
-        self.keys, self.values = self.keys[rows, :, start:], self.values[rows, :, start:]
+        self.keys, self.values = (torch.index_select(t[:, :, start:], 0, rows) for t in (self.keys, self.values))
         self.used -= start
 
 
@@ -196,6 +192,7 @@ class HFEngine(Engine):
         self.batch_max_size, self.batch_wait_s, self.on_batch = batch_max_size, batch_wait_ms / 1000, on_batch
         self.model: Any = None
         self.peft: peft.PeftModel | None = None  # wraps self.model once an adapter is loaded
+        self._active: str | None = None  # peft's active adapter as last set here; None: unknown
         self._inbox: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._held: deque[_Work] = deque()  # taken from the inbox, waiting for room in the batch
         self._batch = _Batch()
@@ -344,7 +341,7 @@ class HFEngine(Engine):
         self.max_model_len = self.model.config.max_position_embeddings
 
     def _load(self, adapter: LoadedAdapter) -> None:
-        ref = adapter.manifest.ref
+        ref, self._active = adapter.manifest.ref, None
         try:
             if self.peft is None:
                 self.peft = peft.PeftModel.from_pretrained(self.model, str(adapter.path), adapter_name=_peft_name(ref),
@@ -370,6 +367,7 @@ class HFEngine(Engine):
 
     def _unload(self, ref: str) -> None:
         assert self.peft is not None
+        self._active = None
         if list(self.peft.peft_config) == [_peft_name(ref)]:  # peft cannot run with no adapter left: take the base back
             self.model, self.peft = self.peft.unload(), None
         else:
@@ -384,7 +382,9 @@ class HFEngine(Engine):
         if adapters[0] == BASE_ROW:
             with self.peft.disable_adapter():
                 return self.peft(**inputs)
-        self.peft.set_adapter(adapters[0])
+        if self._active != adapters[0]:  # set_adapter walks every module: 1.7 ms on the demo model
+            self.peft.set_adapter(adapters[0])
+            self._active = adapters[0]
         return self.peft(**inputs)
 
     def _bias(self, req: GenRequest) -> torch.Tensor:
@@ -520,13 +520,21 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
-def _aligned(parts: list[torch.Tensor], width: int, room: int) -> torch.Tensor:
-    """Caches [rows, heads, length, dim] stacked by rows into one new tensor of ``width + room``
-    columns, each right-aligned at column ``width``; zeros elsewhere (masked out, and finite)."""
-    first = parts[0]
-    out = first.new_zeros(sum(p.shape[0] for p in parts), first.shape[1], width + room, first.shape[3])
+def _aligned(parts: list[tuple[torch.Tensor, torch.Tensor | None]], width: int, room: int) -> torch.Tensor:
+    """Caches [rows, heads, length, dim] (each part: those ``rows`` of it, or all) stacked into one
+    new tensor of ``width + room`` columns, each right-aligned at column ``width``. Zeros before
+    (masked out, but read: they must be finite); the ``room`` after is left unset, as nothing reads
+    a column before it is written. index_select writes in place (t[rows] would copy twice, slower)."""
+    first = parts[0][0]
+    heights = [len(rows) if rows is not None else part.shape[0] for part, rows in parts]
+    out = first.new_empty(sum(heights), first.shape[1], width + room, first.shape[3])
     row = 0
-    for part in parts:
-        out[row:row + part.shape[0], :, width - part.shape[2]:width] = part
-        row += part.shape[0]
+    for (part, rows), height in zip(parts, heights):
+        block, pad = out[row:row + height], width - part.shape[2]
+        block[:, :, :pad] = 0
+        if rows is None:
+            block[:, :, pad:width] = part
+        else:
+            torch.index_select(part, 0, rows, out=block[:, :, pad:width])
+        row += height
     return out
