@@ -127,8 +127,9 @@ def test_an_adapter_peft_refuses_leaves_no_layers_behind(demo_model, tmp_path):
 
 
 def test_batches_of_one_adapter_after_another_each_sample_their_own(demo_model, tmp_path):
-    """A batch of one adapter takes peft's single-adapter path, which the engine switches only when
-    the adapter changes: each batch must still run its own adapter, across loads and unloads."""
+    """A batch of one adapter (or of the base model alone) takes peft's single-adapter path, which
+    the engine switches only when the batch's adapter changes: each batch must still run its own
+    adapter, mixed batches each row's, across loads and unloads."""
     from service.engines.base import GenRequest
     from service.engines.hf import HFEngine
 
@@ -138,7 +139,9 @@ def test_batches_of_one_adapter_after_another_each_sample_their_own(demo_model, 
     loaded = {name: store.load(name, save_adapter(store, name, demo_model, fields, seed, scale=1.0).version)
               for seed, name in enumerate(["a", "b", "c"])}
     prompt = tok("The dog", add_special_tokens=False)["input_ids"]
-    order = ["a@v1", "b@v1", "a@v1", None, "a@v1", "-a@v1", "b@v1", "+c@v1", "c@v1", "b@v1"]  # -/+: unload/load
+    # -/+: unload/load; a tuple: one batch mixing those adapters
+    order = ["a@v1", "b@v1", "a@v1", None, "a@v1", None, ("b@v1", None), None, "-a@v1", "b@v1", "+c@v1", "c@v1",
+             ("c@v1", "b@v1"), "b@v1"]
 
     async def serve() -> list[tuple[str | None, object]]:
         engine = HFEngine(demo_model, tok.pad_token_id, threads=1)
@@ -146,12 +149,14 @@ def test_batches_of_one_adapter_after_another_each_sample_their_own(demo_model, 
         for name in ("a", "b"):
             await engine.add_adapter(loaded[name])
         results = []
-        for seed, ref in enumerate(order):
-            if ref is not None and ref[0] in "-+":
-                await (engine.remove_adapter(ref[1:]) if ref[0] == "-" else engine.add_adapter(loaded[ref[1]]))
+        for seed, step in enumerate(order):
+            if isinstance(step, str) and step[0] in "-+":
+                await (engine.remove_adapter(step[1:]) if step[0] == "-" else engine.add_adapter(loaded[step[1]]))
                 continue
-            request = GenRequest(prompt, ref, tok.eos_token_id, max_tokens=8, n=2, seed=seed)
-            results += [(ref, sample) for sample in (await engine.generate([request]))[0].samples]
+            refs = step if isinstance(step, tuple) else (step,)
+            requests = [GenRequest(prompt, ref, tok.eos_token_id, max_tokens=8, n=2, seed=seed) for ref in refs]
+            for ref, result in zip(refs, await engine.generate(requests)):
+                results += [(ref, sample) for sample in result.samples]
         await engine.stop()
         return results
 
