@@ -28,7 +28,6 @@ import signal
 import threading
 import time
 
-from prometheus_client import start_http_server
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
@@ -37,7 +36,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.worker import SpawnWorker
 
-from jobs.metrics import WorkerMetrics
+from jobs.metrics import WorkerMetrics, serve_metrics
 from jobs.queue import QUEUE, AnotherAttempt, Interrupted, JobQueue, JobRefused, cancel_deadline
 
 MONITOR_S = 5  # the worker looks at its job's process (and heartbeats) this often
@@ -162,7 +161,7 @@ def run(redis_url: str, metrics_port: int = 0) -> None:
     redis = Redis.from_url(redis_url)
     metrics = WorkerMetrics(JobQueue(redis))
     if metrics_port:
-        start_http_server(metrics_port, registry=metrics.registry)
+        serve_metrics(metrics.registry, metrics_port)
     while True:
         worker = None
         try:  # RQ's worker reads Redis as it is made, starts and ends: Redis may be away at each

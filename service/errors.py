@@ -57,6 +57,10 @@ class ClientDisconnected(Exception):
     """The client went away before its answer was ready (logged and counted as status 499)."""
 
 
+CLIENT_CLOSED = 499
+"""The status a request is counted under when its client went away before the answer (nginx's)."""
+
+
 def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
     """A 422 naming a body field, in FastAPI's own format, for checks that need the settings or an adapter."""
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
@@ -71,7 +75,7 @@ _STATUS: dict[type[Exception], int] = {
     AdapterRefused: 409,
     EngineStopped: 503,
     TimeoutError: 504,
-    ClientDisconnected: 499,
+    ClientDisconnected: CLIENT_CLOSED,
 }
 
 

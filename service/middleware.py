@@ -14,6 +14,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import CLIENT_CLOSED
 from service.logs import request_id
 from service.metrics import Metrics
 
@@ -54,6 +55,7 @@ class RequestContext:
                 raise
             await _send_json(send_with_id, 500, {"detail": f"internal error; the service log has it under request id {rid}"})
         finally:
+            status = status or CLIENT_CLOSED  # nothing answered: the client left while sending its body (BodyLimit)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")

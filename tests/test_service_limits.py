@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,6 +101,19 @@ def test_a_client_that_goes_away_is_dropped_and_its_request_leaves_the_engine(sl
         time.sleep(0.05)
     assert _metric(slow, "gfn:requests_total", status="499") == before + 1
     _assert_aborted(slow, steps)
+
+
+def test_a_client_that_goes_away_while_sending_its_body_is_counted_as_gone(slow):
+    """BodyLimit returns without an answer then: the request was counted under status "0"."""
+    before = _metric(slow, "gfn:requests_total", endpoint="/infill", status="499")
+    host, port = slow.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prefix\"")
+        time.sleep(0.3)
+    wait_until(lambda: _metric(slow, "gfn:requests_total", endpoint="/infill", status="499") == before + 1, 10,
+               "the request counted as gone")
+    assert _metric(slow, "gfn:requests_total", status="0") == 0
 
 
 class Lines(logging.Handler):
