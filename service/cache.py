@@ -5,7 +5,8 @@ appends what is missing, but only onto the pool it saw: two requests that both f
 short sample the same seeds, and only the first one's rationales join it. The key holds the
 adapter version and its weights' sha256, so versions (and stores sharing one Redis) never mix.
 Pools live in Redis (a list per key, with an expiry) when a URL is configured, so that service
-processes share them, else in a bounded in-process LRU. A failing Redis never fails a request: the
+processes share them, else in an in-process LRU bounded by the rationales it holds (a bound on
+questions let seeded pools of 64 grow it to 600 MiB). A failing Redis never fails a request: the
 cache is bypassed, counted in ``gfn:cache_errors_total``, and used again once Redis answers. A pool
 that does not read as rationales (written by another release, or by hand) is dropped the same way,
 and drawn anew.
@@ -45,6 +46,7 @@ class RationaleCache:
                  ttl_s: int = 7 * 24 * 3600):
         self.metrics, self.size, self.max_pool, self.ttl_s = metrics, size, max_pool, ttl_s
         self._memory: OrderedDict[str, list[Rationale]] = OrderedDict()
+        self._held = 0  # rationales in _memory: at most `size`
         self._redis = (aioredis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S,
                                                socket_connect_timeout=REDIS_TIMEOUT_S) if redis_url else None)
         self._append = self._redis.register_script(_APPEND) if self._redis else None
@@ -86,10 +88,11 @@ class RationaleCache:
         if self._redis is None:
             pool = self._memory.get(key, [])
             if len(pool) == after:
-                self._memory[key] = (pool + items)[: self.max_pool]
+                self._memory[key] = grown = (pool + items)[: self.max_pool]
                 self._memory.move_to_end(key)
-                while len(self._memory) > self.size:
-                    self._memory.popitem(last=False)
+                self._held += len(grown) - len(pool)
+                while self._held > self.size:  # the least recently used pools go first, this one last
+                    self._held -= len(self._memory.popitem(last=False)[1])
             return
         try:
             await self._append(keys=[key], args=[after, self.max_pool, self.ttl_s, *(r.model_dump_json() for r in items)])

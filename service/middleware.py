@@ -38,24 +38,31 @@ class RequestContext:
         token = request_id.set(rid)
         started = time.perf_counter()
         scope.setdefault("state", {})["started"] = started
-        status = 0
+        status, gone = 0, False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, gone
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
+            try:
+                await send(message)
+            except Exception:
+                gone = True  # the connection is closed
+                raise
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("request failed")
-            if status:  # the response had started: nothing more can be sent
-                raise
-            await _send_json(send_with_id, 500, {"detail": f"internal error; the service log has it under request id {rid}"})
+            if gone:  # a request pipelined behind another on a connection since closed: uvicorn does not tell it
+                log.info("client went away before its answer", extra={"status": status})
+            else:
+                log.exception("request failed")
+                if status:  # the response had started: nothing more can be sent
+                    raise
+                await _send_json(send_with_id, 500, {"detail": f"internal error; the service log has it under request id {rid}"})
         finally:
-            status = status or CLIENT_CLOSED  # nothing answered: the client left while sending its body (BodyLimit)
+            status = CLIENT_CLOSED if gone or not status else status  # not status: it left while sending its body (BodyLimit)
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or (scope["path"] if scope["path"] in self.paths else "other")

@@ -92,8 +92,9 @@ class Registry:
                 entry.idle.set()
 
     # ------------------------------------------------------------------ loading
-    async def load(self, name: str, version: int | None = None, pin: bool | None = None) -> Entry:
-        """Check, load, warm, then route; raises AdapterError or AdapterRefused (nothing changes then).
+    async def load(self, name: str, version: int | None = None, pin: bool | None = None) -> tuple[Entry, bool]:
+        """Check, load, warm, then route: the entry, and whether this call loaded it (not a call before,
+        nor one running beside it); raises AdapterError or AdapterRefused (nothing changes then).
         ``pin`` True or False sets the version's pin (unpinned, a version its name no longer routes to
         retires once idle); None leaves a loaded version's as it is and loads a new one unpinned."""
         async with self._lock:
@@ -109,7 +110,7 @@ class Registry:
                     entry.pinned = pin
                     if not pin and self.routed(manifest.name) is not entry:
                         self._retire_soon(entry)
-                return entry
+                return entry, False
             await self.engine.add_adapter(adapter)
             try:
                 await self._warm(manifest)
@@ -124,7 +125,7 @@ class Registry:
             self.metrics.adapter_load.observe(time.perf_counter() - started)
         if previous is not None and not previous.pinned and previous.manifest.version < manifest.version:
             self._retire_soon(previous)
-        return entry
+        return entry, True
 
     def _retire_soon(self, entry: Entry) -> None:
         """Retire a version in the background: it leaves once its in-flight requests have finished."""

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         "read the prompt again")
 
     # rationale cache
-    cache_size: PositiveInt = Field(4096, description="in-process cache: questions kept")
+    cache_size: PositiveInt = Field(16384, description="in-process cache: rationales kept (a few KiB each)")
     cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, le=10 * 365 * 24 * 3600,
                                      description="Redis cache: expiry of a question's pool (Redis refuses years more)")
 

@@ -40,6 +40,21 @@ def test_a_pool_grows_only_from_what_was_seen(backend, request):
     assert asyncio.run(scenario()) == ["a0", "a1", "a2", "d0", "d1"]
 
 
+def test_the_in_process_cache_is_bounded_by_the_rationales_it_holds():
+    """It was bounded by questions: seeded pools of 64 rationales grew it to 600 MiB."""
+
+    async def scenario() -> list[int]:
+        cache = RationaleCache(Metrics(), size=10, max_pool=8)
+        await cache.add("a", _rationales("a", 4), after=0)
+        await cache.add("b", _rationales("b", 4), after=0)
+        await cache.take("a", 1, "x")  # a is used again: b is now the least recent
+        await cache.add("a", _rationales("a", 4), after=4)  # a grows to 8 (its cap): 12 held, b leaves
+        await cache.add("c", _rationales("c", 2), after=0)  # 10 held: all stay
+        return [len(await cache.take(key, 10, "x")) for key in "abc"]
+
+    assert asyncio.run(scenario()) == [8, 0, 2]
+
+
 @pytest.mark.parametrize("damage", ["an older format", "not a list"])
 def test_a_pool_that_does_not_read_as_rationales_is_drawn_anew(redis_server, damage):
     """An entry another release (or a hand) wrote must not fail every request for its question; a

@@ -595,6 +595,10 @@ def test_a_pinned_version_keeps_serving_beside_a_newer_one(hf, store, demo_model
         assert unpinned.status_code == 200 and not unpinned.json()["pinned"], unpinned.text
         wait_until(lambda: "rng7@v1" not in {a["ref"] for a in client.get("/adapters").json()["loaded"]}, 30,
                    "the unpinned older version to retire")
+        body = {"name": "rng7", "version": save_adapter(store, "rng7", demo_model, fields, seed=9).version}
+        with ThreadPoolExecutor(2) as pool:  # both answered 201: each had seen it unloaded before its load
+            assert sorted(r.status_code for r in pool.map(lambda _: client.post("/adapters", json=body), range(2))) \
+                == [200, 201]
 
 
 def test_a_special_token_added_to_a_tokenizer_is_refused_in_client_text(demo_model):

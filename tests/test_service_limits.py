@@ -116,6 +116,33 @@ def test_a_client_that_goes_away_while_sending_its_body_is_counted_as_gone(slow)
     assert _metric(slow, "gfn:requests_total", status="0") == 0
 
 
+def test_an_answer_the_closed_connection_cannot_take_is_counted_as_gone_not_as_a_crash(caplog):
+    """uvicorn does not tell a request pipelined behind another that its connection closed: writing
+    its answer raises. It was logged as an internal error (with uvicorn's traceback) and counted 200."""
+    import asyncio
+
+    from service.metrics import Metrics
+    from service.middleware import RequestContext
+
+    async def answer(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def closed(message) -> None:
+        if message["type"] == "http.response.body":
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    metrics = Metrics()
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": []}
+    with caplog.at_level(logging.INFO, logger="gfn.service.access"):
+        asyncio.run(RequestContext(answer, metrics, frozenset({"/health"}))(scope, receive, closed))
+    assert metrics.requests.labels("/health", "", "499")._value.get() == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

@@ -32,10 +32,9 @@ async def load_adapter(body: LoadRequest, state: State, response: Response) -> A
     """Load a version from the store: checked (checksums, base model), warmed, then routed to if it
     is the newest loaded version of its name; older unpinned versions retire once idle. A version
     loaded already answers 200 (with its pin set, where `pin` is given)."""
-    loaded = set(state.registry.entries)
-    entry = await state.registry.load(body.name, body.version, body.pin)
+    entry, added = await state.registry.load(body.name, body.version, body.pin)
     state.refused.pop(entry.manifest.ref, None)
-    if entry.manifest.ref in loaded:
+    if not added:
         response.status_code = 200
     return _out(state, entry)
 
