@@ -72,7 +72,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "yes" if self.persist else "no"],
+             "--save", "", "--appendonly", "yes" if self.persist else "no",
+             # as compose's: past 1 GB, the rationale pools (keys with an expiry) go, least used first; jobs stay
+             "--maxmemory", "1gb", "--maxmemory-policy", "volatile-lru"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C in the terminal must not stop it before the worker hands its job back
         )
