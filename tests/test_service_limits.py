@@ -3,6 +3,7 @@ client disconnect, corrupt and mismatched adapters, and the rationale cache in a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -21,6 +22,8 @@ from adapters.models import load_tokenizer
 from adapters.store import AdapterStore
 from service.app import create_app
 from service.logs import JsonFormatter
+from service.metrics import Metrics
+from service.middleware import RequestContext
 from service.settings import Settings
 
 INFILL = {"prefix": "Tom went to the market.", "suffix": "He ate it on the way home."}
@@ -119,10 +122,6 @@ def test_a_client_that_goes_away_while_sending_its_body_is_counted_as_gone(slow)
 def test_an_answer_the_closed_connection_cannot_take_is_counted_as_gone_not_as_a_crash(caplog):
     """uvicorn does not tell a request pipelined behind another that its connection closed: writing
     its answer raises. It was logged as an internal error (with uvicorn's traceback) and counted 200."""
-    import asyncio
-
-    from service.metrics import Metrics
-    from service.middleware import RequestContext
 
     async def answer(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
