@@ -13,7 +13,8 @@ from adapters.models import load_causal_lm, load_tokenizer
 from trainer.decoding import beam_search, nucleus
 from trainer.jsonl import DataError, load_jsonl
 from trainer.metrics import pairwise_diversity
-from trainer.rollout import Rollout
+from trainer.policy import policy_log_probs
+from trainer.rollout import Rollout, sequence_log_prob
 from trainer.scoring import Scorer
 from trainer.tasks.continuation import ContinuationConfig, ContinuationRecord, ContinuationTask
 
@@ -78,8 +79,11 @@ def test_beam_search_finds_likelier_sentences_and_diverse_beams_differ(world) ->
     prompt = task.prompt(task.eval_records[0]).ids
     beams = beam_search(model, spec, prompt, pad, beams=4)
     assert len(beams) == 4 and len({tuple(b) for b in beams}) == 4
+    rollout = Rollout.teacher_forced([prompt] * 4, beams, pad)
+    with torch.no_grad():
+        masked = sequence_log_prob(*policy_log_probs(model, spec, rollout.prompts, rollout.tokens, pad), rollout)
+    assert (masked[:-1] >= masked[1:] - 1e-4).all()  # best first, by the masked policy's log-probability
     loglik = scorer.continuation([prompt] * 4, [b + [task.terminator_id] for b in beams])
-    assert (loglik[:-1] >= loglik[1:] - 1e-4).all()  # best first
     sampled = nucleus(model, spec, [prompt] * 8, pad, top_p=0.95, seed=0)
     assert all(len(z) <= spec.max_len and task.terminator_id not in z for z in sampled)
     assert sampled == nucleus(model, spec, [prompt] * 8, pad, top_p=0.95, seed=0)

@@ -152,6 +152,19 @@ def test_matches_brute_force(lam: float, use_forced: bool) -> None:
         torch.testing.assert_close(f, torch.zeros_like(f) if s is None else s)
 
 
+@pytest.mark.parametrize("lam, max_len", [(16.0, 48), (4.0, 80), (0.05, 48)])
+def test_long_samples_at_a_large_or_small_lambda_stay_finite(lam: float, max_len: int) -> None:
+    """lam ** (j - i - 1) overflowed float32 past 32 tokens at lam = 16 (a config the checks
+    accept): the loss was NaN at the first long sample. Float64 stands in for the definition."""
+    log_r, log_pf, log_pterm, lengths, _ = random_batch([max_len, 3, 0, max_len // 2], max_len, seed=3)
+    as32 = [t.detach().float().requires_grad_() for t in (log_r, log_pf, log_pterm)]
+    loss = subtb_loss(*as32, lengths, lam=lam)
+    grads = torch.autograd.grad(loss, as32)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    exact = subtb_loss(log_r, log_pf, log_pterm, lengths, lam=lam)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-4)
+
+
 def test_padding_and_ignored_entries_do_not_matter() -> None:
     clean = random_batch([0, 6, 3, 1, 4], 6, seed=2)
     lengths, forced = clean[3], clean[4]

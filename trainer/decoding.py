@@ -1,6 +1,7 @@
 """Decoders the benchmarks compare the GFlowNet with: nucleus sampling and (diverse) beam
 search, under a policy's masks, terminator and length limits (PolicySpec), so that every
-method draws from the same space of latents.
+method draws from the same space of latents. They take no word bias and no stop_after rule:
+the continuation bench, their user, has neither.
 
 transformers 5 moved group (diverse) beam search out of the library into a hub repository,
 which these machines cannot reach; beam search here is small and handles both.
@@ -66,7 +67,7 @@ def beam_search(model: torch.nn.Module, spec: PolicySpec, prompt: list[int], pad
             break
         tokens = torch.tensor([t for _, t, _ in rows], dtype=torch.long).view(len(rows), step)
         logits = state_logits(model, [prompt] * len(rows), tokens, pad_id)[:, -1]
-        scores = torch.log_softmax(logits, -1) + spec.bias(logits.shape[-1], logits.device)[step]
+        scores = torch.log_softmax(logits + spec.bias(logits.shape[-1], logits.device)[step], -1)  # masked, renormalised
         scores += torch.tensor([s for _, _, s in rows], device=logits.device)[:, None]
         chosen: Counter[int] = Counter()
         for g in range(groups):

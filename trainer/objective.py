@@ -20,6 +20,8 @@ Their logR and logT cancel from the residuals of the remaining pairs, so they ar
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,7 +85,11 @@ def subtb_loss(
 
     span = pos[None, :] - pos[:, None]  # [i, j] = j - i
     pairs = (span > 0) & stoppable[:, :, None] & stoppable[:, None, :]  # i < j, both endpoints
-    weight = torch.where(pairs, torch.pow(lam, (span - 1).clamp(min=0).to(dtype)), 0.0)
+    # lam ** (j - i - 1), each sample's scaled by its largest: a sample's loss is a ratio of
+    # weighted sums, so the scale cancels, and unscaled, 16 ** 32 overflows float32 (NaN losses).
+    log_w = torch.where(pairs, (span - 1).clamp(min=0).to(dtype) * math.log(lam), -torch.inf)
+    top = log_w.amax(dim=(1, 2), keepdim=True)
+    weight = torch.where(pairs, (log_w - torch.where(top.isfinite(), top, 0.0)).exp(), 0.0)
 
     weight_sum = weight.sum(dim=(1, 2))
     per_sample = (weight * resid.square()).sum(dim=(1, 2)) / weight_sum.clamp(
