@@ -105,7 +105,7 @@ def train(
     from jobs.validate import load
 
     try:  # the check `gfn jobs submit` makes: the same messages, before torch loads
-        load(config, set_ or [])
+        data = load(config, set_ or [])  # the config with its overrides, data paths resolved
     except ConfigError as error:
         _fail("\n".join(error.errors))
     from pydantic import ValidationError
@@ -115,7 +115,7 @@ def train(
     from trainer.loop import RunInUse, Trainer
 
     try:
-        cfg = load_config(config, set_ or [])
+        cfg = load_config(data)
     except ValidationError as error:
         _fail("\n".join(config_errors(error)))
     except (ValueError, FileNotFoundError) as error:

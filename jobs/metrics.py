@@ -65,7 +65,7 @@ class WorkerMetrics(Collector):
         yield from families.values()
 
 
-def serve_metrics(registry: CollectorRegistry, port: int) -> ThreadingHTTPServer:
+def serve_metrics(registry: CollectorRegistry, port: int) -> None:
     """Serve ``registry`` on ``port`` (any path) from a daemon thread, always in Prometheus' text
     format, as the service's /metrics. prometheus_client's own server answers a Prometheus scrape
     in OpenMetrics with escaping=underscores, which renames every `gfn:x` sample `gfn_x`: no
@@ -86,4 +86,3 @@ def serve_metrics(registry: CollectorRegistry, port: int) -> ThreadingHTTPServer
     server = ThreadingHTTPServer(("", port), Metrics)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server

@@ -7,11 +7,12 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import State
+from service.errors import responses
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", responses={503: {"description": "the engine stopped: restart the service"}})
+@router.get("/health", responses=responses(503))
 @router.head("/health", include_in_schema=False)  # load balancers probe with HEAD too
 async def health(state: State) -> Any:
     """Alive: the process answers and its engine runs; a crashed engine is a restart's to cure."""

@@ -12,10 +12,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from adapters.unique_json import DuplicateKey, unique_keys
+from service.errors import invalid
 
 
 class StrictRoute(APIRoute):
@@ -27,9 +27,8 @@ class StrictRoute(APIRoute):
                 try:
                     json.loads(await request.body(), object_pairs_hook=unique_keys)  # the body is kept for FastAPI
                 except DuplicateKey as error:
-                    raise RequestValidationError([{"type": "value_error", "loc": ("body", error.key), "input": error.value,
-                                                   "msg": f"{error.key!r} is given twice in one object: give each "
-                                                          "field once"}]) from None
+                    raise invalid(error.key, f"{error.key!r} is given twice in one object: give each field once",
+                                  error.value) from None
                 except (ValueError, RecursionError):  # FastAPI's to report: malformed, not UTF-8, too deep
                     pass
             return await handler(request)
