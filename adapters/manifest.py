@@ -118,11 +118,17 @@ class LoraSpec(_Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+Dtype = Literal["float32", "bfloat16", "float16"]
+"""The dtype a base model's weights and activations run in; a LoRA's own weights stay float32."""
+
+
 class BaseModelRef(_Strict):
     """The base model the adapter was trained on: ``fingerprint`` is checked, ``path`` a hint."""
 
     path: str
     fingerprint: str
+    dtype: Dtype = Field("float32", description="the dtype training ran the base model in; served in another, "
+                                                "its log-probs differ from training's by that dtype's rounding")
     tokenizer: str | None = Field(None, description="adapters.models.tokenizer_digest of its tokenizer; checked "
                                                     "where recorded (manifests from before it have none)")
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.manifest import LoraSpec
+from adapters.manifest import Dtype, LoraSpec
 
 if TYPE_CHECKING:
     import peft
@@ -137,10 +137,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0)}
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_causal_lm(path: str | Path, dtype: Dtype = "float32") -> PreTrainedModel:
     """Causal LM in eval mode: dropout off, so sampling and scoring are deterministic given a seed."""
     with _naming(path):
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
 
 
 def attach_lora(model: PreTrainedModel, spec: LoraSpec) -> peft.PeftModel:

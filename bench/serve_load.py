@@ -89,11 +89,11 @@ def free_port() -> int:
 class Service:
     """``gfn serve`` in a child process; its logs go to a file shown when it fails."""
 
-    def __init__(self, engine: str, store: AdapterStore, model_dir: Path, adapter: str, concurrency: int):
+    def __init__(self, engine: str, store: AdapterStore, model_dir: Path, adapter: str, concurrency: int, dtype: str):
         self.port, self.logs = free_port(), tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         env = {**os.environ, "GFN_ENGINE": engine, "GFN_STORE": str(store.root), "GFN_BASE_MODEL": str(model_dir),
                "GFN_ADAPTERS": json.dumps([adapter]), "GFN_PORT": str(self.port), "GFN_LOG_LEVEL": "warning",
-               "GFN_MAX_IN_FLIGHT": str(max(256, 2 * concurrency))}
+               "GFN_MAX_IN_FLIGHT": str(max(256, 2 * concurrency)), "GFN_DTYPE": dtype}
         env.setdefault("GFN_TORCH_THREADS", "1")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.process = subprocess.Popen([sys.executable, "-m", "gfn.cli", "serve"], cwd=ROOT, env=env,
@@ -166,7 +166,7 @@ async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path:
 
 
 async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: str, warm: list[dict],
-              bodies: list[dict]) -> float:
+              bodies: list[dict], dtype: str) -> float:
     """Requests per second of the same work handed to the engine directly, all at once (the
     largest batches it can make: a limit no number of clients beats), after the same warm-up."""
     from adapters.models import context_ids, load_tokenizer, pad_id
@@ -179,7 +179,7 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
     name, version = adapter.split("@v")
     loaded = store.load(name, int(version))
     manifest = loaded.manifest
-    engine = await start_engine(settings, model_dir, pad_id(tokenizer), tokenizer.eos_token_id, [manifest.lora])
+    engine = await start_engine(settings, model_dir, pad_id(tokenizer), tokenizer.eos_token_id, [manifest.lora], dtype)
     await engine.add_adapter(loaded)
     def request(body: dict):
         text = render(manifest, {"prefix": body["prefix"], "suffix": body["suffix"]})
@@ -196,11 +196,11 @@ async def raw(engine_name: str, store: AdapterStore, model_dir: Path, adapter: s
 
 
 def measure(engine: str, store: AdapterStore, model_dir: Path, adapter: str, bodies: list[dict],
-            concurrency: int, sequential: int) -> dict:
+            concurrency: int, sequential: int, dtype: str) -> dict:
     """`bodies`: warm-up (`concurrency`), then sequential (`sequential`), then the measured ones."""
     warm, one_at_a_time, measured = (bodies[:concurrency], bodies[concurrency:concurrency + sequential],
                                      bodies[concurrency + sequential:])
-    service = Service(engine, store, model_dir, adapter, concurrency)
+    service = Service(engine, store, model_dir, adapter, concurrency, dtype)
     try:
         log(f"{engine}: starting the service")
         service.wait_ready()
@@ -212,7 +212,7 @@ def measure(engine: str, store: AdapterStore, model_dir: Path, adapter: str, bod
     finally:
         service.stop()
     log(f"{engine}: the same requests on the engine directly")
-    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, warm, measured))
+    raw_rps = asyncio.run(raw(engine, store, model_dir, adapter, warm, measured, dtype))
     return {"throughput_rps": round(loaded["rps"], 2), "p50_ms": loaded["p50_ms"], "p99_ms": loaded["p99_ms"],
             "errors": loaded["errors"] + one_by_one["errors"], "raw_rps": round(raw_rps, 2),
             "sequential_rps": round(one_by_one["rps"], 2)}
@@ -226,17 +226,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sequential", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=10, help="when no infill adapter is stored")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the base model's, in both engines (GFN_DTYPE)")
     args = parser.parse_args()
 
     model_dir = build(quiet=True)
     store, manifest = infill_adapter(args.train_steps)
     bodies = workload(args.concurrency + args.sequential + args.requests, args.n, manifest.name)
-    engines = {engine: measure(engine, store, model_dir, manifest.ref, bodies, args.concurrency, args.sequential)
-               for engine in args.engines}
+    engines = {engine: measure(engine, store, model_dir, manifest.ref, bodies, args.concurrency, args.sequential,
+                               args.dtype) for engine in args.engines}
     goals = {engine: {"throughput_vs_raw": r["throughput_rps"] >= 0.8 * r["raw_rps"],
                       "throughput_vs_sequential": r["throughput_rps"] >= 5 * r["sequential_rps"],
                       "no_errors": r["errors"] == 0} for engine, r in engines.items()}
-    print(json.dumps({"requests": args.requests, "n": args.n, "concurrency": args.concurrency,
+    print(json.dumps({"requests": args.requests, "n": args.n, "concurrency": args.concurrency, "dtype": args.dtype,
                       "adapter": manifest.ref, "engines": engines, "goals": goals}))
 
 

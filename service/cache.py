@@ -54,7 +54,7 @@ class RationaleCache:
     @staticmethod
     def key(manifest: Manifest, question: str, sampling: dict[str, Any], engine: str) -> str:
         """By ref and weights (services with different stores may share one Redis), and a seeded
-        pool by engine too: a seed draws alike on one engine only."""
+        pool by engine too (its name and dtype): a seed draws alike on one engine only."""
         by = [manifest.ref, manifest.files[WEIGHTS], question, sampling]
         blob = json.dumps(by if sampling.get("seed") is None else [*by, engine], sort_keys=True)
         return "gfn:rationales:" + hashlib.sha256(blob.encode()).hexdigest()

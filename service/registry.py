@@ -10,6 +10,7 @@ version takes no new requests and leaves the engine once its last request has fi
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,8 @@ from adapters.store import AdapterStore, parse_ref
 from service.engines.base import Engine, GenRequest
 from service.errors import AdapterBusy, AdapterRefused, AdapterUnavailable
 from service.metrics import Metrics
+
+log = logging.getLogger("gfn.service")
 
 
 @dataclass(eq=False)
@@ -111,6 +114,10 @@ class Registry:
                     if not pin and self.routed(manifest.name) is not entry:
                         self._retire_soon(entry)
                 return entry, False
+            if manifest.base_model.dtype != self.engine.dtype:
+                log.warning("adapter trained in another dtype", extra={
+                    "adapter": manifest.ref, "trained": manifest.base_model.dtype, "served": self.engine.dtype,
+                    "effect": "its log-probs differ from training's by the rounding of the two"})
             await self.engine.add_adapter(adapter)
             try:
                 await self._warm(manifest)

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     request_timeout_s: PositiveFloat = 120.0
 
     # engines
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the base model's weights and activations; auto: the dtype the adapters it starts with "
+        "were trained in (manifest base_model.dtype), float32 where they differ or there are none")
     device: Device = Field("auto", description="transformers engine: where the model serves, auto: the GPU where "
                            "CUDA is available (vLLM places itself)")
     batch_max_size: PositiveInt = Field(256, description="transformers engine: samples generated together")

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.calculator import TokenCalculator
 from adapters.errors import AdapterError, AdapterNotFound
 from adapters.fingerprint import WEIGHT_SUFFIXES, fingerprint
-from adapters.manifest import Manifest
+from adapters.manifest import Dtype, Manifest
 from adapters.models import context_ids, load_tokenizer, pad_id, piece_ids, piece_text, tokenizer_digest
 from adapters.store import AdapterStore, format_ref, parse_ref
 from jobs import JobQueue
@@ -57,9 +57,10 @@ class ServiceState:
         base_model = base_model_of(settings)
         base_fingerprint = await asyncio.to_thread(fingerprint, base_model)
         wanted, refused = _startup_adapters(store, settings.adapters, base_fingerprint)
+        newest = [candidates[0] for _, candidates in wanted if candidates]  # the engine is sized for these
         tokenizer = load_tokenizer(base_model)
         engine = await start_engine(settings, base_model, pad_id(tokenizer), tokenizer.eos_token_id,
-                                    [candidates[0].lora for _, candidates in wanted if candidates],  # sized for the newest
+                                    [m.lora for m in newest], serving_dtype(settings, newest),
                                     on_batch=metrics.batch_size.observe)
         metrics.watch(engine)
         registry = Registry(store, engine, base_fingerprint, tokenizer_digest(tokenizer), metrics, refused)
@@ -83,7 +84,7 @@ class ServiceState:
             level = logging.INFO if reason.startswith(OTHER_BASE) else logging.ERROR
             log.log(level, "adapter refused", extra={"adapter": ref, "reason": reason})
         state.watcher.start()
-        log.info("service started", extra={"engine": engine.name, "base_model": str(base_model),
+        log.info("service started", extra={"engine": engine.name, "base_model": str(base_model), "dtype": engine.dtype,
                                            "adapters": sorted(state.registry.entries)})
         return state
 
@@ -99,6 +100,7 @@ class ServiceState:
         return {
             "ready": self.engine.alive and redis is not False,
             "engine": self.engine.name,
+            "dtype": self.engine.dtype,
             "adapters": self.registry.live_refs(),
             "refused": self.refused,
             "redis": {None: "not configured", True: "ok", False: "unreachable: rationale cache bypassed, /jobs unavailable"}[redis],
@@ -144,6 +146,14 @@ def base_model_of(settings: Settings) -> str:
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in Path(path).iterdir()):
         raise NoBaseModel(f"{source} {path} holds no weights (no *.safetensors or *.bin file)")
     return path
+
+
+def serving_dtype(settings: Settings, manifests: list[Manifest]) -> Dtype:
+    """GFN_DTYPE; under auto, the one dtype ``manifests`` were trained in (float32 where they differ)."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    trained = {m.base_model.dtype for m in manifests}
+    return trained.pop() if len(trained) == 1 else "float32"
 
 
 def _newest_base(store: AdapterStore) -> str:

@@ -38,9 +38,11 @@ def task_fields(tokenizer: Any) -> dict[str, dict[str, Any]]:
 
 def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[str, Any], seed: int,
                  rank: int = 8, scale: float = 0.3, base_fingerprint: str | None = None,
-                 targets: list[str] = TARGETS, peft_config: dict[str, Any] | None = None) -> Manifest:
+                 targets: list[str] = TARGETS, peft_config: dict[str, Any] | None = None,
+                 dtype: str = "float32") -> Manifest:
     """A LoRA with A as peft initialises it and B ~ scale * N(0, 1): it moves the distribution.
-    `peft_config` is written over its adapter_config.json (an adapter peft cannot load, say)."""
+    `peft_config` is written over its adapter_config.json (an adapter peft cannot load, say);
+    `dtype` is what its manifest says training ran the base model in."""
     torch.manual_seed(seed)
     model = peft.get_peft_model(load_causal_lm(model_dir), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                                           target_modules=targets))
@@ -55,7 +57,7 @@ def save_adapter(store: AdapterStore, name: str, model_dir: Path, fields: dict[s
         config.write_text(json.dumps({**json.loads(config.read_text()), **peft_config}))
     lora = LoraSpec(r=rank, alpha=2 * rank, target_modules=targets)
     base = {"path": str(model_dir), "fingerprint": base_fingerprint or fingerprint(model_dir),
-            "tokenizer": tokenizer_digest(load_tokenizer(model_dir))}
+            "tokenizer": tokenizer_digest(load_tokenizer(model_dir)), "dtype": dtype}
     manifest = store.save(name, out, {**fields, "base_model": base, "lora": lora.model_dump(),
                                       "training": {"fixture": True}, "metrics": {}})
     shutil.rmtree(out)

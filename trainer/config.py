@@ -14,11 +14,16 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from adapters.device import Device
-from adapters.manifest import LoraSpec
+from adapters.manifest import Dtype, LoraSpec
 from adapters.store import AdapterName
 from jobs.configs import Overrides, config_data
 from jobs.rules import Ruled, rules
 from trainer.tasks import AnyTaskConfig
+
+
+DTYPE_HELP = ("the base model's weights and activations (the LoRA's weights stay float32): bfloat16 halves the "
+              "memory, and is fast on GPUs and on CPUs with native bfloat16 (AMX, AVX512-BF16), slow where torch "
+              "emulates it. The manifest records it; the service serves in it by default")
 
 
 class _Strict(Ruled):
@@ -107,6 +112,7 @@ class TrainConfig(_Strict):
         "mid-sentence, so -20 starts those flows near e^-10 to e^0"))
     seed: int = Field(0, ge=0, lt=2**63)
     device: Device = "auto"
+    dtype: Dtype = Field("float32", description=DTYPE_HELP)
     lora: TrainLora = TrainLora()
     optim: OptimConfig = OptimConfig()
     behaviour: BehaviourConfig = BehaviourConfig()

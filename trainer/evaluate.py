@@ -36,7 +36,8 @@ class LoadedPolicy:
         self.manifest = loaded.manifest
         self.pad_id = pad_id(self.tokenizer)
         # torch_device: peft would read the weights onto a GPU first wherever there is one
-        self.model = peft.PeftModel.from_pretrained(load_causal_lm(base), loaded.path, torch_device="cpu").eval()
+        model = load_causal_lm(base, manifest.base_model.dtype)
+        self.model = peft.PeftModel.from_pretrained(model, loaded.path, torch_device="cpu").eval()
         self.task: Task = task_type(task_config, self.tokenizer)
         self.spec, self.tool = self.task.spec(), self.task.tool()
         self.scorer = Scorer(self.model, self.pad_id)

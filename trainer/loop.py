@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from adapters._fs import is_partial, write_atomic
 from adapters.device import resolve_device
 from adapters.fingerprint import fingerprint
-from adapters.manifest import Manifest
+from adapters.manifest import BaseModelRef, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
 from trainer import plots
@@ -107,7 +107,7 @@ class Trainer:
         self.data_digest = data_digest(config.task)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
-        self.model = attach_lora(load_causal_lm(self.model_dir), config.lora).to(resolve_device(config.device))
+        self.model = attach_lora(load_causal_lm(self.model_dir, config.dtype), config.lora).to(resolve_device(config.device))
         # Eval mode throughout (gradients flow all the same): rewards and the loss's log-probs
         # must be those of the network that samples and serves; under dropout, log R would be
         # noise kept in the replay buffer and E[r²] would fit a noisy residual's mean.
@@ -321,8 +321,8 @@ class Trainer:
         shutil.copy(self.run_dir / METRICS, out / "training_log.jsonl")
         plots.loss_curve(out / "loss.png", [h["step"] for h in self.history],
                          [h["loss"] for h in self.history], [h["log_reward"] for h in self.history])
-        return publish(self.store, self.config.name, out, self.task, model_dir=self.model_dir,
-                       base_fingerprint=self.base_fingerprint, lora=self.config.lora,
+        base = BaseModelRef(path=self.model_dir, fingerprint=self.base_fingerprint, dtype=self.config.dtype)
+        return publish(self.store, self.config.name, out, self.task, base=base, lora=self.config.lora,
                        training={"method": self.method, "config": self.config.model_dump(), "steps": self.step,
                                  "data_digest": self.data_digest},
                        metrics={"train_seconds": round(train_seconds, 1), "final_loss": self.history[-1]["loss"]},

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from adapters.device import Device, resolve_device
 from adapters.fingerprint import fingerprint
-from adapters.manifest import LoraSpec, Manifest
+from adapters.manifest import BaseModelRef, Dtype, LoraSpec, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, save_lora
 from adapters.store import AdapterName, AdapterStore
+from trainer.config import DTYPE_HELP
 from trainer.setup import check_prompts, resolve_base_model
 from trainer.policy import policy_log_probs
 from trainer.publish import publish
@@ -42,6 +43,7 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(10, ge=0)
     seed: int = 0
     device: Device = "auto"
+    dtype: Dtype = Field("float32", description=DTYPE_HELP)
     lora: LoraSpec = LoraSpec()
     evaluate: bool = True
 
@@ -65,7 +67,7 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
     task = make_task(config.task, tokenizer)
     pairs = task.sft_pairs() if pairs is None else pairs
     _check_pairs(pairs, task)
-    model = attach_lora(load_causal_lm(model_dir), config.lora).to(resolve_device(config.device))
+    model = attach_lora(load_causal_lm(model_dir, config.dtype), config.lora).to(resolve_device(config.device))
     check_prompts(task, [prompt for prompt, _ in pairs], model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -88,8 +90,8 @@ def train_sft(config: SFTConfig, store: AdapterStore, pairs: list[Pair] | None =
         generator = torch.Generator().manual_seed(config.seed)
 
         draw = sampler(model, task.spec(), task.pad_id, generator, task.tool())
-        return publish(store, config.name, out, task, model_dir=model_dir, base_fingerprint=fingerprint(model_dir),
-                       lora=config.lora, training={"method": "sft", "config": config.model_dump(), "steps": config.steps,
+        base = BaseModelRef(path=model_dir, fingerprint=fingerprint(model_dir), dtype=config.dtype)
+        return publish(store, config.name, out, task, base=base, lora=config.lora, training={"method": "sft", "config": config.model_dump(), "steps": config.steps,
                                                    "pairs": len(pairs)},
                        metrics={"train_seconds": round(time.time() - start, 1), "final_loss": history[-1]["loss"]},
                        evaluation=(draw, Scorer(model, task.pad_id)) if config.evaluate else None)

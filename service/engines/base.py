@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from adapters.manifest import VocabMask
+from adapters.manifest import Dtype, VocabMask
 from adapters.store import LoadedAdapter
 
 BASE = None
@@ -86,6 +86,8 @@ class Engine(ABC):
     """Samples from many adapters on one base model, and scores with the base model."""
 
     name: ClassVar[str]
+    dtype: Dtype
+    """The base model's weights and activations."""
     max_model_len: int
     """Tokens of context the model takes (prompt and samples); set by start()."""
 

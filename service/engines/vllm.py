@@ -47,7 +47,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from adapters.manifest import LoraSpec, VocabMask
+from adapters.manifest import Dtype, LoraSpec, VocabMask
 from adapters.store import LoadedAdapter
 from service.engines.base import Engine, EngineStopped, GenRequest, GenResult, Sample
 from service.engines.hf import HFEngine
@@ -67,14 +67,14 @@ class VllmEngine(Engine):
 
     def __init__(self, model_dir: str | Path, pad_id: int, eos_id: int, loras: list[LoraSpec], max_loras: int = 4,
                  max_lora_rank: int | None = None, kv_cache_gib: float = 1.0, block_size: int | None = None,
-                 torch_threads: int | None = None, target_modules: list[str] | None = None):
+                 torch_threads: int | None = None, target_modules: list[str] | None = None, dtype: Dtype = "float32"):
         specs = loras or [LoraSpec()]
-        self.model_dir, self.eos_id, self.kv_cache_gib = model_dir, eos_id, kv_cache_gib
+        self.model_dir, self.eos_id, self.kv_cache_gib, self.dtype = model_dir, eos_id, kv_cache_gib, dtype
         self.block_size = block_size or (CPU_BLOCK_SIZE if current_platform.is_cpu() else None)
         self.max_lora_rank = _vllm_rank(max([max_lora_rank or 0] + [s.r for s in specs]))
         self.target_modules = sorted({m for s in specs for m in s.target_modules} | set(target_modules or ()))
         scored_elsewhere = SCORED_ELSEWHERE & set(self.target_modules)
-        self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads) if scored_elsewhere else None
+        self.scorer = HFEngine(model_dir, pad_id, threads=torch_threads, dtype=dtype) if scored_elsewhere else None
         self.max_loras = max(max_loras, len(loras))
         self._loras: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
@@ -84,7 +84,7 @@ class VllmEngine(Engine):
     async def start(self) -> None:
         _check_lora_modules(self.model_dir, self.target_modules)
         args = AsyncEngineArgs(
-            model=str(self.model_dir), dtype="float32", seed=0, enable_lora=True,
+            model=str(self.model_dir), dtype=self.dtype, seed=0, enable_lora=True,
             max_loras=self.max_loras, max_cpu_loras=2 * self.max_loras, max_lora_rank=self.max_lora_rank,
             lora_target_modules=self.target_modules, logprobs_mode="processed_logprobs",
             kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), block_size=self.block_size,

@@ -10,6 +10,10 @@ They also give rows without an adapter (index -1) no delta. The originals index 
 with -1, which is the last slot: once every slot holds an adapter, base-model rows batched
 with adapter rows got that adapter's delta.
 
+And the plugin asks Linux for the AMX tiles in each process. vLLM's CPU attention uses them in
+bfloat16 where the CPU has them, but never asks: a process may use AMX only once it has, and
+with LoRA enabled nothing else did, so the first bfloat16 step died of an illegal instruction.
+
 Registered as a ``vllm.general_plugins`` entry point (pyproject.toml), so vLLM loads it in
 each of its processes, the engine core's included. It changes nothing but the CPU backend of
 the vLLM version it was written for.
@@ -75,6 +79,7 @@ def register() -> None:
     from vllm.lora.ops.torch_ops import lora_ops  # its sgmv_* ops call these by module name
     from vllm.lora.punica_wrapper import punica_cpu  # imported them by name
 
+    torch.cpu._init_amx()  # a no-op without AMX
     for module in (lora_ops, punica_cpu):
         module.bgmv_shrink, module.bgmv_expand = bgmv_shrink, bgmv_expand
         module.bgmv_expand_slice = bgmv_expand_slice

@@ -35,7 +35,7 @@ async def reason(body: ReasonRequest, request: Request, state: State) -> ReasonR
             raise invalid("adapter", f"adapter {manifest.ref} holds no answer prompt: train it again to serve it")
         check_max_tokens(manifest, body.max_tokens, state.settings.max_tokens)  # before the cache counts a lookup
         sampling = body.model_dump(include={"temperature", "max_tokens", "seed"})
-        key = RationaleCache.key(manifest, question, sampling, state.engine.name)
+        key = RationaleCache.key(manifest, question, sampling, f"{state.engine.name} {state.engine.dtype}")
         pool = await state.cache.take(key, n, manifest.name)
         cached = len(pool)
         if cached < n:
