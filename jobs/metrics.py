@@ -11,12 +11,14 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from jobs.queue import JobNotFound, JobQueue
+
+disable_created_metrics()  # a process-wide switch: no `_created` series (one per counter and histogram child; unread)
 
 OUTCOMES = ("finished", "failed", "cancelled", "retried")
 RUNNING = {  # the running job's progress, labelled with its adapter name

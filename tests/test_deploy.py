@@ -235,6 +235,11 @@ def exported(service_metrics, worker_metrics) -> dict[str, set[str]]:
     return {n: service_metrics.get(n, set()) | worker_metrics.get(n, set()) | TARGET_LABELS for n in names}
 
 
+def test_no_created_series_double_the_series_count(exported):
+    """prometheus_client adds a `_created` series to every counter and histogram child; no panel reads them."""
+    assert not [name for name in exported if name.endswith("_created")]
+
+
 @pytest.mark.parametrize("source", ["dashboards", "alerts"])
 def test_every_metric_and_label_queried_is_exported_by_a_real_run(exported, source):
     queries = dashboard_queries() if source == "dashboards" else alert_queries()
