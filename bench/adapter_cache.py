@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from adapters.fingerprint import fingerprint
 from adapters.home import gfn_home
@@ -57,14 +56,21 @@ def cached_adapter(store: AdapterStore, config: BaseModel, train: Callable[[], M
                    fresh: bool = False) -> tuple[Manifest, bool]:
     """(manifest, whether it was reused): the newest stored version of `config.name`
     trained with exactly this config on this base model, else what `train()` stores."""
-    wanted = json.loads(config.model_dump_json())
     base = fingerprint(resolve_base_model(config.base_model))
     if not fresh:
         for manifest in sorted(store.list(), key=lambda m: m.version, reverse=True):
             if (manifest.name == config.name and manifest.base_model.fingerprint == base
-                    and manifest.training.get("config") == wanted):
+                    and _as_today(type(config), manifest.training.get("config")) == config):
                 return manifest, True
     return train(), False
+
+
+def _as_today(model: type[BaseModel], stored: object) -> BaseModel | None:
+    """A stored config as today's model reads it (fields added since at their defaults); None if it cannot."""
+    try:
+        return model.model_validate(stored)
+    except ValidationError:
+        return None
 
 
 def gfn_adapter(store: AdapterStore, config: TrainConfig, fresh: bool = False) -> tuple[Manifest, bool]:

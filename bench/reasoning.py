@@ -99,11 +99,12 @@ def main() -> None:
     rl, _ = cached_adapter(store, rl_config, lambda: train_rl(rl_config, store), args.fresh)
     log(f"rl adapter {rl.ref} ({rl.metrics['train_seconds']} s)")
     sft_config = SFTConfig(name="reasoning-sft", base_model=config.base_model, task=config.task, lora=config.lora,
-                           steps=args.sft_steps, batch_size=16, lr=1e-3, seed=config.seed, evaluate=False)
+                           steps=args.sft_steps, batch_size=16, lr=1e-3, seed=config.seed, dtype=config.dtype,
+                           evaluate=False)
     sft, _ = cached_adapter(store, sft_config, lambda: train_sft(sft_config, store), args.fresh)
     log(f"sft adapter {sft.ref} ({sft.metrics['train_seconds']} s)")
 
-    base = load_causal_lm(gfn.base_model.path)
+    base = load_causal_lm(gfn.base_model.path, config.dtype)
     policies = {name: LoadedPolicy(store, m.name, m.version) for name, m in (("gfn", gfn), ("sft", sft), ("rl", rl))}
     task: ReasoningTask = policies["gfn"].task
     scorer = Scorer(base, task.pad_id)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from adapters.store import AdapterStore
 from trainer.config import OptimConfig, load_config
-from trainer.loop import CheckpointUnreadable, RunInUse, Trainer
+from trainer.loop import CheckpointUnreadable, RunInUse, Trainer, _digest
 
 REPO = Path(__file__).resolve().parent.parent
 # a decaying rate, so that resuming must restore the schedule too
@@ -119,6 +119,22 @@ def test_a_run_directory_trains_one_run_at_a_time(tmp_path, demo_model):
         Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)
     first.run()
     Trainer(config, tmp_path / "run", AdapterStore(tmp_path / "store"), quiet=True)  # released when it ended
+
+
+def test_a_checkpoint_from_before_the_dtype_setting_resumes_as_float32(tmp_path, demo_model):
+    """A run killed before an upgrade resumes after it: its config has no `dtype`, and ran in float32."""
+    config = load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false"])
+    store, run_dir = AdapterStore(tmp_path / "store"), tmp_path / "run"
+    assert Trainer(config, run_dir, store, quiet=True, should_stop=lambda: True).run() is None
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    del state["config"]["dtype"], state["digest"]
+    state["digest"] = _digest(state)
+    torch.save(state, run_dir / "checkpoint.pt")
+    resumed = Trainer(config, run_dir, store, quiet=True)
+    assert resumed.run().base_model.dtype == "float32" and [h["step"] for h in resumed.history] == [1, 2]
+    with pytest.raises(ValueError, match=r"another config \(dtype differ\)"):
+        Trainer(load_config("rng", SHORT + [f"base_model={demo_model}", "steps=2", "evaluate=false",
+                                            "dtype=bfloat16"]), run_dir, store, quiet=True)
 
 
 def test_a_fresh_start_is_refused_while_the_run_trains_and_a_failed_resume_lets_the_lock_go(tmp_path, demo_model):

@@ -329,9 +329,13 @@ class Trainer:
                        evaluation=(sampler(self.model, self.spec, self.pad_id, self.generator, self.tool), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
 
 
+ADDED_SINCE = {"dtype": "float32"}
+"""Config fields added after checkpoints were written: a checkpoint without one ran at this value."""
+
+
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run the same run: its config but the device (a run may resume on another)."""
-    return {key: value for key, value in config.items() if key != "device"}
+    return {key: value for key, value in {**ADDED_SINCE, **config}.items() if key != "device"}
 
 
 def _changed(old: Any, new: Any, at: str = "") -> list[str]:
