@@ -10,13 +10,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from adapters.fingerprint import fingerprint
 from adapters.home import gfn_home
 from adapters.manifest import Manifest
 from adapters.store import AdapterStore
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, as_today
 from trainer.loop import Trainer
 from trainer.setup import resolve_base_model
 
@@ -60,17 +60,10 @@ def cached_adapter(store: AdapterStore, config: BaseModel, train: Callable[[], M
     if not fresh:
         for manifest in sorted(store.list(), key=lambda m: m.version, reverse=True):
             if (manifest.name == config.name and manifest.base_model.fingerprint == base
-                    and _as_today(type(config), manifest.training.get("config")) == config):
+                    and as_today(type(config), manifest.training.get("config")) == config):
                 return manifest, True
     return train(), False
 
-
-def _as_today(model: type[BaseModel], stored: object) -> BaseModel | None:
-    """A stored config as today's model reads it (fields added since at their defaults); None if it cannot."""
-    try:
-        return model.model_validate(stored)
-    except ValidationError:
-        return None
 
 
 def gfn_adapter(store: AdapterStore, config: TrainConfig, fresh: bool = False) -> tuple[Manifest, bool]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
@@ -131,6 +131,18 @@ def load_config(source: str | Path | dict[str, Any], overrides: Overrides = ()) 
     """A config from a YAML path (or a bundled config's name, e.g. 'rng') or a dict, with
     overrides: `["a.b=value"]` (values read as YAML) or `{"a.b": value}`."""
     return TrainConfig.model_validate(config_data(source, overrides))
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def as_today(model: type[Config], stored: Any) -> Config | None:
+    """A config stored by an earlier version (a checkpoint's, a manifest's) as today's model reads
+    it, fields added since at their defaults; None where it no longer validates."""
+    try:
+        return model.model_validate(stored)
+    except ValidationError:
+        return None
 
 
 def config_errors(error: ValidationError) -> list[str]:

@@ -27,7 +27,7 @@ from adapters.manifest import BaseModelRef, Manifest
 from adapters.models import attach_lora, load_causal_lm, load_tokenizer, pad_id, save_lora
 from adapters.store import AdapterStore
 from trainer import plots
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, as_today
 from trainer.jsonl import data_digest
 from trainer.objective import subtb_loss
 from trainer.policy import policy_log_probs
@@ -107,7 +107,8 @@ class Trainer:
         self.data_digest = data_digest(config.task)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.pad_id = pad_id(self.tokenizer)
-        self.model = attach_lora(load_causal_lm(self.model_dir, config.dtype), config.lora).to(resolve_device(config.device))
+        base = load_causal_lm(self.model_dir, config.dtype)
+        self.model = attach_lora(base, config.lora).to(resolve_device(config.device))
         # Eval mode throughout (gradients flow all the same): rewards and the loss's log-probs
         # must be those of the network that samples and serves; under dropout, log R would be
         # noise kept in the replay buffer and E[r²] would fit a noisy residual's mean.
@@ -283,7 +284,9 @@ class Trainer:
 
     def _restore(self) -> None:
         state = self._read_checkpoint()
-        if changed := _changed(_identity(state["config"]), _identity(self.config.model_dump())):
+        stored = as_today(type(self.config), state["config"])  # from before a field was added: at its default
+        if changed := _changed(_identity(stored.model_dump() if stored else state["config"]),
+                               _identity(self.config.model_dump())):
             raise ValueError(f"{self.run_dir} holds a run with another config ({', '.join(changed[:5])} differ); "
                              "use another run directory or --fresh")
         # .get: checkpoints written before these were recorded still resume
@@ -329,13 +332,9 @@ class Trainer:
                        evaluation=(sampler(self.model, self.spec, self.pad_id, self.generator, self.tool), self.scorer) if self.config.evaluate else None, job_id=self.run_id)
 
 
-ADDED_SINCE = {"dtype": "float32"}
-"""Config fields added after checkpoints were written: a checkpoint without one ran at this value."""
-
-
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
     """What makes a run the same run: its config but the device (a run may resume on another)."""
-    return {key: value for key, value in {**ADDED_SINCE, **config}.items() if key != "device"}
+    return {key: value for key, value in config.items() if key != "device"}
 
 
 def _changed(old: Any, new: Any, at: str = "") -> list[str]:
