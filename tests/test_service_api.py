@@ -307,7 +307,8 @@ def test_new_version_replaces_the_old_under_load(request, client, store, demo_mo
         loaded = client.post("/adapters", json={"name": "infill", "version": new.version})
         after = [pool.submit(infill, i) for i in range(8)]
         results = [f.result() for f in running + after]
-    assert loaded.status_code == 201 and loaded.json()["routed"]
+    # 201, or 200 where the store's watcher saw the new version first and loaded it (a slow machine)
+    assert loaded.status_code in (200, 201) and loaded.json()["routed"]
     assert [status for status, _ in results] == [200] * len(results)
     assert {ref for _, ref in results} <= {old_ref, new.ref}
     assert all(ref == new.ref for _, ref in results[len(running):])
